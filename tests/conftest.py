@@ -1,0 +1,262 @@
+"""Shared fixtures: real servers in subprocesses on ephemeral ports, real WebSocket clients.
+
+One server (``server``) is shared by every test that only chats; tests that change the
+models directory or stop the server start their own with ``start_server``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_MODELS = ROOT / "models"
+TEST_MODELS = Path(__file__).resolve().parent / "models"
+LISTENING = re.compile(r"listening on ws://([\d.]+):(\d+)")
+RECV_TIMEOUT = 10.0
+
+
+@dataclass
+class ServerProcess:
+    """A running ``anything-agent serve`` with its log captured line by line."""
+
+    process: subprocess.Popen[str]
+    models_dir: Path
+    events_dir: Path
+    port: int = 0
+    log_lines: list[str] = field(default_factory=list)
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.log_lines)
+
+    def chat_url(self, model: str) -> str:
+        return f"{self.ws_url}/v1/chat/{model}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        """Signal the server and wait for it to exit; returns its exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"server did not exit within {timeout}s:\n{self.log}") from None
+
+    def wait_for_log(self, pattern: str, timeout: float = 10) -> str:
+        """Block until a log line matches ``pattern``; returns that line."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.log_lines):
+                if regex.search(line):
+                    return line
+            time.sleep(0.02)
+        raise AssertionError(f"no log line matching {pattern!r} within {timeout}s:\n{self.log}")
+
+
+def launch_server(
+    models_dir: Path, events_dir: Path, *extra: str, env: dict[str, str] | None = None
+) -> ServerProcess:
+    """Start a server on a free port and wait until it listens."""
+    environment = {**os.environ, "ANYTHING_AGENT_TEST_EVENTS": str(events_dir)}
+    environment.update(env or {})
+    command = [
+        sys.executable,
+        "-m",
+        "ws_server",
+        "serve",
+        "--port",
+        "0",
+        "--models-dir",
+        str(models_dir),
+        *extra,
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+        cwd=ROOT,
+    )
+    server = ServerProcess(process, models_dir, events_dir)
+    assert process.stderr is not None
+    stderr = process.stderr
+
+    def pump() -> None:
+        for line in stderr:
+            server.log_lines.append(line.rstrip("\n"))
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for line in list(server.log_lines):
+            match = LISTENING.search(line)
+            if match:
+                server.port = int(match.group(2))
+                return server
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}:\n{server.log}")
+        time.sleep(0.02)
+    process.kill()
+    raise AssertionError(f"server did not start listening:\n{server.log}")
+
+
+def copy_models(target: Path, *names: str, source: Path = TEST_MODELS) -> Path:
+    """Copy model directories into ``target`` (created) and return it."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copytree(source / name, target / name)
+    return target
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server over the shipped models plus every test model, broken ones included."""
+    models = tmp_path_factory.mktemp("models")
+    for source in (SHIPPED_MODELS, TEST_MODELS):
+        for directory in source.iterdir():
+            if directory.is_dir() and not directory.name.startswith(("_", ".")):
+                shutil.copytree(directory, models / directory.name)
+    events = tmp_path_factory.mktemp("events")
+    running = launch_server(models, events, "--grace-period", "2")
+    yield running
+    assert running.stop() == 0, running.log
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Any]:
+    """Start servers private to one test; each is stopped at the end of the test."""
+    started: list[ServerProcess] = []
+
+    def start(models_dir: Path, *extra: str, env: dict[str, str] | None = None) -> ServerProcess:
+        events = tmp_path / f"events{len(started)}"
+        events.mkdir()
+        running = launch_server(models_dir, events, *extra, env=env)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        if running.process.poll() is None:
+            running.stop(signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------- client helpers
+@asynccontextmanager
+async def chat(server: ServerProcess, model: str, **kwargs: Any) -> AsyncIterator[ClientConnection]:
+    """Open a chat and consume its ``ready`` frame."""
+    async with connect(server.chat_url(model), **kwargs) as ws:
+        ready = await recv_frame(ws)
+        assert ready["type"] == "ready", ready
+        ws.ready = ready  # type: ignore[attr-defined]
+        yield ws
+
+
+async def recv_frame(ws: ClientConnection, timeout: float = RECV_TIMEOUT) -> dict[str, Any]:
+    """The next frame, parsed; fails the test rather than hanging."""
+    raw = await asyncio.wait_for(ws.recv(), timeout)
+    frame = json.loads(raw)
+    assert isinstance(frame, dict)
+    return frame
+
+
+@dataclass
+class Turn:
+    """Everything one turn sent back, in order."""
+
+    frames: list[dict[str, Any]]
+
+    @property
+    def chunks(self) -> list[str]:
+        return [f["content"] for f in self.frames if f["type"] == "chunk"]
+
+    @property
+    def text(self) -> str:
+        return "".join(self.chunks)
+
+    @property
+    def done(self) -> dict[str, Any]:
+        return self.frames[-1]
+
+    @property
+    def errors(self) -> list[dict[str, Any]]:
+        return [f for f in self.frames if f["type"] == "error"]
+
+
+async def read_turn(ws: ClientConnection, timeout: float = RECV_TIMEOUT) -> Turn:
+    """Read frames up to and including ``done``."""
+    frames = []
+    while True:
+        frame = await recv_frame(ws, timeout)
+        frames.append(frame)
+        if frame["type"] == "done":
+            return Turn(frames)
+
+
+async def run_turn(ws: ClientConnection, message: str | dict[str, Any]) -> Turn:
+    """Send a message (plain text or a frame object) and read the whole turn."""
+    await ws.send(message if isinstance(message, str) else json.dumps(message))
+    return await read_turn(ws)
+
+
+def http(server: ServerProcess, path: str, method: str = "GET") -> tuple[int, dict[str, str], Any]:
+    """A plain HTTP request; returns status, headers and the JSON (or text) body."""
+    request = urllib.request.Request(server.http_url + path, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status, headers, body = response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        status, headers, body = exc.code, dict(exc.headers), exc.read()
+    if headers.get("Content-Type", "").startswith("application/json"):
+        return status, headers, json.loads(body)
+    return status, headers, body.decode()
+
+
+def read_events(server: ServerProcess, instance: str) -> list[str]:
+    """The hook events the ``recorder`` test model wrote for one session instance."""
+    path = server.events_dir / f"{instance}.log"
+    return path.read_text().split() if path.exists() else []
+
+
+async def wait_for_events(
+    server: ServerProcess, instance: str, last: str, timeout: float = 10
+) -> list[str]:
+    """Poll until the recorder's events for ``instance`` end with ``last``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events = read_events(server, instance)
+        if events and events[-1] == last:
+            return events
+        await asyncio.sleep(0.02)
+    raise AssertionError(
+        f"events of {instance} never ended with {last!r}: {read_events(server, instance)}"
+    )

@@ -1,0 +1,2 @@
+import definitely_not_installed_pkg
+from ws_server import AnythingBaseModel

@@ -1,0 +1,2 @@
+def on_chat_messages(messages):
+    yield "I forgot the class"

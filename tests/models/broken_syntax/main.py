@@ -1,0 +1,4 @@
+from ws_server import AnythingBaseModel
+
+class Broken(AnythingBaseModel)
+    pass

@@ -1,0 +1,11 @@
+from ws_server import AnythingBaseModel
+
+
+class Faulty(AnythingBaseModel):
+    """Raises mid-turn when asked to, with a secret in the exception message."""
+
+    async def on_chat_messages(self, messages):
+        if messages[-1]["content"] == "boom":
+            yield "partial"
+            raise RuntimeError("SECRET-TOKEN-123 leaked database password")
+        yield "fine"

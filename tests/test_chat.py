@@ -1,0 +1,261 @@
+"""Protocol v1 against a live server: every frame type and every in-session error."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from conftest import ServerProcess, chat, read_turn, recv_frame, run_turn
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+
+async def test_ready_names_session_model_and_version(server: ServerProcess) -> None:
+    async with chat(server, "recorder") as ws:
+        ready = ws.ready  # type: ignore[attr-defined]
+        assert ready["model"] == "recorder"
+        assert ready["version"] == "2.10"
+        assert len(ready["session_id"]) >= 8
+
+
+async def test_echo_streams_each_word_as_a_chunk(server: ServerProcess) -> None:
+    async with chat(server, "echo") as ws:
+        turn = await run_turn(ws, "hello streaming world")
+    assert turn.chunks == ["hello", " streaming", " world"]
+    assert turn.done == {"type": "done", "turn": 1, "reason": "stop"}
+    assert all(f["turn"] == 1 for f in turn.frames)
+
+
+async def test_plain_text_and_message_frames_are_the_same(server: ServerProcess) -> None:
+    async with chat(server, "echo") as ws:
+        plain = await run_turn(ws, "same words")
+        framed = await run_turn(ws, {"type": "message", "content": "same words"})
+    assert plain.text == framed.text == "same words"
+    assert framed.done["turn"] == 2
+
+
+async def test_chunks_arrive_before_the_generator_finishes(server: ServerProcess) -> None:
+    async with chat(server, "slow") as ws:  # yields "first", sleeps 1.5 s, yields "second"
+        sent = time.monotonic()
+        await ws.send("go")
+        first = await recv_frame(ws)
+        first_at = time.monotonic() - sent
+        rest = await read_turn(ws)
+    assert first == {"type": "chunk", "turn": 1, "content": "first"}
+    assert first_at < 1.0, f"first chunk took {first_at:.2f}s: it was held back"
+    assert rest.chunks == ["second"] and rest.done["reason"] == "stop"
+
+
+async def test_history_accumulates_user_and_assistant_messages(server: ServerProcess) -> None:
+    async with chat(server, "recorder") as ws:
+        await run_turn(ws, "hello")
+        state = json.loads((await run_turn(ws, "state")).text)
+    assert state["messages"] == [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "state"},
+    ]
+    assert state["turns"] == 2
+
+
+async def test_messages_frame_replaces_the_history(server: ServerProcess) -> None:
+    history = [
+        {"role": "system", "content": "be nice"},
+        {"role": "user", "content": "earlier"},
+        {"role": "assistant", "content": "reply"},
+        {"role": "user", "content": "state"},
+    ]
+    async with chat(server, "recorder") as ws:
+        await run_turn(ws, "forgotten")
+        state = json.loads((await run_turn(ws, {"type": "messages", "messages": history})).text)
+        again = json.loads((await run_turn(ws, "state")).text)
+    assert state["messages"] == history
+    assert again["messages"][: len(history)] == history
+    assert again["messages"][len(history)]["role"] == "assistant"
+
+
+async def test_each_session_gets_its_own_model_instance(server: ServerProcess) -> None:
+    async with chat(server, "recorder") as one, chat(server, "recorder") as two:
+        await run_turn(one, "a")
+        await run_turn(one, "b")
+        state_one = json.loads((await run_turn(one, "state")).text)
+        state_two = json.loads((await run_turn(two, "state")).text)
+    assert state_one["turns"] == 3 and state_two["turns"] == 1  # self.context is per session
+    assert state_one["instance"] != state_two["instance"]
+    # ...while load_resources ran once for the version: both see the same resources.
+    assert state_one["load_id"] == state_two["load_id"]
+
+
+async def test_model_reads_its_config_and_unknown_keys(server: ServerProcess) -> None:
+    async with chat(server, "recorder") as ws:
+        state = json.loads((await run_turn(ws, "state")).text)
+    assert state["parameters"] == {"flavour": "vanilla"}
+
+
+async def test_cancel_ends_the_turn_and_closes_the_generator(server: ServerProcess) -> None:
+    async with chat(server, "recorder") as ws:
+        instance = json.loads((await run_turn(ws, "state")).text)["instance"]
+        await ws.send("stream 100")
+        assert (await recv_frame(ws))["type"] == "chunk"
+        await ws.send(json.dumps({"type": "cancel"}))
+        rest = await read_turn(ws, timeout=2)
+        assert rest.done == {"type": "done", "turn": 2, "reason": "cancelled"}
+        assert len(rest.chunks) < 5  # promptly, not after the 100 chunks
+        from conftest import read_events
+
+        assert read_events(server, instance)[-1] == "generator-closed"
+        # The session goes on: the next turn works and the partial reply is in the history.
+        state = json.loads((await run_turn(ws, "state")).text)
+    assert state["messages"][3]["role"] == "assistant"
+    assert state["messages"][3]["content"].startswith("0 ")
+
+
+async def test_cancel_without_a_running_turn_is_ignored(server: ServerProcess) -> None:
+    async with chat(server, "echo") as ws:
+        await ws.send('{"type":"cancel"}')
+        turn = await run_turn(ws, "still fine")
+    assert turn.frames[0]["type"] == "chunk" and turn.done["turn"] == 1
+
+
+async def test_message_during_a_turn_is_busy(server: ServerProcess) -> None:
+    async with chat(server, "slow") as ws:
+        await ws.send("go")
+        assert (await recv_frame(ws))["content"] == "first"
+        await ws.send("impatient")
+        busy = await recv_frame(ws)
+        rest = await read_turn(ws)
+    assert busy["type"] == "error" and busy["code"] == "busy"
+    assert "turn 1" in busy["message"]
+    assert rest.chunks == ["second"] and rest.done["turn"] == 1
+
+
+@pytest.mark.parametrize(
+    ("frame", "complaint"),
+    [
+        ("{oops", "invalid JSON"),
+        ('{"type": "dance"}', "unknown frame type"),
+        ('{"type": "message"}', 'missing field "content"'),
+        ('{"type": "message", "content": ["x"]}', "must be a string"),
+        ('{"content": "no type"}', 'missing field "type"'),
+        ('{"type": "messages", "messages": [{"role": "robot", "content": "x"}]}', "role"),
+    ],
+)
+async def test_bad_frames_get_bad_request_and_the_session_goes_on(
+    server: ServerProcess, frame: str, complaint: str
+) -> None:
+    async with chat(server, "echo") as ws:
+        await ws.send(frame)
+        error = await recv_frame(ws)
+        assert error["type"] == "error" and error["code"] == "bad_request"
+        assert complaint in error["message"]
+        assert "turn" not in error
+        turn = await run_turn(ws, "still here")
+    assert turn.text == "still here" and turn.done["turn"] == 1
+
+
+async def test_binary_frame_gets_bad_request_and_connection_stays(server: ServerProcess) -> None:
+    async with chat(server, "echo") as ws:
+        await ws.send(b"\x00\xffbinary")
+        error = await recv_frame(ws)
+        assert error["code"] == "bad_request" and "binary" in error["message"]
+        assert (await run_turn(ws, "ok")).text == "ok"
+
+
+async def test_oversized_frame_closes_with_1009(server: ServerProcess) -> None:
+    async with chat(server, "echo", max_size=None) as ws:
+        await ws.send("x" * (1024 * 1024 + 1))
+        with pytest.raises(ConnectionClosed) as closed:
+            await recv_frame(ws)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
+async def test_model_exception_is_model_error_without_leaking_it(server: ServerProcess) -> None:
+    async with chat(server, "faulty") as ws:
+        session_id = ws.ready["session_id"]  # type: ignore[attr-defined]
+        turn = await run_turn(ws, "boom")
+        assert turn.chunks == ["partial"]
+        [error] = turn.errors
+        assert error["code"] == "model_error" and error["turn"] == 1
+        assert session_id in error["message"]
+        assert "SECRET" not in json.dumps(turn.frames)
+        assert turn.done == {"type": "done", "turn": 1, "reason": "error"}
+        # The session stays usable.
+        again = await run_turn(ws, "hello")
+    assert again.text == "fine" and again.done["reason"] == "stop"
+    line = server.wait_for_log(f"session={session_id} turn=1 on_chat_messages raised")
+    assert "faulty" in line
+    assert "RuntimeError: SECRET-TOKEN-123" in server.log  # the traceback is in the log
+
+
+async def test_turn_past_settings_timeout_ends_with_timeout(server: ServerProcess) -> None:
+    async with chat(server, "sleepy") as ws:  # settings.timeout: 0.5
+        started = time.monotonic()
+        turn = await run_turn(ws, "sleep")
+        elapsed = time.monotonic() - started
+        assert turn.chunks == ["dozing"]
+        [error] = turn.errors
+        assert error["code"] == "timeout" and error["turn"] == 1
+        assert turn.done == {"type": "done", "turn": 1, "reason": "timeout"}
+        assert elapsed < 5
+        # A timed-out session can run another turn.
+        assert (await run_turn(ws, "again")).done["turn"] == 2
+
+
+async def test_failing_on_chat_start_reports_model_error_and_closes(server: ServerProcess) -> None:
+    async with connect(server.chat_url("start_fails")) as ws:
+        error = await recv_frame(ws)
+        with pytest.raises(ConnectionClosed) as closed:
+            await recv_frame(ws)
+    assert error["type"] == "error" and error["code"] == "model_error"
+    assert "SECRET" not in error["message"]
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+
+
+async def test_sync_generator_model_runs_off_the_event_loop(server: ServerProcess) -> None:
+    async with chat(server, "sync_style") as ws, chat(server, "echo") as other:
+        await ws.send("a b c d e f g h i j")
+        # While the blocking generator works, another session is served promptly.
+        started = time.monotonic()
+        other_turn = await run_turn(other, "quick")
+        other_elapsed = time.monotonic() - started
+        turn = await read_turn(ws)
+    assert turn.chunks == [f"{w}@thread " for w in "abcdefghij"]
+    assert other_turn.text == "quick" and other_elapsed < 0.15
+
+
+async def test_coroutine_returning_a_string_is_one_chunk(server: ServerProcess) -> None:
+    async with chat(server, "whole_reply") as ws:
+        turn = await run_turn(ws, "all at once")
+    assert turn.chunks == ["whole: all at once"] and turn.done["reason"] == "stop"
+
+
+async def test_sibling_modules_import_both_ways(server: ServerProcess) -> None:
+    async with chat(server, "relative_imports") as ws:
+        turn = await run_turn(ws, "hi")
+    assert turn.text == "HI! AGAIN!"
+
+
+async def test_seed_example_model_streams_its_three_parts(server: ServerProcess) -> None:
+    async with chat(server, "test_model") as ws:
+        turn = await run_turn(ws, "你好")
+    assert turn.chunks == ["这是第一部分响应\n", "这是第二部分响应\n", "这是最后一部分响应"]
+
+
+async def test_eliza_remembers_your_name_within_a_session(server: ServerProcess) -> None:
+    async with chat(server, "eliza") as ws:
+        greeting = await run_turn(ws, "My name is Ada")
+        reply = await run_turn(ws, "I feel tired of my job")
+    assert "Ada" in greeting.text
+    assert "your job" in reply.text or "feel" in reply.text
+    assert len(reply.chunks) > 1  # streamed word by word
+
+
+async def test_many_concurrent_sessions_stream_independently(server: ServerProcess) -> None:
+    async def one(index: int) -> str:
+        async with chat(server, "echo") as ws:
+            return (await run_turn(ws, f"session {index}")).text
+
+    texts = await asyncio.gather(*(one(i) for i in range(20)))
+    assert texts == [f"session {i}" for i in range(20)]

@@ -1,0 +1,104 @@
+"""The ``anything-agent`` command: serve, check, new."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ws_server import __version__
+from ws_server.exceptions import SettingsError
+from ws_server.logs import configure_logging
+from ws_server.registry import Registry
+from ws_server.scaffold import create_model
+from ws_server.server import AnythingAgentServer, run_with_best_loop
+from ws_server.settings import add_serve_options, models_dir_from, settings_from
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anything-agent",
+        description="Put any Python model behind a real-time WebSocket chat endpoint.",
+    )
+    parser.add_argument("--version", action="version", version=f"anything-agent {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="serve the models over WebSocket and HTTP")
+    add_serve_options(serve)
+
+    check = commands.add_parser(
+        "check", help="load every model without serving; exit 1 if any failed"
+    )
+    check.add_argument("--models-dir", type=Path, default=None, help="default ./models")
+
+    new = commands.add_parser("new", help="create a model directory that runs as generated")
+    new.add_argument("name", help="model name: lowercase letters, digits, underscores")
+    new.add_argument("--models-dir", type=Path, default=None, help="default ./models")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(args)
+        if args.command == "check":
+            return check(models_dir_from(args))
+        return new(models_dir_from(args), args.name)
+    except SettingsError as exc:
+        print(f"anything-agent: error: {exc.message}", file=sys.stderr)
+        return 2
+
+
+def serve(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    configure_logging(settings.log_level)
+    server = AnythingAgentServer(settings)
+    try:
+        run_with_best_loop(server.run())
+    except OSError as exc:  # e.g. the port is taken
+        print(
+            f"anything-agent: error: cannot listen on {settings.host}:{settings.port}: "
+            f"{exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def check(models_dir: Path) -> int:
+    """Load every model as ``serve`` would and print a table; 1 if any failed."""
+    configure_logging("critical")
+    registry = Registry(models_dir)
+
+    async def load() -> tuple[list[dict[str, object]], dict[str, str]]:
+        await registry.reload()
+        rows, details = registry.list_models(), registry.failure_details()
+        await registry.close()
+        return rows, details
+
+    rows, details = asyncio.run(load())
+    if not rows:
+        print(f"no models in {models_dir} (a model is a directory with a main.py)")
+        return 0
+    header = ("NAME", "VERSION", "MODE", "STATUS", "ERROR")
+    table = [header] + [
+        (str(r["id"]), str(r["version"]), str(r["mode"]), str(r["status"]), str(r["error"] or ""))
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
+    for *cells, error in table:
+        print("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)), error, sep="  ")
+    for name, detail in details.items():
+        print(f"\n{name}:\n{detail.rstrip()}")
+    return 1 if any(r["status"] == "failed" or r["error"] for r in rows) else 0
+
+
+def new(models_dir: Path, name: str) -> int:
+    target = create_model(models_dir, name)
+    print(f"created {target}/ (main.py, config.yaml, data/)")
+    print("load it with:  curl -X POST http://127.0.0.1:8000/v1/models/reload")
+    print(f"chat with it:  wscat -c ws://127.0.0.1:8000/v1/chat/{name}")
+    return 0

@@ -1,0 +1,104 @@
+"""Every error the server raises, each mapped once to a wire error code or HTTP status.
+
+Code that refuses something raises one of these; the server turns ``code`` into an
+``error`` frame and ``http_status`` into a handshake refusal. Nothing matches on messages.
+"""
+
+from __future__ import annotations
+
+
+class AnythingAgentError(Exception):
+    """Base of all AnythingAgent errors; ``code`` is the wire error code it maps to."""
+
+    code: str = "internal"
+    http_status: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class SettingsError(AnythingAgentError):
+    """A server option (flag or environment variable) has an invalid value."""
+
+
+class ModelLoadError(AnythingAgentError):
+    """A model directory could not be turned into a servable model.
+
+    ``message`` names the file and the problem (``config.yaml: parameters: Input should be
+    a valid dictionary``); it is public, shown in the model list. When the cause is the
+    model's own exception, whose text may hold secrets, ``detail`` carries that text for
+    the log and for ``anything-agent check`` only.
+    """
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+# --------------------------------------------------------------------- handshake
+class HandshakeRefused(AnythingAgentError):
+    """A WebSocket handshake or HTTP request is answered with an error status."""
+
+
+class ModelNotFound(HandshakeRefused):
+    """No model of that name exists (never did, or was removed and has drained)."""
+
+    code = "not_found"
+    http_status = 404
+
+
+class ModelUnavailable(HandshakeRefused):
+    """The model exists but cannot take sessions now: building, failed or draining."""
+
+    code = "unavailable"
+    http_status = 503
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RouteNotFound(HandshakeRefused):
+    """No HTTP route matches the request path."""
+
+    code = "not_found"
+    http_status = 404
+
+
+class MethodNotAllowed(HandshakeRefused):
+    """The route exists but not for this HTTP method."""
+
+    code = "method_not_allowed"
+    http_status = 405
+
+
+# --------------------------------------------------------------------- in session
+class BadRequest(AnythingAgentError):
+    """A client frame is not valid protocol v1; the session goes on."""
+
+    code = "bad_request"
+
+
+class Busy(AnythingAgentError):
+    """A turn was requested while another one is running in the same session."""
+
+    code = "busy"
+
+
+class ServerUnavailable(AnythingAgentError):
+    """The server is shutting down and starts no new turns."""
+
+    code = "unavailable"
+
+
+class ModelFailed(AnythingAgentError):
+    """The model's own code raised; the client sees a generic message, the log the traceback."""
+
+    code = "model_error"
+
+
+class TurnTimeout(AnythingAgentError):
+    """A turn ran longer than the model's ``settings.timeout``."""
+
+    code = "timeout"

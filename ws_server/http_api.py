@@ -1,0 +1,144 @@
+"""Plain HTTP on the WebSocket port: the route table and its handlers.
+
+The server hands every handshake request here (websockets' ``process_request`` hook).
+A route returns a ``Response``; the chat route returns ``None`` to let the WebSocket
+handshake proceed, or a refusal with the JSON error body when the model can't serve.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Final
+from urllib.parse import unquote, urlsplit
+
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from ws_server import protocol
+from ws_server.exceptions import (
+    HandshakeRefused,
+    MethodNotAllowed,
+    ModelUnavailable,
+    RouteNotFound,
+)
+from ws_server.registry import Registry
+from ws_server.static_files import content_type, resolve_static
+
+log = logging.getLogger("anything_agent.http")
+
+CHAT_PATH: Final = re.compile(r"^/v1/chat/([^/]*)$")
+
+Handler = Callable[[Request, dict[str, str]], Awaitable[Response | None]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    pattern: re.Pattern[str]
+    handler: Handler
+
+
+def chat_model_name(request_path: str) -> str | None:
+    """The model named by a ``/v1/chat/{model}`` path, or ``None`` for other paths."""
+    match = CHAT_PATH.match(urlsplit(request_path).path)
+    return unquote(match.group(1)) if match else None
+
+
+class HttpApi:
+    """Answers the HTTP routes of design.md for one registry."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.routes: tuple[Route, ...] = (
+            Route("GET", CHAT_PATH, self.open_chat),
+            Route("GET", re.compile(r"^/v1/models$"), self.list_models),
+            Route("POST", re.compile(r"^/v1/models/reload$"), self.reload),
+            Route("GET", re.compile(r"^/v1/models/([^/]+)$"), self.get_model),
+            Route("GET", re.compile(r"^/healthz$"), self.healthz),
+            Route("GET", re.compile(r"^/(.*)$"), self.static),
+        )
+
+    async def respond(self, request: Request) -> Response | None:
+        """Route one request; ``None`` means: go on with the WebSocket handshake."""
+        path = urlsplit(request.path).path
+        try:
+            allowed = []
+            for route in self.routes:
+                match = route.pattern.match(path)
+                if match is None:
+                    continue
+                if route.method != request.method:
+                    allowed.append(route.method)
+                    continue
+                params = {str(i): unquote(g) for i, g in enumerate(match.groups(), 1)}
+                return await route.handler(request, params)
+            if allowed:
+                raise MethodNotAllowed(f"{request.method} is not allowed on {path}")
+            raise RouteNotFound(f"nothing at {path}")
+        except HandshakeRefused as exc:
+            return error_response(exc)
+        except Exception:
+            log.exception("%s %s failed", request.method, path[:200])
+            return json_response(
+                {"error": {"code": "internal", "message": "internal server error"}},
+                HTTPStatus.INTERNAL_SERVER_ERROR,
+            )
+
+    # ------------------------------------------------------------------ routes
+    async def open_chat(self, request: Request, params: dict[str, str]) -> Response | None:
+        self.registry.serving_version(params["1"])  # raises 404 / 503 with the reason
+        return None
+
+    async def list_models(self, request: Request, params: dict[str, str]) -> Response:
+        return json_response({"object": "list", "data": self.registry.list_models()})
+
+    async def get_model(self, request: Request, params: dict[str, str]) -> Response:
+        info = self.registry.model_info(params["1"])
+        if info is None:
+            raise RouteNotFound(f"no model named {params['1']!r}; GET /v1/models lists them")
+        return json_response(info)
+
+    async def reload(self, request: Request, params: dict[str, str]) -> Response:
+        report = await self.registry.reload()
+        return json_response(report.as_dict())
+
+    async def healthz(self, request: Request, params: dict[str, str]) -> Response:
+        return json_response({"status": "ok", "models": self.registry.status_counts()})
+
+    async def static(self, request: Request, params: dict[str, str]) -> Response:
+        path = resolve_static(params["1"])
+        if path is None:
+            raise RouteNotFound(f"nothing at /{params['1']}")
+        return response(HTTPStatus.OK, path.read_bytes(), content_type(path))
+
+
+def response(status: HTTPStatus, body: bytes, media_type: str) -> Response:
+    """A complete HTTP response; the connection closes after it."""
+    headers = Headers(
+        [
+            ("Content-Type", media_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+            ("Connection", "close"),
+        ]
+    )
+    return Response(status.value, status.phrase, headers, body)
+
+
+def json_response(payload: Any, status: HTTPStatus = HTTPStatus.OK) -> Response:
+    body = json.dumps(payload, ensure_ascii=False, indent=None).encode()
+    return response(status, body, "application/json")
+
+
+def error_response(exc: HandshakeRefused) -> Response:
+    """The JSON error body of design.md, with ``Retry-After`` when the model is building."""
+    status = HTTPStatus(exc.http_status)
+    result = response(status, protocol.encode_http_error(exc.code, exc.message), "application/json")
+    if isinstance(exc, ModelUnavailable) and exc.retry_after is not None:
+        result.headers["Retry-After"] = str(exc.retry_after)
+    return result

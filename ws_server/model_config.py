@@ -1,0 +1,182 @@
+"""config.yaml: its schema, validated with pydantic, and how it is read from disk.
+
+Keys we don't know are kept (the model reads them through ``self.config``); keys we do
+know are checked, and any problem becomes a ``ModelLoadError`` naming the file and key.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ws_server.exceptions import ModelLoadError
+
+CONFIG_FILE: Final = "config.yaml"
+NAME_PATTERN: Final = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+NAME_RULE: Final = (
+    "use lowercase letters, digits and underscores, starting with a letter (at most 64)"
+)
+DEFAULT_TIMEOUT: Final = 300.0
+_MEMORY_PATTERN: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_PYTHON_VERSION_PATTERN: Final = re.compile(r"^3\.\d{1,2}$")
+
+
+class Resources(BaseModel):
+    """``isolation.resources``: limits for an isolated model's worker."""
+
+    model_config = ConfigDict(extra="allow")
+
+    memory: str | None = None
+    cpu: float | None = Field(default=None, gt=0)
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory_has_unit(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or not _MEMORY_PATTERN.match(value):
+            raise ValueError('must be a size such as "512M" or "1G"')
+        return value
+
+    def memory_bytes(self) -> int | None:
+        """``memory`` in bytes (K, M, G, T are powers of 1024)."""
+        if self.memory is None:
+            return None
+        match = _MEMORY_PATTERN.match(self.memory)
+        assert match is not None  # validated above
+        number, unit = float(match.group(1)), (match.group(2) or "B").upper()[:1]
+        return int(number * 1024 ** "BKMGT".index(unit))
+
+
+class Isolation(BaseModel):
+    """``isolation``: run the model in its own virtualenv worker (the seed's object form)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    enabled: bool = True
+    python_version: str | None = None
+    resources: Resources = Field(default_factory=Resources)
+    network: bool = False
+
+    @field_validator("python_version", mode="before")
+    @classmethod
+    def _python_version_shape(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, float):  # YAML reads 3.10 as the float 3.1
+            raise ValueError('must be quoted, e.g. python_version: "3.10"')
+        if not isinstance(value, str) or not _PYTHON_VERSION_PATTERN.match(value):
+            raise ValueError('must look like "3.11"')
+        return value
+
+
+class ModelSettings(BaseModel):
+    """``settings``: how the server runs the model; unknown keys are the model's own."""
+
+    model_config = ConfigDict(extra="allow")
+
+    timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0)
+    """Seconds one turn (and ``on_chat_start``) may take before it ends with ``timeout``."""
+
+
+class ModelConfig(BaseModel):
+    """The whole config.yaml. Every key is optional; unknown keys are kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str | None = None
+    version: str | None = None
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    settings: ModelSettings = Field(default_factory=ModelSettings)
+    isolation: Isolation = Field(default_factory=lambda: Isolation(enabled=False))
+
+    @field_validator("name")
+    @classmethod
+    def _name_follows_rule(cls, value: str | None) -> str | None:
+        if value is not None and not NAME_PATTERN.match(value):
+            raise ValueError(f"{value!r} breaks the naming rule: {NAME_RULE}")
+        return value
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_as_text(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        return value
+
+    @field_validator("isolation", mode="before")
+    @classmethod
+    def _isolation_shorthand(cls, value: Any) -> Any:
+        if value is None or isinstance(value, bool):
+            return {"enabled": bool(value)}
+        return value
+
+    @property
+    def isolated(self) -> bool:
+        """Whether the model asks for its own virtualenv worker."""
+        return self.isolation.enabled
+
+
+def read_config(model_dir: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """Read and validate ``model_dir/config.yaml``; a missing file means all defaults.
+
+    Returns the validated config and the raw mapping handed to the model as
+    ``self.config`` (what the author wrote, unknown keys included).
+    """
+    path = model_dir / CONFIG_FILE
+    if not path.is_file():
+        return ModelConfig(), {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{CONFIG_FILE}: cannot be read: {exc}") from None
+    raw = _load_yaml(text)
+    try:
+        config = ModelConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ModelLoadError(f"{CONFIG_FILE}: {_describe(exc)}") from None
+    return config, raw
+
+
+def _load_yaml(text: str) -> dict[str, Any]:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ModelLoadError(f"{CONFIG_FILE}: malformed YAML{where}: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ModelLoadError(
+            f"{CONFIG_FILE}: must be a mapping of keys to values, not {type(raw).__name__}"
+        )
+    # design.md: `version` is shown exactly as written, so 1.10 stays "1.10", not 1.1.
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            if (
+                key.value == "version"
+                and isinstance(value, yaml.ScalarNode)
+                and raw.get("version") is not None
+            ):
+                raw["version"] = value.value
+    return raw
+
+
+def _describe(exc: ValidationError) -> str:
+    """The first validation problem as ``key.path: message``."""
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {message}")
+    return "; ".join(problems)

@@ -1,0 +1,173 @@
+"""Wire protocol v1: client frames parsed into typed messages, server frames encoded.
+
+Pure functions, no I/O: the session feeds in what a socket received and sends what comes
+out. See design.md ("The wire protocol, v1") for the contract this module implements.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+from ws_server.exceptions import BadRequest
+
+PROTOCOL_VERSION: Final = "v1"
+
+DoneReason = Literal["stop", "cancelled", "timeout", "error"]
+ErrorCode = Literal[
+    "bad_request",
+    "busy",
+    "model_error",
+    "timeout",
+    "model_crashed",
+    "resource_exhausted",
+    "rate_limited",
+    "unavailable",
+    "internal",
+]
+ROLES: Final = ("user", "assistant", "system")
+FRAME_TYPES: Final = ("message", "messages", "cancel")
+
+
+# --------------------------------------------------------------------- client → server
+@dataclass(frozen=True, slots=True)
+class UserMessage:
+    """Append one user message to the history and run a turn."""
+
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaceHistory:
+    """Replace the whole history (clients that keep their own) and run a turn."""
+
+    messages: list[dict[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTurn:
+    """End the running turn now; ignored when none runs."""
+
+
+ClientFrame = UserMessage | ReplaceHistory | CancelTurn
+
+_CANCEL: Final = CancelTurn()
+
+
+def parse_client_frame(data: str | bytes) -> ClientFrame:
+    """Turn one received WebSocket message into a typed frame, or raise ``BadRequest``.
+
+    A text frame whose first non-blank character is not ``{`` is a plain user message,
+    so ``wscat`` users can just type.
+    """
+    if not isinstance(data, str):
+        raise BadRequest(
+            "binary frames are not part of protocol v1; send JSON or plain text as a text frame"
+        )
+    stripped = data.lstrip()
+    if not stripped:
+        raise BadRequest('empty frame: send some text, or a JSON object with a "type"')
+    if stripped[0] != "{":
+        return UserMessage(data)
+    try:
+        frame = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise BadRequest(
+            f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from None
+    except RecursionError:
+        raise BadRequest("invalid JSON: nested too deeply") from None
+    if not isinstance(frame, dict):  # e.g. '{"a":1}' can't be anything else, but be sure
+        raise BadRequest("a frame must be a JSON object")
+    return _frame_from_object(frame)
+
+
+def _frame_from_object(frame: dict[str, Any]) -> ClientFrame:
+    if "type" not in frame:
+        raise BadRequest('missing field "type"; expected one of: message, messages, cancel')
+    kind = frame["type"]
+    if kind == "message":
+        content = frame.get("content")
+        if "content" not in frame:
+            raise BadRequest('"message" frame is missing field "content"')
+        if not isinstance(content, str):
+            raise BadRequest(f'"content" must be a string, not {_json_type(content)}')
+        return UserMessage(content)
+    if kind == "messages":
+        if "messages" not in frame:
+            raise BadRequest('"messages" frame is missing field "messages"')
+        return ReplaceHistory(_validate_history(frame["messages"]))
+    if kind == "cancel":
+        return _CANCEL
+    if not isinstance(kind, str):
+        raise BadRequest(f'"type" must be a string, not {_json_type(kind)}')
+    raise BadRequest(
+        f'unknown frame type "{kind[:64]}"; expected one of: message, messages, cancel'
+    )
+
+
+def _validate_history(messages: Any) -> list[dict[str, str]]:
+    if not isinstance(messages, list):
+        raise BadRequest(f'"messages" must be an array, not {_json_type(messages)}')
+    if not messages:
+        raise BadRequest('"messages" must hold at least one message')
+    history: list[dict[str, str]] = []
+    for index, item in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(item, dict):
+            raise BadRequest(f"{where} must be an object, not {_json_type(item)}")
+        role, content = item.get("role"), item.get("content")
+        if role not in ROLES:
+            raise BadRequest(f'{where}.role must be one of "user", "assistant", "system"')
+        if not isinstance(content, str):
+            raise BadRequest(f"{where}.content must be a string, not {_json_type(content)}")
+        history.append({"role": role, "content": content})
+    return history
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+# --------------------------------------------------------------------- server → client
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def encode_ready(session_id: str, model: str, version: str) -> str:
+    """Sent once ``on_chat_start`` has returned."""
+    return _dumps({"type": "ready", "session_id": session_id, "model": model, "version": version})
+
+
+def encode_chunk(turn: int, content: str) -> str:
+    """One piece the model yielded; the hot path, so a template rather than a dict."""
+    return f'{{"type":"chunk","turn":{turn:d},"content":{_dumps(content)}}}'
+
+
+def encode_done(turn: int, reason: DoneReason) -> str:
+    """The turn is over."""
+    return f'{{"type":"done","turn":{turn:d},"reason":"{reason}"}}'
+
+
+def encode_error(code: ErrorCode, message: str, turn: int | None = None) -> str:
+    """Something the client should know; the connection stays usable unless a close follows."""
+    frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if turn is not None:
+        frame["turn"] = turn
+    return _dumps(frame)
+
+
+def encode_http_error(code: str, message: str) -> bytes:
+    """The JSON body of a refused handshake or failed HTTP request."""
+    return _dumps({"error": {"code": code, "message": message}}).encode()

@@ -1,0 +1,422 @@
+"""The registry: which models exist, which version of each serves, and reload.
+
+Reload rescans the models directory and compares each model's revision (a hash of its
+directory). A changed model gets a new version; sessions already open keep the version
+they started with until they close. A new version that fails leaves the previous one
+serving, with the error visible. One broken model never stops the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ws_server.exceptions import ModelLoadError, ModelNotFound, ModelUnavailable
+from ws_server.model_config import NAME_PATTERN, NAME_RULE, ModelConfig, read_config
+from ws_server.model_loader import MAIN_FILE, load_model_class, unload_model
+from ws_server.revision import compute_revision
+from ws_server.runners import Runner, SharedRunner
+from ws_server.sdk import AnythingBaseModel
+
+log = logging.getLogger("anything_agent.registry")
+
+Status = Literal["ready", "building", "failed", "draining"]
+
+
+@dataclass(eq=False)
+class ModelVersion:
+    """One loaded revision of a model: what a session is pinned to for its whole life."""
+
+    name: str
+    directory: Path
+    revision: str
+    config: ModelConfig
+    description: str
+    runner: Runner
+    loaded_at: float
+    sessions: int = 0
+    retired: bool = False
+
+    @property
+    def version(self) -> str:
+        """config.yaml's ``version`` as written, or the revision when it has none."""
+        return self.config.version or self.revision
+
+    @property
+    def mode(self) -> str:
+        return self.runner.mode
+
+    @property
+    def timeout(self) -> float:
+        return self.config.settings.timeout
+
+
+@dataclass(eq=False)
+class ModelEntry:
+    """A model directory as last scanned: its serving version and its latest error."""
+
+    name: str
+    directory: Path
+    revision: str
+    config: ModelConfig | None
+    serving: ModelVersion | None = None
+    error: str | None = None
+    error_detail: str | None = None  # the model's own exception text: log and `check` only
+
+    @property
+    def status(self) -> Status:
+        return "ready" if self.serving is not None else "failed"
+
+
+@dataclass
+class ReloadReport:
+    """What one reload did, by model name; the body of ``POST /v1/models/reload``."""
+
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "added": self.added,
+            "updated": self.updated,
+            "removed": self.removed,
+            "failed": self.failed,
+            "unchanged": self.unchanged,
+        }
+
+
+@dataclass
+class _Candidate:
+    """A model directory found by a scan, before loading."""
+
+    name: str
+    directory: Path
+    revision: str
+    config: ModelConfig | None
+    raw_config: dict[str, Any]
+    error: str | None
+
+
+class Registry:
+    """Owns discovery, config, versions and reload for one models directory."""
+
+    def __init__(self, models_dir: Path) -> None:
+        self.models_dir = models_dir
+        self._entries: dict[str, ModelEntry] = {}
+        self._draining: dict[str, list[ModelVersion]] = {}
+        self._lock = asyncio.Lock()
+        self._disposals: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ sessions
+    def acquire(self, name: str) -> ModelVersion:
+        """Pin the serving version of ``name`` for a new session; ``release`` unpins it."""
+        version = self.serving_version(name)
+        version.sessions += 1
+        return version
+
+    def serving_version(self, name: str) -> ModelVersion:
+        """The version new sessions of ``name`` get, or the refusal saying why there is none."""
+        entry = self._entries.get(name)
+        if entry is None:
+            if self._draining.get(name):
+                raise ModelUnavailable(
+                    f"model {name!r} was removed; it is only finishing its open sessions"
+                )
+            raise ModelNotFound(f"no model named {name!r}; GET /v1/models lists them")
+        if entry.serving is None:
+            raise ModelUnavailable(f"model {name!r} failed to load: {entry.error}")
+        return entry.serving
+
+    def release(self, version: ModelVersion) -> None:
+        """A session on ``version`` ended; a retired version with none left is dropped."""
+        version.sessions -= 1
+        if version.retired and version.sessions == 0:
+            versions = self._draining.get(version.name, [])
+            if version in versions:
+                versions.remove(version)
+            if not versions:
+                self._draining.pop(version.name, None)
+            self._dispose_later(version)
+
+    # ------------------------------------------------------------------ listing
+    def list_models(self) -> list[dict[str, Any]]:
+        """Every model, OpenAI list style plus our fields, sorted by name."""
+        names = sorted(set(self._entries) | set(self._draining))
+        return [info for name in names if (info := self.model_info(name)) is not None]
+
+    def model_info(self, name: str) -> dict[str, Any] | None:
+        """One model's listing row, or ``None`` if there is no such model."""
+        entry = self._entries.get(name)
+        draining = self._draining.get(name, [])
+        open_sessions = sum(v.sessions for v in draining)
+        if entry is None:
+            if not draining:
+                return None
+            newest = draining[-1]
+            return self._row(name, newest, "draining", None, open_sessions)
+        if entry.serving is not None:
+            open_sessions += entry.serving.sessions
+            return self._row(name, entry.serving, "ready", entry.error, open_sessions)
+        config = entry.config or ModelConfig()
+        return {
+            "id": name,
+            "object": "model",
+            "created": None,
+            "owned_by": "anything-agent",
+            "version": config.version or entry.revision,
+            "revision": entry.revision,
+            "description": config.description or "",
+            "mode": "isolated" if config.isolated else "shared",
+            "status": "failed",
+            "error": entry.error,
+            "sessions": open_sessions,
+        }
+
+    @staticmethod
+    def _row(
+        name: str, version: ModelVersion, status: Status, error: str | None, sessions: int
+    ) -> dict[str, Any]:
+        return {
+            "id": name,
+            "object": "model",
+            "created": int(version.loaded_at),
+            "owned_by": "anything-agent",
+            "version": version.version,
+            "revision": version.revision,
+            "description": version.description,
+            "mode": version.mode,
+            "status": status,
+            "error": error,
+            "sessions": sessions,
+        }
+
+    def failure_details(self) -> dict[str, str]:
+        """The full text of each model's own load-time exception (not for clients)."""
+        return {n: e.error_detail for n, e in self._entries.items() if e.error_detail}
+
+    def status_counts(self) -> dict[str, int]:
+        """How many models are in each status, for /healthz."""
+        counts: dict[str, int] = {"ready": 0, "building": 0, "failed": 0, "draining": 0}
+        for row in self.list_models():
+            counts[row["status"]] += 1
+        return counts
+
+    # ------------------------------------------------------------------ reload
+    async def reload(self) -> ReloadReport:
+        """Rescan the models directory and apply what changed; one reload at a time."""
+        async with self._lock:
+            started = time.perf_counter()
+            candidates = await asyncio.to_thread(self._scan)
+            report = ReloadReport()
+            for candidate in candidates.values():
+                await self._apply(candidate, report)
+            for name in sorted(set(self._entries) - set(candidates)):
+                entry = self._entries.pop(name)
+                if entry.serving is not None:
+                    self._retire(entry.serving)
+                report.removed.append(name)
+                log.info("model %s: removed (%s gone)", name, entry.directory)
+            log.info(
+                "reload in %.0f ms: %d added, %d updated, %d removed, %d failed, %d unchanged",
+                (time.perf_counter() - started) * 1000,
+                len(report.added),
+                len(report.updated),
+                len(report.removed),
+                len(report.failed),
+                len(report.unchanged),
+            )
+            return report
+
+    async def _apply(self, candidate: _Candidate, report: ReloadReport) -> None:
+        name = candidate.name
+        entry = self._entries.get(name)
+        if entry is not None and entry.directory == candidate.directory:
+            if entry.revision == candidate.revision:
+                report.unchanged.append(name)
+                return
+            if entry.serving is not None and entry.serving.revision == candidate.revision:
+                entry.revision, entry.error = candidate.revision, None  # reverted to serving
+                report.updated.append(name)
+                return
+        try:
+            if candidate.error is not None:
+                raise ModelLoadError(candidate.error)
+            version = await self._load(candidate)
+        except ModelLoadError as exc:
+            self._record_failure(candidate, entry, exc, report)
+            return
+        if entry is None:
+            report.added.append(name)
+        else:
+            report.updated.append(name)
+            if entry.serving is not None:
+                self._retire(entry.serving)
+        self._entries[name] = ModelEntry(
+            name, candidate.directory, candidate.revision, candidate.config, serving=version
+        )
+        log.info(
+            "model %s: serving version %s (revision %s, %s mode)",
+            name,
+            version.version,
+            version.revision,
+            version.mode,
+        )
+
+    def _record_failure(
+        self,
+        candidate: _Candidate,
+        entry: ModelEntry | None,
+        exc: ModelLoadError,
+        report: ReloadReport,
+    ) -> None:
+        name = candidate.name
+        report.failed.append({"id": name, "error": exc.message})
+        if entry is not None and entry.serving is not None:
+            entry.revision, entry.error = candidate.revision, exc.message
+            entry.error_detail = exc.detail
+            log.error(
+                "model %s: new revision %s failed, version %s keeps serving: %s",
+                name,
+                candidate.revision,
+                entry.serving.version,
+                exc.message,
+            )
+        else:
+            self._entries[name] = ModelEntry(
+                name,
+                candidate.directory,
+                candidate.revision,
+                candidate.config,
+                error=exc.message,
+                error_detail=exc.detail,
+            )
+            log.error("model %s: failed: %s", name, exc.message)
+        if exc.detail:
+            log.error("model %s: %s", name, exc.detail.rstrip())
+
+    async def _load(self, candidate: _Candidate) -> ModelVersion:
+        config = candidate.config
+        assert config is not None
+        if config.isolated:
+            raise ModelLoadError(
+                "config.yaml: isolation: isolated mode is not available in this server yet; "
+                "remove `isolation` to run the model in shared mode"
+            )
+        model_class = await asyncio.to_thread(
+            load_model_class, candidate.directory, candidate.name, candidate.revision
+        )
+        resources = await _load_resources(model_class, candidate)
+        runner = SharedRunner(model_class, candidate.raw_config, candidate.directory, resources)
+        return ModelVersion(
+            name=candidate.name,
+            directory=candidate.directory,
+            revision=candidate.revision,
+            config=config,
+            description=config.description or model_class.description(),
+            runner=runner,
+            loaded_at=time.time(),
+        )
+
+    def _scan(self) -> dict[str, _Candidate]:
+        """Find model directories (blocking; run in a thread): each with a main.py."""
+        found: dict[str, _Candidate] = {}
+        if not self.models_dir.is_dir():
+            log.warning("models directory %s does not exist", self.models_dir)
+            return found
+        for directory in sorted(self.models_dir.iterdir()):
+            if directory.name.startswith((".", "_")) or not directory.is_dir():
+                continue
+            if not (directory / MAIN_FILE).is_file():
+                continue
+            candidate = _inspect_directory(directory)
+            if candidate.name in found:
+                other = found[candidate.name].directory.name
+                candidate.error = (
+                    f"config.yaml: name {candidate.name!r} is already used by {other}/"
+                )
+                candidate.name = directory.name
+                if candidate.name in found:
+                    log.error("model directory %s skipped: duplicate name", directory)
+                    continue
+            found[candidate.name] = candidate
+        return found
+
+    # ------------------------------------------------------------------ retiring
+    def _retire(self, version: ModelVersion) -> None:
+        version.retired = True
+        if version.sessions == 0:
+            self._dispose_later(version)
+        else:
+            self._draining.setdefault(version.name, []).append(version)
+            log.info(
+                "model %s: version %s draining (%d open sessions)",
+                version.name,
+                version.version,
+                version.sessions,
+            )
+
+    def _dispose_later(self, version: ModelVersion) -> None:
+        task = asyncio.get_running_loop().create_task(self._dispose(version))
+        self._disposals.add(task)
+        task.add_done_callback(self._disposals.discard)
+
+    @staticmethod
+    async def _dispose(version: ModelVersion) -> None:
+        await version.runner.close()
+        unload_model(version.name, version.revision)
+        log.info(
+            "model %s: version %s (revision %s) unloaded",
+            version.name,
+            version.version,
+            version.revision,
+        )
+
+    async def close(self) -> None:
+        """Stop every runner (at server shutdown, after the sessions have ended)."""
+        versions = [e.serving for e in self._entries.values() if e.serving is not None]
+        versions += [v for vs in self._draining.values() for v in vs]
+        self._entries.clear()
+        self._draining.clear()
+        await asyncio.gather(*(v.runner.close() for v in versions), return_exceptions=True)
+        if self._disposals:
+            await asyncio.gather(*self._disposals, return_exceptions=True)
+
+
+def _inspect_directory(directory: Path) -> _Candidate:
+    revision = compute_revision(directory)
+    try:
+        config, raw = read_config(directory)
+    except ModelLoadError as exc:
+        return _Candidate(directory.name, directory, revision, None, {}, exc.message)
+    name = config.name or directory.name
+    error = None
+    if config.name is None and not NAME_PATTERN.match(name):
+        error = (
+            f"directory name {name!r} breaks the naming rule ({NAME_RULE}); "
+            "rename the directory or set `name` in config.yaml"
+        )
+    return _Candidate(name, directory, revision, config, raw, error)
+
+
+async def _load_resources(model_class: type[AnythingBaseModel], candidate: _Candidate) -> Any:
+    """Run the class's once-per-version ``load_resources`` hook (async or in a thread)."""
+    hook = model_class.load_resources
+    try:
+        if inspect.iscoroutinefunction(hook):
+            return await hook(candidate.directory, candidate.raw_config)
+        return await asyncio.to_thread(hook, candidate.directory, candidate.raw_config)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{MAIN_FILE}: {model_class.__name__}.load_resources raised "
+            f"{type(exc).__name__}; the server log has the details",
+            detail="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        ) from None

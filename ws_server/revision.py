@@ -1,0 +1,43 @@
+"""A model directory's revision: a short hash of its content, which reload compares."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Final
+
+REVISION_LENGTH: Final = 12
+# Files above this size (weights, say) are identified by size and modification time
+# rather than read in full on every reload.
+FULL_HASH_LIMIT: Final = 16 * 1024 * 1024
+_SKIPPED_DIRS: Final = frozenset({"__pycache__", "venv", ".venv", "node_modules"})
+
+
+def compute_revision(model_dir: Path) -> str:
+    """Hash every file's relative path and content (hidden files, caches and venv/ aside)."""
+    digest = hashlib.sha256()
+    for path in sorted(_content_files(model_dir)):
+        relative = path.relative_to(model_dir).as_posix()
+        digest.update(relative.encode() + b"\0")
+        try:
+            stat = path.stat()
+            if stat.st_size > FULL_HASH_LIMIT:
+                digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+            else:
+                digest.update(path.read_bytes())
+        except OSError as exc:  # vanished or unreadable mid-scan: still a distinct state
+            digest.update(f"unreadable:{exc.errno}".encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:REVISION_LENGTH]
+
+
+def _content_files(model_dir: Path) -> list[Path]:
+    files = []
+    for root, dirs, names in os.walk(model_dir):
+        dirs[:] = [d for d in dirs if d not in _SKIPPED_DIRS and not d.startswith(".")]
+        for name in names:
+            if name.startswith(".") or name.endswith((".pyc", ".pyo")):
+                continue
+            files.append(Path(root) / name)
+    return files

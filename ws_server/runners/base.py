@@ -1,0 +1,33 @@
+"""The contract between a chat session and wherever its model runs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from ws_server.sdk import Message
+
+
+class ModelSession(Protocol):
+    """One conversation's model instance, wherever it lives.
+
+    ``start`` and ``end`` wrap ``on_chat_start`` / ``on_chat_end``; ``stream`` runs one
+    turn. Closing the iterator ``stream`` returned (``aclose``) must close the model's
+    generator so its ``finally`` blocks run: that is how cancel and timeout reach it.
+    """
+
+    async def start(self) -> None: ...
+
+    def stream(self, messages: list[Message]) -> AsyncIterator[str]: ...
+
+    async def end(self) -> None: ...
+
+
+class Runner(Protocol):
+    """Runs one model version; makes a ``ModelSession`` per chat session."""
+
+    mode: str
+
+    def open_session(self) -> ModelSession: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,146 @@
+"""Shared mode: the model runs inside the server process, one instance per session.
+
+The adapter here is forgiving the way model authors expect: ``on_chat_messages`` may be an
+async generator (the documented form), a plain generator (run in a thread so it cannot
+block the event loop), or a function or coroutine returning one whole string.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any, Final
+
+from ws_server.sdk import AnythingBaseModel, Message
+
+# Blocking model code (sync generators and hooks) runs here, off the event loop.
+MODEL_THREADS: Final = concurrent.futures.ThreadPoolExecutor(
+    max_workers=64, thread_name_prefix="model"
+)
+_END: Final = object()
+
+
+class SharedRunner:
+    """Creates a fresh model instance per session from one loaded version's class."""
+
+    mode = "shared"
+
+    def __init__(
+        self,
+        model_class: type[AnythingBaseModel],
+        config: dict[str, Any],
+        model_dir: Path,
+        resources: Any,
+    ) -> None:
+        self.model_class = model_class
+        self.config = config
+        self.model_dir = model_dir
+        self.resources = resources
+
+    def open_session(self) -> SharedSession:
+        instance = self.model_class.create_session_instance(
+            config=self.config, model_dir=self.model_dir, resources=self.resources
+        )
+        return SharedSession(instance)
+
+    async def close(self) -> None:
+        """Nothing to stop: the model's code lives and dies with the server process."""
+
+
+class SharedSession:
+    """One model instance driven in-process."""
+
+    def __init__(self, model: AnythingBaseModel) -> None:
+        self.model = model
+
+    async def start(self) -> None:
+        await call_hook(self.model.on_chat_start)
+
+    async def end(self) -> None:
+        await call_hook(self.model.on_chat_end)
+
+    async def stream(self, messages: list[Message]) -> AsyncIterator[str]:
+        method: Callable[..., Any] = self.model.on_chat_messages
+        if inspect.isasyncgenfunction(method):
+            chunks = method(messages)
+        elif inspect.isgeneratorfunction(method):
+            chunks = _iterate_in_thread(method(messages))
+        elif inspect.iscoroutinefunction(method):
+            chunks = _whole_reply(await method(messages))
+        else:
+            result = await asyncio.get_running_loop().run_in_executor(
+                MODEL_THREADS, method, messages
+            )
+            chunks = _whole_reply(result)
+        try:
+            async for chunk in chunks:
+                if not isinstance(chunk, str):
+                    raise TypeError(
+                        f"on_chat_messages yielded {type(chunk).__name__}; chunks must be str"
+                    )
+                if chunk:
+                    yield chunk
+        finally:
+            await chunks.aclose()  # runs the model's finally blocks on cancel and timeout
+
+
+async def call_hook(hook: Callable[[], Any]) -> None:
+    """Await an async hook; run a plain one in a thread so it cannot block the loop."""
+    if inspect.iscoroutinefunction(hook):
+        await hook()
+        return
+    result = await asyncio.get_running_loop().run_in_executor(MODEL_THREADS, hook)
+    if inspect.isawaitable(result):
+        await result
+
+
+async def _whole_reply(result: Any) -> AsyncIterator[Any]:
+    """What a non-generator ``on_chat_messages`` returned, as a stream of chunks."""
+    if inspect.isawaitable(result):
+        result = await result
+    if result is None:
+        return
+    if isinstance(result, str):
+        yield result
+    elif inspect.isasyncgen(result):
+        try:
+            async for chunk in result:
+                yield chunk
+        finally:
+            await result.aclose()
+    elif inspect.isgenerator(result):
+        async for chunk in _iterate_in_thread(result):
+            yield chunk
+    else:
+        raise TypeError(
+            f"on_chat_messages returned {type(result).__name__}; yield str chunks or return one str"
+        )
+
+
+async def _iterate_in_thread(generator: Iterator[Any]) -> AsyncIterator[Any]:
+    """Drive a blocking generator from the pool, one ``next()`` per chunk.
+
+    When the consumer stops early (cancel, timeout, disconnect) the generator is closed in
+    the pool once its current step finishes, so its ``finally`` runs there, never
+    concurrently with a step in progress.
+    """
+    loop = asyncio.get_running_loop()
+    step: concurrent.futures.Future[Any] | None = None
+    try:
+        while True:
+            step = MODEL_THREADS.submit(next, generator, _END)
+            item = await asyncio.wrap_future(step, loop=loop)
+            step = None
+            if item is _END:
+                return
+            yield item
+    finally:
+        close = getattr(generator, "close", None)
+        if close is not None:
+            if step is None:
+                MODEL_THREADS.submit(close)
+            else:
+                step.add_done_callback(lambda _: close())

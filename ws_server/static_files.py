@@ -1,0 +1,40 @@
+"""Serves the browser client's files from ``web_client/``, refusing anything outside it."""
+
+from __future__ import annotations
+
+import mimetypes
+from pathlib import Path
+from typing import Final
+from urllib.parse import unquote
+
+WEB_CLIENT_DIR: Final = Path(__file__).resolve().parent.parent / "web_client"
+_TYPES: Final = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".json": "application/json",
+}
+
+
+def resolve_static(url_path: str, root: Path = WEB_CLIENT_DIR) -> Path | None:
+    """The file under ``root`` that ``url_path`` names, or ``None`` if it leaves ``root``,
+    names a hidden file, holds a NUL, or does not exist. ``/`` is ``index.html``."""
+    relative = unquote(url_path).lstrip("/") or "index.html"
+    if "\0" in relative or any(part.startswith(".") for part in relative.split("/") if part):
+        return None
+    root = root.resolve()
+    try:
+        candidate = (root / relative).resolve()
+        if candidate.is_relative_to(root) and candidate.is_file():
+            return candidate
+    except (OSError, ValueError):  # name too long, and the like
+        pass
+    return None
+
+
+def content_type(path: Path) -> str:
+    """The Content-Type header for a static file."""
+    return (
+        _TYPES.get(path.suffix) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    )
