@@ -189,6 +189,15 @@ async def test_model_exception_is_model_error_without_leaking_it(server: ServerP
     assert "RuntimeError: SECRET-TOKEN-123" in server.log  # the traceback is in the log
 
 
+async def test_non_string_chunk_is_a_model_error(server: ServerProcess) -> None:
+    async with chat(server, "faulty") as ws:
+        session_id = ws.ready["session_id"]  # type: ignore[attr-defined]
+        turn = await run_turn(ws, "number")
+    assert turn.errors[0]["code"] == "model_error" and turn.done["reason"] == "error"
+    server.wait_for_log(f"session={session_id} turn=1 on_chat_messages raised")
+    assert "on_chat_messages yielded int; chunks must be str" in server.log
+
+
 async def test_turn_past_settings_timeout_ends_with_timeout(server: ServerProcess) -> None:
     async with chat(server, "sleepy") as ws:  # settings.timeout: 0.5
         started = time.monotonic()

@@ -160,3 +160,10 @@ async def test_odd_model_names_are_refused_cleanly(server: ServerProcess) -> Non
         assert refused.value.response.status_code == 404
     status, _, _ = http(server, "/healthz")
     assert status == 200
+
+
+def test_plain_http_on_the_chat_endpoint_explains_itself(server: ServerProcess) -> None:
+    status, headers, body = http(server, "/v1/chat/echo")
+    assert status == 426 and headers["Upgrade"] == "websocket"
+    assert body["error"]["code"] == "upgrade_required"
+    assert "WebSocket endpoint" in body["error"]["message"]

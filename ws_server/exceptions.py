@@ -66,6 +66,13 @@ class RouteNotFound(HandshakeRefused):
     http_status = 404
 
 
+class UpgradeRequired(HandshakeRefused):
+    """A plain HTTP request reached the WebSocket chat endpoint."""
+
+    code = "upgrade_required"
+    http_status = 426
+
+
 class MethodNotAllowed(HandshakeRefused):
     """The route exists but not for this HTTP method."""
 

@@ -25,6 +25,7 @@ from ws_server.exceptions import (
     MethodNotAllowed,
     ModelUnavailable,
     RouteNotFound,
+    UpgradeRequired,
 )
 from ws_server.registry import Registry
 from ws_server.static_files import content_type, resolve_static
@@ -92,6 +93,11 @@ class HttpApi:
     # ------------------------------------------------------------------ routes
     async def open_chat(self, request: Request, params: dict[str, str]) -> Response | None:
         self.registry.serving_version(params["1"])  # raises 404 / 503 with the reason
+        if "websocket" not in request.headers.get("Upgrade", "").lower():
+            raise UpgradeRequired(
+                f"/v1/chat/{params['1']} is a WebSocket endpoint: connect with a WebSocket "
+                "client, e.g. wscat -c ws://HOST:PORT/v1/chat/MODEL"
+            )
         return None
 
     async def list_models(self, request: Request, params: dict[str, str]) -> Response:
@@ -139,6 +145,8 @@ def error_response(exc: HandshakeRefused) -> Response:
     """The JSON error body of design.md, with ``Retry-After`` when the model is building."""
     status = HTTPStatus(exc.http_status)
     result = response(status, protocol.encode_http_error(exc.code, exc.message), "application/json")
+    if isinstance(exc, UpgradeRequired):
+        result.headers["Upgrade"] = "websocket"
     if isinstance(exc, ModelUnavailable) and exc.retry_after is not None:
         result.headers["Retry-After"] = str(exc.retry_after)
     return result

@@ -80,7 +80,7 @@ class ChatSession:
         try:
             self._model = self.version.runner.open_session()
             await asyncio.wait_for(self._model.start(), self.version.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._log(logging.ERROR, "on_chat_start timed out after %ss", self.version.timeout)
             await self._fail_start("timeout", "on_chat_start took too long")
             return False

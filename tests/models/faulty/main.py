@@ -8,4 +8,6 @@ class Faulty(AnythingBaseModel):
         if messages[-1]["content"] == "boom":
             yield "partial"
             raise RuntimeError("SECRET-TOKEN-123 leaked database password")
+        if messages[-1]["content"] == "number":
+            yield 42
         yield "fine"
