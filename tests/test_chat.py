@@ -7,7 +7,7 @@ import json
 import time
 
 import pytest
-from conftest import ServerProcess, chat, read_turn, recv_frame, run_turn
+from conftest import ServerProcess, chat, read_events, read_turn, recv_frame, run_turn
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -92,6 +92,7 @@ async def test_model_reads_its_config_and_unknown_keys(server: ServerProcess) ->
     async with chat(server, "recorder") as ws:
         state = json.loads((await run_turn(ws, "state")).text)
     assert state["parameters"] == {"flavour": "vanilla"}
+    assert state["settings"]["custom_key"] == "kept for the model"
 
 
 async def test_cancel_ends_the_turn_and_closes_the_generator(server: ServerProcess) -> None:
@@ -103,13 +104,24 @@ async def test_cancel_ends_the_turn_and_closes_the_generator(server: ServerProce
         rest = await read_turn(ws, timeout=2)
         assert rest.done == {"type": "done", "turn": 2, "reason": "cancelled"}
         assert len(rest.chunks) < 5  # promptly, not after the 100 chunks
-        from conftest import read_events
-
         assert read_events(server, instance)[-1] == "generator-closed"
         # The session goes on: the next turn works and the partial reply is in the history.
         state = json.loads((await run_turn(ws, "state")).text)
     assert state["messages"][3]["role"] == "assistant"
     assert state["messages"][3]["content"].startswith("0 ")
+
+
+async def test_timeout_then_cancel_lets_the_models_cleanup_finish(server: ServerProcess) -> None:
+    async with chat(server, "cleanup") as ws:  # settings.timeout 0.5; finally takes 1 s
+        instance = (await run_turn(ws, "id")).text
+        await ws.send("work")
+        assert (await recv_frame(ws))["content"] == "working"
+        await asyncio.sleep(0.8)  # the timeout has fired; the model is cleaning up
+        await ws.send('{"type":"cancel"}')
+        rest = await read_turn(ws)
+    assert rest.errors[0]["code"] == "timeout"
+    assert rest.done == {"type": "done", "turn": 2, "reason": "timeout"}
+    assert read_events(server, instance) == ["cleanup-done"]
 
 
 async def test_cancel_without_a_running_turn_is_ignored(server: ServerProcess) -> None:
@@ -198,6 +210,17 @@ async def test_non_string_chunk_is_a_model_error(server: ServerProcess) -> None:
     assert "on_chat_messages yielded int; chunks must be str" in server.log
 
 
+async def test_model_raising_cancelled_error_itself_is_a_model_error(
+    server: ServerProcess,
+) -> None:
+    async with chat(server, "faulty") as ws:
+        turn = await run_turn(ws, "selfcancel")
+        assert turn.chunks == ["before"]
+        assert turn.errors[0]["code"] == "model_error"
+        assert turn.done == {"type": "done", "turn": 1, "reason": "error"}
+        assert (await run_turn(ws, "hello")).text == "fine"
+
+
 async def test_turn_past_settings_timeout_ends_with_timeout(server: ServerProcess) -> None:
     async with chat(server, "sleepy") as ws:  # settings.timeout: 0.5
         started = time.monotonic()
@@ -256,8 +279,16 @@ async def test_eliza_remembers_your_name_within_a_session(server: ServerProcess)
     async with chat(server, "eliza") as ws:
         greeting = await run_turn(ws, "My name is Ada")
         reply = await run_turn(ws, "I feel tired of my job")
-    assert "Ada" in greeting.text
-    assert "your job" in reply.text or "feel" in reply.text
+    assert greeting.text == "Nice to meet you, Ada. What brings you here today?"
+    # The "i feel (.*)" rule, with "my job" reflected to "your job"; maybe addressed by name.
+    answers = {
+        "Good, tell me more about these feelings.",
+        "Do you often feel tired of your job?",
+        "When do you usually feel tired of your job?",
+        "When you feel tired of your job, what do you do?",
+    }
+    text = reply.text.removeprefix("Ada, ")
+    assert text[0].upper() + text[1:] in answers
     assert len(reply.chunks) > 1  # streamed word by word
 
 

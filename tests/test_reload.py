@@ -181,3 +181,94 @@ async def test_load_resources_runs_once_per_version(tmp_path: Path, start_server
         async with chat(live, "recorder") as three:
             assert json.loads((await run_turn(three, "state")).text)["load_id"] != first
         assert json.loads((await run_turn(one, "state")).text)["load_id"] == first
+
+
+HELPER_MODEL = """
+from ws_server import AnythingBaseModel
+
+
+class UsesHelper(AnythingBaseModel):
+    async def on_chat_messages(self, messages):
+        from . import helpers  # imported lazily, inside the hook
+
+        yield helpers.WORD
+"""
+
+
+def write_helper_model(models: Path, word: str) -> None:
+    directory = models / "helped"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "main.py").write_text(HELPER_MODEL)
+    (directory / "helpers.py").write_text(f"WORD = {word!r}\n")
+
+
+async def test_returning_to_an_earlier_revision_keeps_it_whole(
+    live: ServerProcess, models: Path
+) -> None:
+    write_helper_model(models, "first")
+    reload(live)
+    async with chat(live, "helped") as on_first:
+        assert (await run_turn(on_first, "hi")).text == "first"
+        write_helper_model(models, "second")
+        assert reload(live)["updated"] == ["helped"]
+        write_helper_model(models, "first")  # back to the revision the open session has
+        assert reload(live)["updated"] == ["helped"]
+    # The retired copy of "first" unloads when its session closes; the serving copy of
+    # the same revision must keep working, lazy imports included.
+    live.wait_for_log(r"model helped: version \w+ \(revision \w+\) unloaded")
+    async with chat(live, "helped") as fresh:
+        turn = await run_turn(fresh, "hi")
+    assert turn.text == "first" and not turn.errors
+
+
+PICKLING_MODEL = """
+import pickle
+
+import helpers
+from ws_server import AnythingBaseModel
+
+
+class Pickled(AnythingBaseModel):
+    @classmethod
+    def load_resources(cls, model_dir, config):
+        return pickle.loads((model_dir / "data" / "model.bin").read_bytes())
+
+    async def on_chat_messages(self, messages):
+        yield self.resources.greet(messages[-1]["content"])
+"""
+
+
+def make_pickling_model(models: Path) -> None:
+    """A model whose data/model.bin pickles an instance of a class from its helpers.py."""
+    import subprocess
+    import sys
+
+    directory = models / "pickled"
+    (directory / "data").mkdir(parents=True)
+    (directory / "helpers.py").write_text(
+        "class Greeter:\n"
+        "    def __init__(self, word):\n        self.word = word\n"
+        "    def greet(self, name):\n        return f'{self.word}, {name}'\n"
+    )
+    (directory / "main.py").write_text(PICKLING_MODEL)
+    # The author pickled the object in their own script, where the module is `helpers`.
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import pickle, helpers; open('data/model.bin', 'wb')"
+            ".write(pickle.dumps(helpers.Greeter('Howdy')))",
+        ],
+        cwd=directory,
+        check=True,
+        timeout=30,
+    )
+
+
+async def test_load_resources_can_unpickle_classes_from_sibling_modules(
+    tmp_path: Path, start_server: Any
+) -> None:
+    make_pickling_model(tmp_path / "models")
+    live = start_server(tmp_path / "models")
+    async with chat(live, "pickled") as ws:
+        assert (await run_turn(ws, "partner")).text == "Howdy, partner"

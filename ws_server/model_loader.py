@@ -1,22 +1,27 @@
 """Imports a model's main.py and finds its ``AnythingBaseModel`` subclass.
 
-Each model version is imported as its own package (``_anything_models.<name>_<revision>``),
-so two versions of one model, or two models with a ``helpers.py`` each, never share
-modules, and ``from . import helpers`` works inside main.py.
+Each load of a model is imported as its own package
+(``_anything_models.<name>_<revision>_<n>``), so two versions of one model, or two models
+with a ``helpers.py`` each, never share modules. ``from . import helpers`` works anywhere
+in main.py, at import time or later inside a hook; a plain ``import helpers`` works at
+import time and in ``load_resources`` (when the model directory is on ``sys.path``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import inspect
+import itertools
 import sys
 import threading
 import traceback
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from ws_server import seed_compat
 from ws_server.exceptions import ModelLoadError
@@ -25,16 +30,56 @@ from ws_server.sdk import AnythingBaseModel
 MAIN_FILE: Final = "main.py"
 _PACKAGE_ROOT: Final = "_anything_models"
 _IMPORT_LOCK = threading.Lock()  # sys.path and sys.modules edits must not interleave
+# Each load gets its own package, even when a model returns to an earlier revision, so
+# unloading a retired copy can never remove the modules of the copy now serving.
+_load_counter = itertools.count(1)
 
 
-def load_model_class(model_dir: Path, name: str, revision: str) -> type[AnythingBaseModel]:
-    """Import ``model_dir/main.py`` fresh and return the model class it defines.
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model version's class, its per-version resources, and the package holding it."""
 
-    Raises ``ModelLoadError`` naming main.py and the problem: a syntax error with its
-    line, an exception raised at import, no subclass, or an ambiguous choice of class.
+    model_class: type[AnythingBaseModel]
+    resources: Any
+    package: str
+
+
+async def load_model(
+    model_dir: Path, name: str, revision: str, config: dict[str, Any]
+) -> LoadedModel:
+    """Import main.py (in a thread) and run the class's ``load_resources`` hook once.
+
+    Raises ``ModelLoadError`` naming main.py and the problem. The model directory is on
+    ``sys.path`` while main.py is imported and while ``load_resources`` runs, so
+    ``import helpers`` and unpickling objects whose classes live in ``helpers.py`` work.
     """
+    package = f"{_PACKAGE_ROOT}.{name}_{revision}_{next(_load_counter)}"
+    model_class = await asyncio.to_thread(_import_main, model_dir, package)
+    hook = model_class.load_resources
+    try:
+        if inspect.iscoroutinefunction(hook):
+            with _model_dir_on_path(model_dir):
+                resources = await hook(model_dir, config)
+        else:
+            resources = await asyncio.to_thread(_call_in_model_dir, model_dir, hook, config)
+    except Exception as exc:
+        unload_package(package)
+        raise ModelLoadError(
+            f"{MAIN_FILE}: {model_class.__name__}.load_resources raised "
+            f"{type(exc).__name__}; the server log has the details",
+            detail="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        ) from None
+    return LoadedModel(model_class, resources, package)
+
+
+def _call_in_model_dir(model_dir: Path, hook: Callable[..., Any], config: dict[str, Any]) -> Any:
+    with _IMPORT_LOCK, _model_dir_on_path(model_dir):
+        return hook(model_dir, config)
+
+
+def _import_main(model_dir: Path, package_name: str) -> type[AnythingBaseModel]:
+    """Import ``model_dir/main.py`` as ``<package_name>.main``; return its model class."""
     seed_compat.install()
-    package_name = f"{_PACKAGE_ROOT}.{name}_{revision}"
     main_path = model_dir / MAIN_FILE
     with _IMPORT_LOCK:
         _ensure_root_package()
@@ -57,7 +102,11 @@ def load_model_class(model_dir: Path, name: str, revision: str) -> type[Anything
         except (Exception, SystemExit) as exc:  # any import-time failure is the model's
             _forget(package_name)
             raise _import_failure(exc, main_path) from None
-    return _find_model_class(module)
+    try:
+        return _find_model_class(module)
+    except ModelLoadError:
+        unload_package(package_name)
+        raise
 
 
 def _find_model_class(module: types.ModuleType) -> type[AnythingBaseModel]:
@@ -121,10 +170,10 @@ def _forget(package_name: str) -> None:
         del sys.modules[key]
 
 
-def unload_model(name: str, revision: str) -> None:
+def unload_package(package: str) -> None:
     """Drop a retired version's modules so its code can be garbage-collected."""
     with _IMPORT_LOCK:
-        _forget(f"{_PACKAGE_ROOT}.{name}_{revision}")
+        _forget(package)
 
 
 @contextmanager

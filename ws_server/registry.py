@@ -9,20 +9,17 @@ serving, with the error visible. One broken model never stops the others.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from ws_server.exceptions import ModelLoadError, ModelNotFound, ModelUnavailable
 from ws_server.model_config import NAME_PATTERN, NAME_RULE, ModelConfig, read_config
-from ws_server.model_loader import MAIN_FILE, load_model_class, unload_model
+from ws_server.model_loader import MAIN_FILE, load_model, unload_package
 from ws_server.revision import compute_revision
 from ws_server.runners import Runner, SharedRunner
-from ws_server.sdk import AnythingBaseModel
 
 log = logging.getLogger("anything_agent.registry")
 
@@ -39,6 +36,7 @@ class ModelVersion:
     config: ModelConfig
     description: str
     runner: Runner
+    package: str  # the module package main.py was imported as; unloaded when retired
     loaded_at: float
     sessions: int = 0
     retired: bool = False
@@ -244,7 +242,7 @@ class Registry:
                 report.unchanged.append(name)
                 return
             if entry.serving is not None and entry.serving.revision == candidate.revision:
-                entry.revision, entry.error = candidate.revision, None  # reverted to serving
+                entry.revision, entry.error, entry.error_detail = candidate.revision, None, None
                 report.updated.append(name)
                 return
         try:
@@ -311,18 +309,20 @@ class Registry:
                 "config.yaml: isolation: isolated mode is not available in this server yet; "
                 "remove `isolation` to run the model in shared mode"
             )
-        model_class = await asyncio.to_thread(
-            load_model_class, candidate.directory, candidate.name, candidate.revision
+        loaded = await load_model(
+            candidate.directory, candidate.name, candidate.revision, candidate.raw_config
         )
-        resources = await _load_resources(model_class, candidate)
-        runner = SharedRunner(model_class, candidate.raw_config, candidate.directory, resources)
+        runner = SharedRunner(
+            loaded.model_class, candidate.raw_config, candidate.directory, loaded.resources
+        )
         return ModelVersion(
             name=candidate.name,
             directory=candidate.directory,
             revision=candidate.revision,
             config=config,
-            description=config.description or model_class.description(),
+            description=config.description or loaded.model_class.description(),
             runner=runner,
+            package=loaded.package,
             loaded_at=time.time(),
         )
 
@@ -372,7 +372,7 @@ class Registry:
     @staticmethod
     async def _dispose(version: ModelVersion) -> None:
         await version.runner.close()
-        unload_model(version.name, version.revision)
+        unload_package(version.package)
         log.info(
             "model %s: version %s (revision %s) unloaded",
             version.name,
@@ -405,18 +405,3 @@ def _inspect_directory(directory: Path) -> _Candidate:
             "rename the directory or set `name` in config.yaml"
         )
     return _Candidate(name, directory, revision, config, raw, error)
-
-
-async def _load_resources(model_class: type[AnythingBaseModel], candidate: _Candidate) -> Any:
-    """Run the class's once-per-version ``load_resources`` hook (async or in a thread)."""
-    hook = model_class.load_resources
-    try:
-        if inspect.iscoroutinefunction(hook):
-            return await hook(candidate.directory, candidate.raw_config)
-        return await asyncio.to_thread(hook, candidate.directory, candidate.raw_config)
-    except Exception as exc:
-        raise ModelLoadError(
-            f"{MAIN_FILE}: {model_class.__name__}.load_resources raised "
-            f"{type(exc).__name__}; the server log has the details",
-            detail="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-        ) from None

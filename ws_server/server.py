@@ -70,7 +70,7 @@ class AnythingAgentServer:
         if self._stopping.is_set():
             log.warning("second %s: cancelling running turns now", signal.Signals(signum).name)
             for session in list(self.sessions):
-                session.cancel_turn_soon()
+                session.cancel_now()
             return
         log.info("%s received: shutting down", signal.Signals(signum).name)
         self._stopping.set()

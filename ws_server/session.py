@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Final
+from typing import Any, Final
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -25,10 +25,12 @@ from ws_server.sdk import Message
 
 log = logging.getLogger("anything_agent.session")
 
-# Why a turn was stopped from outside: a done reason, or the client having gone.
+# A turn stopped because the client went: like a done reason, but nobody to send it to.
 _DISCONNECTED: Final = "disconnected"
-_END_HOOK_TIMEOUT: Final = 30.0
-_background: set[asyncio.Task[None]] = set()
+# How long a stopped turn's cleanup (the model's ``finally``) and ``on_chat_end`` may run
+# before they are interrupted, so one model's hung cleanup cannot hold a session or a
+# shutdown forever.
+CLEANUP_LIMIT: Final = 10.0
 
 
 class ChatSession:
@@ -44,16 +46,18 @@ class ChatSession:
         self.history: list[Message] = []
         self.turn = 0
         self.closing = False
+        self.finished = asyncio.Event()
         self._model: ModelSession | None = None
+        self._starting: asyncio.Task[None] | None = None
         self._turn_task: asyncio.Task[None] | None = None
         self._stop_reason: str | None = None
-        self.finished = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def turn_running(self) -> bool:
         return self._turn_task is not None and not self._turn_task.done()
 
-    def _log(self, level: int, message: str, *args: object, **kwargs: object) -> None:
+    def _log(self, level: int, message: str, *args: object, exc_info: Any = False) -> None:
         log.log(
             level,
             "model=%s@%s session=%s " + message,
@@ -61,7 +65,7 @@ class ChatSession:
             self.version.version,
             self.id,
             *args,
-            **kwargs,  # type: ignore[arg-type]
+            exc_info=exc_info,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -77,16 +81,46 @@ class ChatSession:
             self.finished.set()
 
     async def _start(self) -> bool:
+        """Run ``on_chat_start`` and send ``ready``; False if the session cannot go on.
+
+        The hook runs as a task so that a client leaving, or a shutdown, stops waiting
+        for it (a start can take as long as ``settings.timeout``).
+        """
         try:
             self._model = self.version.runner.open_session()
-            await asyncio.wait_for(self._model.start(), self.version.timeout)
-        except TimeoutError:
-            self._log(logging.ERROR, "on_chat_start timed out after %ss", self.version.timeout)
+        except Exception as error:
+            self._log(logging.ERROR, "creating the model instance raised", exc_info=True)
+            await self._fail_start("model_error", self._model_error_text(error))
+            return False
+        self._starting = asyncio.get_running_loop().create_task(self._model.start())
+        gone = asyncio.get_running_loop().create_task(self.connection.wait_closed())
+        try:
+            await asyncio.wait(
+                {self._starting, gone},
+                timeout=self.version.timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            gone.cancel()
+        starting = self._starting
+        if not starting.done():
+            starting.cancel()
+            await asyncio.wait({starting})
+            if self.connection.close_code is not None or self.closing:
+                return False  # the client left, or the server is stopping
+            self._log(logging.ERROR, "on_chat_start timed out after %gs", self.version.timeout)
             await self._fail_start("timeout", "on_chat_start took too long")
             return False
-        except Exception as exc:
-            self._log(logging.ERROR, "on_chat_start raised", exc_info=True)
-            await self._fail_start("model_error", self._model_error_text(exc))
+        failure: BaseException | None
+        if starting.cancelled():
+            if self.closing:
+                return False
+            failure = asyncio.CancelledError("on_chat_start was cancelled")
+        else:
+            failure = starting.exception()
+        if failure is not None:
+            self._log(logging.ERROR, "on_chat_start raised", exc_info=_exc_info(failure))
+            await self._fail_start("model_error", self._model_error_text(failure))
             return False
         await self._send(protocol.encode_ready(self.id, self.version.name, self.version.version))
         return True
@@ -102,7 +136,11 @@ class ChatSession:
         if self._model is None:
             return
         try:
-            await asyncio.wait_for(self._model.end(), _END_HOOK_TIMEOUT)
+            await asyncio.wait_for(self._model.end(), CLEANUP_LIMIT)
+        except TimeoutError:
+            self._log(
+                logging.ERROR, "on_chat_end still running after %gs; abandoned", CLEANUP_LIMIT
+            )
         except Exception:
             self._log(logging.ERROR, "on_chat_end raised", exc_info=True)
         self._log(
@@ -110,22 +148,26 @@ class ChatSession:
         )
 
     async def shutdown(self, grace_period: float) -> None:
-        """Server stopping: let the running turn finish within the grace period, then
-        cancel it, close with 1001 and wait until ``on_chat_end`` has run."""
+        """Server stopping: let a running turn (or start) finish within the grace period,
+        then cancel it, close with 1001 and wait until ``on_chat_end`` has run."""
         self.closing = True
-        task = self._turn_task
-        if task is not None and not task.done():
-            await asyncio.wait({task}, timeout=grace_period)
+        running = {t for t in (self._starting, self._turn_task) if t and not t.done()}
+        if running:
+            await asyncio.wait(running, timeout=grace_period)
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()
         await self._stop_turn("cancelled")
         await self.connection.close(CloseCode.GOING_AWAY, "server shutting down")
         await self.finished.wait()
 
-    def cancel_turn_soon(self) -> None:
-        """Cancel the running turn without waiting (a second Ctrl-C at shutdown)."""
+    def cancel_now(self) -> None:
+        """Cancel a running start or turn without waiting (shutdown, second Ctrl-C)."""
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()
         if self.turn_running:
             task = asyncio.get_running_loop().create_task(self._stop_turn("cancelled"))
-            _background.add(task)
-            task.add_done_callback(_background.discard)
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     # ------------------------------------------------------------------ frames
     async def _read_frames(self) -> None:
@@ -141,10 +183,10 @@ class ChatSession:
             if isinstance(frame, protocol.CancelTurn):
                 await self._stop_turn("cancelled")
                 return
-            if self.turn_running:
-                raise Busy(f"turn {self.turn} is still running; send cancel to stop it")
             if self.closing:
                 raise ServerUnavailable("the server is shutting down; no new turns start")
+            if self.turn_running:
+                raise Busy(f"turn {self.turn} is still running; send cancel to stop it")
         except AnythingAgentError as exc:
             self._log(logging.INFO, "refused a frame: %s: %s", exc.code, exc.message)
             await self._send(protocol.encode_error(exc.code, exc.message))  # type: ignore[arg-type]
@@ -161,16 +203,31 @@ class ChatSession:
 
     # ------------------------------------------------------------------ turns
     async def _stop_turn(self, reason: str) -> None:
-        """Stop the running turn (if any) with ``reason`` and wait until it has wound up."""
+        """Stop the running turn (if any) and wait until it has wound up.
+
+        The first stop's reason wins: a cancel arriving while a timed-out turn cleans up
+        neither changes the reason nor interrupts the model's ``finally``. Cleanup that
+        outlasts ``CLEANUP_LIMIT`` is interrupted.
+        """
         task = self._turn_task
         if task is None or task.done():
             return
-        self._stop_reason = reason
-        task.cancel()
-        await asyncio.wait({task})
+        if self._stop_reason is None:
+            self._stop_reason = reason
+            task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=CLEANUP_LIMIT)
+        if not done:
+            self._log(
+                logging.ERROR,
+                "turn=%d cleanup still running after %gs; interrupted",
+                self.turn,
+                CLEANUP_LIMIT,
+            )
+            task.cancel()
+            await asyncio.wait({task})
 
     def _expire(self, task: asyncio.Task[None]) -> None:
-        if self._turn_task is task and not task.done():
+        if self._turn_task is task and not task.done() and self._stop_reason is None:
             self._stop_reason = "timeout"
             task.cancel()
 
@@ -181,29 +238,32 @@ class ChatSession:
         timer = asyncio.get_running_loop().call_later(self.version.timeout, self._expire, task)
         started = time.perf_counter()
         parts: list[str] = []
-        reason: str = "stop"
+        reason = "stop"
         stream = self._model.stream(messages)
         try:
-            async for chunk in stream:
-                parts.append(chunk)
-                await self.connection.send(protocol.encode_chunk(turn, chunk))
-        except asyncio.CancelledError:
-            if self._stop_reason is None:  # not ours: the whole handler is being torn down
+            try:
+                async for chunk in stream:
+                    parts.append(chunk)
+                    await self.connection.send(protocol.encode_chunk(turn, chunk))
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]
+        except asyncio.CancelledError as exc:
+            if self._stop_reason is not None:  # ours: cancel, timeout, disconnect, shutdown
+                reason = self._stop_reason
+                while task.cancelling():
+                    task.uncancel()
+            elif task.cancelling() == 0:  # raised by the model's own code
+                reason = "error"
+                await self._report_model_error(turn, exc)
+            else:  # the whole connection handler is being torn down
                 raise
-            reason = self._stop_reason
-            if hasattr(task, "uncancel"):
-                task.uncancel()
         except ConnectionClosed:
             reason = _DISCONNECTED
         except Exception as exc:
             reason = "error"
-            self._log(logging.ERROR, "turn=%d on_chat_messages raised", turn, exc_info=True)
-            await self._send(
-                protocol.encode_error("model_error", self._model_error_text(exc), turn)
-            )
+            await self._report_model_error(turn, exc)
         finally:
             timer.cancel()
-            await stream.aclose()  # type: ignore[attr-defined]
         if parts:
             self.history.append({"role": "assistant", "content": "".join(parts)})
         self._log(
@@ -217,12 +277,13 @@ class ChatSession:
         if reason == _DISCONNECTED:
             return
         if reason == "timeout":
-            await self._send(
-                protocol.encode_error(
-                    "timeout", f"the turn took longer than {self.version.timeout:g} s", turn
-                )
-            )
+            message = f"the turn took longer than {self.version.timeout:g} s"
+            await self._send(protocol.encode_error("timeout", message, turn))
         await self._send(protocol.encode_done(turn, reason))  # type: ignore[arg-type]
+
+    async def _report_model_error(self, turn: int, exc: BaseException) -> None:
+        self._log(logging.ERROR, "turn=%d on_chat_messages raised", turn, exc_info=_exc_info(exc))
+        await self._send(protocol.encode_error("model_error", self._model_error_text(exc), turn))
 
     # ------------------------------------------------------------------ helpers
     async def _send(self, frame: str) -> None:
@@ -236,6 +297,10 @@ class ChatSession:
         if self.debug:
             text += f": {type(exc).__name__}: {exc}"
         return text
+
+
+def _exc_info(exc: BaseException) -> Any:
+    return (type(exc), exc, exc.__traceback__)
 
 
 def _peer(connection: ServerConnection) -> str:

@@ -123,9 +123,10 @@ async def _whole_reply(result: Any) -> AsyncIterator[Any]:
 async def _iterate_in_thread(generator: Iterator[Any]) -> AsyncIterator[Any]:
     """Drive a blocking generator from the pool, one ``next()`` per chunk.
 
-    When the consumer stops early (cancel, timeout, disconnect) the generator is closed in
-    the pool once its current step finishes, so its ``finally`` runs there, never
-    concurrently with a step in progress.
+    When the consumer stops early (cancel, timeout, disconnect), a step already running
+    cannot be interrupted: closing waits for it, then closes the generator in the pool so
+    its ``finally`` runs there, before the turn counts as over. So ``on_chat_end`` and the
+    next turn never overlap a step of this one.
     """
     loop = asyncio.get_running_loop()
     step: concurrent.futures.Future[Any] | None = None
@@ -138,9 +139,13 @@ async def _iterate_in_thread(generator: Iterator[Any]) -> AsyncIterator[Any]:
                 return
             yield item
     finally:
-        close = getattr(generator, "close", None)
-        if close is not None:
-            if step is None:
-                MODEL_THREADS.submit(close)
-            else:
-                step.add_done_callback(lambda _: close())
+        running = step
+
+        def finish() -> None:
+            if running is not None:
+                concurrent.futures.wait([running])
+            close = getattr(generator, "close", None)
+            if close is not None:
+                close()
+
+        await asyncio.wrap_future(MODEL_THREADS.submit(finish), loop=loop)

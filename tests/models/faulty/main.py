@@ -1,3 +1,5 @@
+import asyncio
+
 from ws_server import AnythingBaseModel
 
 
@@ -8,6 +10,9 @@ class Faulty(AnythingBaseModel):
         if messages[-1]["content"] == "boom":
             yield "partial"
             raise RuntimeError("SECRET-TOKEN-123 leaked database password")
+        if messages[-1]["content"] == "selfcancel":
+            yield "before"
+            raise asyncio.CancelledError("the model's own")
         if messages[-1]["content"] == "number":
             yield 42
         yield "fine"

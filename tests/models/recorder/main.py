@@ -38,6 +38,7 @@ class Recorder(AnythingBaseModel):
                 "turns": self.context["turns"],
                 "messages": messages,
                 "parameters": self.config.get("parameters", {}),
+                "settings": self.config.get("settings", {}),
             })
             return
         if command.startswith("stream"):
