@@ -43,6 +43,7 @@ class ServerProcess:
     events_dir: Path
     port: int = 0
     log_lines: list[str] = field(default_factory=list)
+    signalled: bool = False
 
     @property
     def ws_url(self) -> str:
@@ -59,10 +60,16 @@ class ServerProcess:
     def chat_url(self, model: str) -> str:
         return f"{self.ws_url}/v1/chat/{model}"
 
+    def send_signal(self, sig: int) -> None:
+        """Send a signal (as an operator's kill or Ctrl-C would)."""
+        self.signalled = True
+        self.process.send_signal(sig)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
-        """Signal the server and wait for it to exit; returns its exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
+        """Signal the server (unless a test already did) and wait for it to exit; returns
+        its exit code."""
+        if self.process.poll() is None and not self.signalled:
+            self.send_signal(sig)
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -167,7 +174,8 @@ def start_server(tmp_path: Path) -> Iterator[Any]:
     yield start
     for running in started:
         if running.process.poll() is None:
-            running.stop(signal.SIGKILL)
+            running.process.kill()
+            running.process.wait()
 
 
 # ---------------------------------------------------------------------- client helpers

@@ -74,7 +74,7 @@ async def test_shutdown_lets_running_turn_finish_then_closes_1001(
         idle_instance = await instance_of(idle)
         await busy.send("go")  # 1.5 s turn, inside the 3 s grace period
         assert (await recv_frame(busy))["content"] == "first"
-        private_server.process.send_signal(signal.SIGTERM)
+        private_server.send_signal(signal.SIGTERM)
         rest = await read_turn(busy)
         assert rest.chunks == ["second"] and rest.done["reason"] == "stop"
         for ws in (idle, busy):
@@ -92,7 +92,7 @@ async def test_shutdown_cancels_turns_still_running_after_grace(
         instance = await instance_of(ws)
         await ws.send("stream 1000")  # 50 s of chunks: far past the 3 s grace period
         await recv_frame(ws)
-        private_server.process.send_signal(signal.SIGTERM)
+        private_server.send_signal(signal.SIGTERM)
         frames = []
         with pytest.raises(ConnectionClosed) as closed:
             while True:
@@ -113,7 +113,7 @@ async def test_no_new_connections_during_shutdown(private_server: ServerProcess)
     async with chat(private_server, "slow") as busy:
         await busy.send("go")
         await recv_frame(busy)
-        private_server.process.send_signal(signal.SIGTERM)
+        private_server.send_signal(signal.SIGTERM)
         private_server.wait_for_log("stopping:")
         with pytest.raises(ConnectionRefusedError):  # the listening socket is closed
             async with connect(private_server.chat_url("recorder"), open_timeout=2) as ws:
@@ -196,7 +196,7 @@ async def test_shutdown_does_not_wait_out_a_slow_on_chat_start(
         live.wait_for_log("slow_start.* opened")
         await asyncio.sleep(0.2)
         started = time.monotonic()
-        live.process.send_signal(signal.SIGTERM)
+        live.send_signal(signal.SIGTERM)
         with pytest.raises(ConnectionClosed) as closed:
             await recv_frame(ws, timeout=10)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
@@ -210,7 +210,7 @@ async def test_new_turns_are_refused_while_shutting_down(private_server: ServerP
     async with chat(private_server, "slow") as ws:
         await ws.send("go")
         await recv_frame(ws)
-        private_server.process.send_signal(signal.SIGTERM)
+        private_server.send_signal(signal.SIGTERM)
         private_server.wait_for_log("stopping:")
         await ws.send("one more")
         refused = await recv_frame(ws)
@@ -227,9 +227,9 @@ async def test_second_signal_cancels_running_turns_at_once(
     async with chat(live, "recorder") as ws:
         await ws.send("stream 1000")
         await recv_frame(ws)
-        live.process.send_signal(signal.SIGINT)
+        live.send_signal(signal.SIGINT)
         live.wait_for_log("stopping:")
-        live.process.send_signal(signal.SIGINT)
+        live.send_signal(signal.SIGINT)
         frames = []
         with pytest.raises(ConnectionClosed):
             while True:

@@ -65,6 +65,10 @@ class AnythingAgentServer:
         await self.start()
         await self._stopping.wait()
         await self.shutdown()
+        # Shut down already: a late signal while the interpreter exits changes nothing.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, signal.SIG_IGN)
 
     def _on_signal(self, signum: int) -> None:
         if self._stopping.is_set():
