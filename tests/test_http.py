@@ -100,7 +100,7 @@ def test_reload_with_curl_style_bodyless_post(server: ServerProcess) -> None:
     import json
 
     report = json.loads(output)
-    assert set(report) == {"added", "updated", "removed", "failed", "unchanged"}
+    assert set(report) == {"added", "updated", "removed", "failed", "unchanged", "building"}
     assert "echo" in report["unchanged"]
 
 

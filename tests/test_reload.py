@@ -63,6 +63,7 @@ async def test_new_model_appears_after_reload(live: ServerProcess, models: Path)
         "removed": [],
         "failed": [],
         "unchanged": ["alpha"],
+        "building": [],
     }
     assert model(live, "beta")["status"] == "ready"
     async with chat(live, "beta") as ws:

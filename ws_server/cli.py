@@ -75,6 +75,7 @@ def check(models_dir: Path) -> int:
 
     async def load() -> tuple[list[dict[str, object]], dict[str, str]]:
         await registry.reload()
+        await registry.wait_for_builds()
         rows, details = registry.list_models(), registry.failure_details()
         await registry.close()
         return rows, details

@@ -100,12 +100,19 @@ class ServerUnavailable(AnythingAgentError):
 
 
 class ModelFailed(AnythingAgentError):
-    """The model's own code raised; the client sees a generic message, the log the traceback."""
+    """The model's own code raised (in a worker); the client sees a generic message and the
+    log gets ``message``, which carries the worker's traceback."""
 
     code = "model_error"
 
 
-class TurnTimeout(AnythingAgentError):
-    """A turn ran longer than the model's ``settings.timeout``."""
+class WorkerCrashed(AnythingAgentError):
+    """An isolated model's worker process died; a new one is starting (or it is failed)."""
 
-    code = "timeout"
+    code = "model_crashed"
+
+
+class ResourceExhausted(AnythingAgentError):
+    """A turn went past the model's memory limit; its worker is replaced."""
+
+    code = "resource_exhausted"

@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ws_server.environments import EnvironmentBuilder, default_cache_dir
 from ws_server.exceptions import ModelLoadError, ModelNotFound, ModelUnavailable
 from ws_server.model_config import NAME_PATTERN, NAME_RULE, ModelConfig, read_config
 from ws_server.model_loader import MAIN_FILE, load_model, unload_package
 from ws_server.revision import compute_revision
 from ws_server.runners import Runner, SharedRunner
+from ws_server.runners.isolated import IsolatedRunner, WorkerSpec
 
 log = logging.getLogger("anything_agent.registry")
 
 Status = Literal["ready", "building", "failed", "draining"]
+BUILDING_RETRY_AFTER = 5  # seconds, in the 503 answering a connection to a building model
 
 
 @dataclass(eq=False)
@@ -66,10 +70,18 @@ class ModelEntry:
     serving: ModelVersion | None = None
     error: str | None = None
     error_detail: str | None = None  # the model's own exception text: log and `check` only
+    build: asyncio.Task[None] | None = None  # an isolated revision being built
 
     @property
     def status(self) -> Status:
-        return "ready" if self.serving is not None else "failed"
+        if self.serving is not None:
+            return "ready"
+        return "building" if self.build is not None else "failed"
+
+    def cancel_build(self) -> None:
+        if self.build is not None:
+            self.build.cancel()
+            self.build = None
 
 
 @dataclass
@@ -81,6 +93,7 @@ class ReloadReport:
     removed: list[str] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
+    building: list[str] = field(default_factory=list)  # isolated: finishing in the background
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -89,6 +102,7 @@ class ReloadReport:
             "removed": self.removed,
             "failed": self.failed,
             "unchanged": self.unchanged,
+            "building": self.building,
         }
 
 
@@ -107,8 +121,9 @@ class _Candidate:
 class Registry:
     """Owns discovery, config, versions and reload for one models directory."""
 
-    def __init__(self, models_dir: Path) -> None:
+    def __init__(self, models_dir: Path, environments: EnvironmentBuilder | None = None) -> None:
         self.models_dir = models_dir
+        self.environments = environments or EnvironmentBuilder(default_cache_dir())
         self._entries: dict[str, ModelEntry] = {}
         self._draining: dict[str, list[ModelVersion]] = {}
         self._lock = asyncio.Lock()
@@ -131,6 +146,11 @@ class Registry:
                 )
             raise ModelNotFound(f"no model named {name!r}; GET /v1/models lists them")
         if entry.serving is None:
+            if entry.build is not None:
+                raise ModelUnavailable(
+                    f"model {name!r} is building its environment; try again shortly",
+                    retry_after=BUILDING_RETRY_AFTER,
+                )
             raise ModelUnavailable(f"model {name!r} failed to load: {entry.error}")
         return entry.serving
 
@@ -174,7 +194,7 @@ class Registry:
             "revision": entry.revision,
             "description": config.description or "",
             "mode": "isolated" if config.isolated else "shared",
-            "status": "failed",
+            "status": entry.status,
             "error": entry.error,
             "sessions": open_sessions,
         }
@@ -196,6 +216,12 @@ class Registry:
             "error": error,
             "sessions": sessions,
         }
+
+    async def wait_for_builds(self) -> None:
+        """Until every background build has finished (``check`` waits for them)."""
+        builds = [e.build for e in self._entries.values() if e.build is not None]
+        if builds:
+            await asyncio.gather(*builds, return_exceptions=True)
 
     def failure_details(self) -> dict[str, str]:
         """The full text of each model's own load-time exception (not for clients)."""
@@ -242,89 +268,143 @@ class Registry:
                 report.unchanged.append(name)
                 return
             if entry.serving is not None and entry.serving.revision == candidate.revision:
+                entry.cancel_build()
                 entry.revision, entry.error, entry.error_detail = candidate.revision, None, None
                 report.updated.append(name)
                 return
+        is_new = entry is None or entry.directory != candidate.directory
+        if entry is not None:
+            entry.cancel_build()
+        if entry is None or is_new:
+            entry = ModelEntry(name, candidate.directory, candidate.revision, candidate.config)
+            self._entries[name] = entry
+        else:
+            entry.revision, entry.config = candidate.revision, candidate.config
+        config = candidate.config
+        if candidate.error is None and config is not None and config.isolated:
+            # Building an environment takes a while: do it in the background, with the
+            # previous version (if any) serving meanwhile.
+            entry.build = asyncio.get_running_loop().create_task(self._build(entry, candidate))
+            report.building.append(name)
+            log.info("model %s: building revision %s in the background", name, candidate.revision)
+            return
         try:
             if candidate.error is not None:
                 raise ModelLoadError(candidate.error)
             version = await self._load(candidate)
         except ModelLoadError as exc:
-            self._record_failure(candidate, entry, exc, report)
+            report.failed.append({"id": name, "error": exc.message})
+            self._record_failure(entry, candidate, exc)
             return
-        if entry is None:
-            report.added.append(name)
-        else:
-            report.updated.append(name)
-            if entry.serving is not None:
-                self._retire(entry.serving)
-        self._entries[name] = ModelEntry(
-            name, candidate.directory, candidate.revision, candidate.config, serving=version
-        )
+        (report.added if is_new else report.updated).append(name)
+        self._install(entry, version)
+
+    async def _build(self, entry: ModelEntry, candidate: _Candidate) -> None:
+        """Background load of an isolated model; swaps it in once its worker is ready."""
+        try:
+            version = await self._load(candidate)
+        except ModelLoadError as exc:
+            if self._entries.get(entry.name) is entry and entry.revision == candidate.revision:
+                self._record_failure(entry, candidate, exc)
+            return
+        finally:
+            if entry.build is asyncio.current_task():
+                entry.build = None
+        if self._entries.get(entry.name) is not entry or entry.revision != candidate.revision:
+            self._retire(version)  # superseded while it was building
+            return
+        self._install(entry, version)
+
+    def _install(self, entry: ModelEntry, version: ModelVersion) -> None:
+        """Make ``version`` the one new sessions get; the previous one drains."""
+        if entry.serving is not None:
+            self._retire(entry.serving)
+        entry.serving, entry.error, entry.error_detail = version, None, None
         log.info(
             "model %s: serving version %s (revision %s, %s mode)",
-            name,
+            entry.name,
             version.version,
             version.revision,
             version.mode,
         )
 
     def _record_failure(
-        self,
-        candidate: _Candidate,
-        entry: ModelEntry | None,
-        exc: ModelLoadError,
-        report: ReloadReport,
+        self, entry: ModelEntry, candidate: _Candidate, exc: ModelLoadError
     ) -> None:
-        name = candidate.name
-        report.failed.append({"id": name, "error": exc.message})
-        if entry is not None and entry.serving is not None:
-            entry.revision, entry.error = candidate.revision, exc.message
-            entry.error_detail = exc.detail
+        entry.error, entry.error_detail = exc.message, exc.detail
+        if entry.serving is not None:
             log.error(
                 "model %s: new revision %s failed, version %s keeps serving: %s",
-                name,
+                entry.name,
                 candidate.revision,
                 entry.serving.version,
                 exc.message,
             )
         else:
-            self._entries[name] = ModelEntry(
-                name,
-                candidate.directory,
-                candidate.revision,
-                candidate.config,
-                error=exc.message,
-                error_detail=exc.detail,
-            )
-            log.error("model %s: failed: %s", name, exc.message)
+            log.error("model %s: failed: %s", entry.name, exc.message)
         if exc.detail:
-            log.error("model %s: %s", name, exc.detail.rstrip())
+            log.error("model %s: %s", entry.name, exc.detail.rstrip())
+
+    def _runner_failed(self, name: str, runner: Runner, reason: str) -> None:
+        """An isolated model's worker crashed too often: the model becomes ``failed``."""
+        entry = self._entries.get(name)
+        if entry is not None and entry.serving is not None and entry.serving.runner is runner:
+            failed = entry.serving
+            entry.serving, entry.error = None, reason
+            self._retire(failed)
 
     async def _load(self, candidate: _Candidate) -> ModelVersion:
         config = candidate.config
         assert config is not None
         if config.isolated:
-            raise ModelLoadError(
-                "config.yaml: isolation: isolated mode is not available in this server yet; "
-                "remove `isolation` to run the model in shared mode"
+            runner: Runner
+            runner, description = await self._start_isolated(candidate, config)
+            package = ""
+        else:
+            loaded = await load_model(
+                candidate.directory, candidate.name, candidate.revision, candidate.raw_config
             )
-        loaded = await load_model(
-            candidate.directory, candidate.name, candidate.revision, candidate.raw_config
-        )
-        runner = SharedRunner(
-            loaded.model_class, candidate.raw_config, candidate.directory, loaded.resources
-        )
+            runner = SharedRunner(
+                loaded.model_class, candidate.raw_config, candidate.directory, loaded.resources
+            )
+            description, package = loaded.model_class.description(), loaded.package
         return ModelVersion(
             name=candidate.name,
             directory=candidate.directory,
             revision=candidate.revision,
             config=config,
-            description=config.description or loaded.model_class.description(),
+            description=config.description or description,
             runner=runner,
-            package=loaded.package,
+            package=package,
             loaded_at=time.time(),
         )
+
+    async def _start_isolated(
+        self, candidate: _Candidate, config: ModelConfig
+    ) -> tuple[IsolatedRunner, str]:
+        """Build (or reuse) the environment and start a worker that has loaded the model."""
+        python = await self.environments.python_for(
+            candidate.name, candidate.directory, config.isolation
+        )
+        resources = config.isolation.resources
+        spec = WorkerSpec(
+            name=candidate.name,
+            revision=candidate.revision,
+            model_dir=candidate.directory,
+            python=python,
+            config=candidate.raw_config,
+            memory_bytes=resources.memory_bytes(),
+            cpus=math.ceil(resources.cpu) if resources.cpu else None,
+            memory_text=resources.memory,
+        )
+        name = candidate.name
+        runner = IsolatedRunner(spec, lambda reason: self._runner_failed(name, runner, reason))
+        try:
+            await runner.start()
+        except BaseException:
+            await runner.close()
+            raise
+        return runner, runner.description
 
     def _scan(self) -> dict[str, _Candidate]:
         """Find model directories (blocking; run in a thread): each with a main.py."""
@@ -372,7 +452,8 @@ class Registry:
     @staticmethod
     async def _dispose(version: ModelVersion) -> None:
         await version.runner.close()
-        unload_package(version.package)
+        if version.package:
+            unload_package(version.package)
         log.info(
             "model %s: version %s (revision %s) unloaded",
             version.name,
@@ -382,6 +463,8 @@ class Registry:
 
     async def close(self) -> None:
         """Stop every runner (at server shutdown, after the sessions have ended)."""
+        for entry in self._entries.values():
+            entry.cancel_build()
         versions = [e.serving for e in self._entries.values() if e.serving is not None]
         versions += [v for vs in self._draining.values() for v in vs]
         self._entries.clear()

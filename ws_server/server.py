@@ -14,6 +14,7 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from ws_server import protocol
+from ws_server.environments import EnvironmentBuilder, default_cache_dir
 from ws_server.exceptions import HandshakeRefused
 from ws_server.http_api import HttpApi, chat_model_name
 from ws_server.registry import Registry
@@ -28,7 +29,9 @@ class AnythingAgentServer:
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        self.registry = Registry(settings.models_dir)
+        self.registry = Registry(
+            settings.models_dir, EnvironmentBuilder(settings.env_cache_dir or default_cache_dir())
+        )
         self.http = HttpApi(self.registry)
         self.sessions: set[ChatSession] = set()
         self._ws_server: Server | None = None

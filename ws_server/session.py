@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from ws_server import protocol
-from ws_server.exceptions import AnythingAgentError, Busy, ServerUnavailable
+from ws_server.exceptions import AnythingAgentError, Busy, ModelFailed, ServerUnavailable
 from ws_server.registry import ModelVersion
 from ws_server.runners import ModelSession
 from ws_server.sdk import Message
@@ -119,8 +119,8 @@ class ChatSession:
         else:
             failure = starting.exception()
         if failure is not None:
-            self._log(logging.ERROR, "on_chat_start raised", exc_info=_exc_info(failure))
-            await self._fail_start("model_error", self._model_error_text(failure))
+            self._log_failure("on_chat_start", failure)
+            await self._fail_start(*self._client_error(failure))
             return False
         await self._send(protocol.encode_ready(self.id, self.version.name, self.version.version))
         return True
@@ -282,8 +282,24 @@ class ChatSession:
         await self._send(protocol.encode_done(turn, reason))  # type: ignore[arg-type]
 
     async def _report_model_error(self, turn: int, exc: BaseException) -> None:
-        self._log(logging.ERROR, "turn=%d on_chat_messages raised", turn, exc_info=_exc_info(exc))
-        await self._send(protocol.encode_error("model_error", self._model_error_text(exc), turn))
+        self._log_failure(f"turn={turn} on_chat_messages", exc)
+        code, message = self._client_error(exc)
+        await self._send(protocol.encode_error(code, message, turn))
+
+    def _log_failure(self, what: str, exc: BaseException) -> None:
+        """Our own errors are a line; the model's exceptions come with their traceback."""
+        if isinstance(exc, ModelFailed):
+            self._log(logging.ERROR, "%s raised: %s", what, exc.message)
+        elif isinstance(exc, AnythingAgentError):
+            self._log(logging.ERROR, "%s failed: %s: %s", what, exc.code, exc.message)
+        else:
+            self._log(logging.ERROR, "%s raised", what, exc_info=_exc_info(exc))
+
+    def _client_error(self, exc: BaseException) -> tuple[protocol.ErrorCode, str]:
+        """What the client may see: our errors as they are, the model's only generically."""
+        if isinstance(exc, AnythingAgentError) and not isinstance(exc, ModelFailed):
+            return exc.code, exc.message  # type: ignore[return-value]
+        return "model_error", self._model_error_text(exc)
 
     # ------------------------------------------------------------------ helpers
     async def _send(self, frame: str) -> None:

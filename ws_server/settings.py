@@ -31,6 +31,7 @@ class ServerSettings:
     debug: bool = False
     grace_period: float = 10.0
     max_frame_size: int = 1024 * 1024
+    env_cache_dir: Path | None = None  # None: ~/.cache/anything-agent/envs
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ _SERVE_OPTIONS: Final = (
     _Option("--debug", _boolean, "add model exception types and messages to error frames"),
     _Option("--grace-period", _positive_float, "seconds running turns get at shutdown"),
     _Option("--max-frame-size", _frame_size, "largest client frame in bytes (close 1009)"),
+    _Option("--env-cache-dir", Path, "where isolated models' virtualenvs are built and kept"),
 )
 
 

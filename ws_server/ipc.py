@@ -1,0 +1,65 @@
+"""The framed channel between the server and an isolated worker: pure encode/decode.
+
+Each message is a JSON array whose first item names it, sent as a 4-byte big-endian
+length and the UTF-8 JSON. The channel is a socket pair handed to the worker as a file
+descriptor, never its stdout, so a model's ``print()`` cannot corrupt it. Standard
+library only: the worker imports this from inside the model's virtualenv.
+
+Server → worker: ``["start", sid]``, ``["turn", sid, messages]``, ``["cancel", sid]``,
+``["pause", sid]``, ``["resume", sid]``, ``["end", sid]``.
+Worker → server: ``["ready", description]``, ``["load_failed", message, detail]``,
+``["started", sid, error]``, ``["chunk", sid, text]``, ``["turn_end", sid, outcome, detail]``
+(outcome ``stop``, ``cancelled``, ``error`` or ``resource_exhausted``), ``["ended", sid, error]``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any, Final
+
+HEADER: Final = struct.Struct(">I")
+MAX_MESSAGE: Final = 256 * 1024 * 1024
+
+
+class ChannelError(Exception):
+    """The peer sent something that is not a valid frame; the channel is unusable."""
+
+
+def encode(message: list[Any]) -> bytes:
+    """One message as a length-prefixed frame."""
+    payload = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
+    return HEADER.pack(len(payload)) + payload
+
+
+class FrameDecoder:
+    """Accumulates bytes as they arrive and yields every complete message."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[list[Any]]:
+        """Add received bytes; return the messages they completed, in order."""
+        buffer = self._buffer
+        buffer += data
+        messages = []
+        offset = 0
+        size = len(buffer)
+        while size - offset >= 4:
+            (length,) = HEADER.unpack_from(buffer, offset)
+            if length > MAX_MESSAGE:
+                raise ChannelError(f"frame of {length} bytes exceeds the limit")
+            end = offset + 4 + length
+            if end > size:
+                break
+            try:
+                message = json.loads(buffer[offset + 4 : end])
+            except ValueError as exc:
+                raise ChannelError(f"invalid frame: {exc}") from None
+            if not isinstance(message, list) or not message:
+                raise ChannelError("a frame must be a non-empty JSON array")
+            messages.append(message)
+            offset = end
+        if offset:
+            del buffer[:offset]
+        return messages

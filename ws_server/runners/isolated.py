@@ -1,0 +1,423 @@
+"""Isolated mode: the model runs in a long-lived worker process started from its own
+virtualenv, with resource limits; sessions are multiplexed over one framed channel.
+
+The runner spawns the worker (``ws_server.worker``), routes channel messages to sessions,
+replaces a worker that dies (with backoff) and gives up after repeated crashes. Each
+session re-runs ``on_chat_start`` in a new worker before its next turn, with its history
+intact (the history lives in the server's session).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import signal
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, cast
+
+from ws_server import ipc
+from ws_server.exceptions import (
+    ModelFailed,
+    ModelLoadError,
+    ResourceExhausted,
+    WorkerCrashed,
+)
+from ws_server.sdk import Message
+
+log = logging.getLogger("anything_agent.isolated")
+
+PACKAGE_PARENT: Final = Path(__file__).resolve().parent.parent.parent
+# The worker's interpreter gets only the standard library, its virtualenv and this
+# directory (holding ``ws_server``) on its path: -s and -E keep user site-packages and
+# PYTHON* variables out.
+_BOOT: Final = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); from ws_server.worker import main; main()"
+)
+CRASH_LIMIT: Final = 5
+CRASH_WINDOW: Final = 60.0
+LOAD_TIMEOUT: Final = 300.0
+STOP_TIMEOUT: Final = 5.0
+# Per-session chunk queue: above HIGH the worker is asked to pause that session's
+# generator, below LOW to resume; memory stays bounded when a client reads slowly.
+QUEUE_HIGH: Final = 256
+QUEUE_LOW: Final = 64
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker needs: which model, which interpreter, which limits."""
+
+    name: str
+    revision: str
+    model_dir: Path
+    python: Path
+    config: dict[str, Any]
+    memory_bytes: int | None = None
+    cpus: int | None = None
+    memory_text: str | None = None
+
+
+@dataclass(frozen=True)
+class _TurnEnd:
+    outcome: str
+    detail: str | None
+
+
+class _Crash:
+    """Queued to sessions whose turn was running when the worker died."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class _ServerChannel(asyncio.Protocol):
+    def __init__(self, runner: IsolatedRunner, generation: int) -> None:
+        self.runner = runner
+        self.generation = generation
+        self.decoder = ipc.FrameDecoder()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self.decoder.feed(data)
+        except ipc.ChannelError as exc:
+            log.error("model %s: worker sent garbage (%s); stopping it", self.runner.name, exc)
+            self.runner.kill_worker()
+            return
+        for message in messages:
+            self.runner.receive(message)
+
+    def send(self, message: list[Any]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(ipc.encode(message))
+
+
+class IsolatedRunner:
+    """Runs one model version in a worker process; makes an ``IsolatedSession`` per chat."""
+
+    mode = "isolated"
+
+    def __init__(self, spec: WorkerSpec, on_failed: Callable[[str], None]) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.on_failed = on_failed
+        self.generation = 0
+        self.failed: str | None = None
+        self.description = ""
+        self.sessions: dict[str, IsolatedSession] = {}
+        self._process: asyncio.subprocess.Process | None = None
+        self._channel: _ServerChannel | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._crashes: collections.deque[float] = collections.deque()
+        self._closing = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Start the first worker and wait until the model has loaded in it."""
+        await self._spawn()
+
+    async def _spawn(self) -> None:
+        self.generation += 1
+        generation = self.generation
+        loop = asyncio.get_running_loop()
+        parent, child = socket.socketpair()
+        spec = {
+            "fd": child.fileno(),
+            "model_dir": str(self.spec.model_dir),
+            "name": self.spec.name,
+            "revision": self.spec.revision,
+            "config": self.spec.config,
+            "memory_bytes": self.spec.memory_bytes,
+            "cpus": self.spec.cpus,
+        }
+        self._ready = self._new_ready()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                str(self.spec.python),
+                "-s",
+                "-E",
+                "-c",
+                _BOOT,
+                str(PACKAGE_PARENT),
+                json.dumps(spec),
+                pass_fds=(child.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=self.spec.model_dir,
+                start_new_session=True,  # a terminal's Ctrl-C reaches the server, not us
+            )
+        finally:
+            child.close()
+        self._process = process
+        _, channel = await loop.create_unix_connection(
+            lambda: _ServerChannel(self, generation), sock=parent
+        )
+        self._channel = channel
+        assert process.stdout is not None and process.stderr is not None
+        self._track(self._pump(process.stdout, "stdout", process.pid))
+        self._track(self._pump(process.stderr, "stderr", process.pid))
+        self._track(self._watch(process, generation))
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), LOAD_TIMEOUT)
+        except TimeoutError:
+            self.kill_worker()
+            raise ModelLoadError(
+                f"main.py: the worker did not load within {LOAD_TIMEOUT:g} s"
+            ) from None
+        log.info(
+            "model %s: worker pid %d ready (generation %d)", self.name, process.pid, generation
+        )
+
+    @staticmethod
+    def _new_ready() -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Waiters see the exception; nobody waiting is normal, not worth a warning.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return future
+
+    def _track(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _pump(self, stream: asyncio.StreamReader, label: str, pid: int) -> None:
+        """The worker's stdout and stderr go to the server log, prefixed with the model."""
+        while line := await stream.readline():
+            log.info(
+                "model %s worker[%d] %s: %s",
+                self.name,
+                pid,
+                label,
+                line.decode(errors="replace").rstrip(),
+            )
+
+    async def _watch(self, process: asyncio.subprocess.Process, generation: int) -> None:
+        code = await process.wait()
+        if self._closing or generation != self.generation:
+            return
+        reason = describe_exit(code)
+        ready = self._ready
+        if ready is not None and not ready.done():  # died while loading the model
+            ready.set_exception(
+                ModelLoadError(f"main.py: the worker exited while loading the model ({reason})")
+            )
+            return
+        self._crashed(reason)
+
+    def _crashed(self, reason: str) -> None:
+        log.error("model %s: worker crashed (%s)", self.name, reason)
+        for session in self.sessions.values():
+            session.worker_died(reason)
+        now = time.monotonic()
+        self._crashes.append(now)
+        while self._crashes and now - self._crashes[0] > CRASH_WINDOW:
+            self._crashes.popleft()
+        if len(self._crashes) >= CRASH_LIMIT:
+            self.failed = f"crashed {CRASH_LIMIT} times in {CRASH_WINDOW:g} s; last exit: {reason}"
+            log.error("model %s: %s; not restarting", self.name, self.failed)
+            self.on_failed(self.failed)
+            return
+        delay = min(0.1 * 2 ** (len(self._crashes) - 1), 5.0)
+        self._ready = self._new_ready()
+        self._track(self._restart(delay))
+
+    async def _restart(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self._closing:
+            return
+        try:
+            await self._spawn()
+        except ModelLoadError as exc:
+            self._crashed(exc.message)
+
+    async def ensure_running(self) -> int:
+        """Wait until a worker is ready (restarts included); its generation."""
+        if self.failed is not None:
+            raise WorkerCrashed(f"the model's worker keeps crashing: {self.failed}")
+        if self._closing:
+            raise WorkerCrashed("the model's worker is stopping")
+        assert self._ready is not None
+        try:
+            await asyncio.shield(self._ready)
+        except ModelLoadError as exc:
+            raise WorkerCrashed(f"the model's worker could not restart: {exc.message}") from None
+        return self.generation
+
+    def kill_worker(self) -> None:
+        if self._process is not None and self._process.returncode is None:
+            self._process.kill()
+
+    async def close(self) -> None:
+        """Stop the worker: close its channel, then SIGTERM, then SIGKILL."""
+        self._closing = True
+        for session in list(self.sessions.values()):
+            session.worker_died("the worker is stopping")
+        process = self._process
+        if self._channel is not None and self._channel.transport is not None:
+            self._channel.transport.close()
+        if process is not None and process.returncode is None:
+            try:
+                await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
+            except TimeoutError:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
+                except TimeoutError:
+                    process.kill()
+                    await process.wait()
+        for task in list(self._tasks):
+            task.cancel()
+        log.info("model %s: worker stopped", self.name)
+
+    # ------------------------------------------------------------------ channel
+    def send(self, message: list[Any]) -> None:
+        if self._channel is not None:
+            self._channel.send(message)
+
+    def receive(self, message: list[Any]) -> None:
+        kind = message[0]
+        if kind == "ready":
+            self.description = message[1] or ""
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(None)
+            return
+        if kind == "load_failed":
+            if self._ready is not None and not self._ready.done():
+                error = ModelLoadError(message[1], detail=message[2])
+                self._ready.set_exception(error)
+            return
+        session = self.sessions.get(message[1])
+        if session is not None:
+            session.receive(kind, message[2:])
+
+    def open_session(self) -> IsolatedSession:
+        session = IsolatedSession(self, uuid.uuid4().hex)
+        self.sessions[session.sid] = session
+        return session
+
+
+class IsolatedSession:
+    """One conversation's model instance living in the worker."""
+
+    def __init__(self, runner: IsolatedRunner, sid: str) -> None:
+        self.runner = runner
+        self.sid = sid
+        self.generation: int | None = None  # the worker where on_chat_start last ran
+        self._reply: asyncio.Future[Any] | None = None
+        self._queue: asyncio.Queue[str | _TurnEnd | _Crash] | None = None
+        self._paused = False
+
+    # ------------------------------------------------------------------ from the worker
+    def receive(self, kind: str, args: list[Any]) -> None:
+        if kind == "chunk":
+            queue = self._queue
+            if queue is not None:
+                queue.put_nowait(args[0])
+                if not self._paused and queue.qsize() > QUEUE_HIGH:
+                    self._paused = True
+                    self.runner.send(["pause", self.sid])
+        elif kind == "turn_end":
+            if self._queue is not None:
+                self._queue.put_nowait(_TurnEnd(args[0], args[1]))
+        elif kind in ("started", "ended"):
+            if self._reply is not None and not self._reply.done():
+                self._reply.set_result(args[0])
+
+    def worker_died(self, reason: str) -> None:
+        if self._queue is not None:
+            self._queue.put_nowait(_Crash(reason))
+        if self._reply is not None and not self._reply.done():
+            self._reply.set_exception(WorkerCrashed(reason))
+
+    async def _request(self, message: list[Any]) -> Any:
+        self._reply = asyncio.get_running_loop().create_future()
+        self.runner.send(message)
+        return await self._reply
+
+    # ------------------------------------------------------------------ ModelSession
+    async def start(self) -> None:
+        generation = await self.runner.ensure_running()
+        error = await self._request(["start", self.sid])
+        self.generation = generation
+        if error:
+            raise ModelFailed(f"on_chat_start raised in the worker:\n{error}")
+
+    async def end(self) -> None:
+        try:
+            if (
+                self.generation is not None
+                and self.generation == self.runner.generation
+                and self.runner.failed is None
+                and not self.runner._closing
+            ):
+                error = await asyncio.wait_for(self._request(["end", self.sid]), STOP_TIMEOUT)
+                if error:
+                    raise ModelFailed(f"on_chat_end raised in the worker:\n{error}")
+        finally:
+            self.runner.sessions.pop(self.sid, None)
+
+    async def stream(self, messages: list[Message]) -> AsyncIterator[str]:
+        if self.generation != await self.runner.ensure_running():
+            await self.start()  # a new worker: on_chat_start runs again there
+        queue: asyncio.Queue[str | _TurnEnd | _Crash] = asyncio.Queue()
+        self._queue, self._paused = queue, False
+        self.runner.send(["turn", self.sid, messages])
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, str):
+                    if self._paused and queue.qsize() < QUEUE_LOW:
+                        self._paused = False
+                        self.runner.send(["resume", self.sid])
+                    yield item
+                    continue
+                finished = True
+                if isinstance(item, _Crash):
+                    raise WorkerCrashed(
+                        "the model's worker crashed; a new one is starting, send your message again"
+                    )
+                if item.outcome == "error":
+                    raise ModelFailed(f"on_chat_messages raised in the worker:\n{item.detail}")
+                if item.outcome == "resource_exhausted":
+                    limit = self.runner.spec.memory_text or "its limit"
+                    raise ResourceExhausted(
+                        f"the turn went past the model's memory limit ({limit}); "
+                        "its worker is being replaced"
+                    )
+                return
+        finally:
+            if not finished:
+                # Stopped early (cancel, timeout, client gone): close the generator in the
+                # worker and wait until its finally has run there.
+                self.runner.send(["cancel", self.sid])
+                while not isinstance(await queue.get(), (_TurnEnd, _Crash)):
+                    pass
+            self._queue = None
+
+
+def describe_exit(code: int) -> str:
+    """``exit code 3`` or ``killed by signal 9 (SIGKILL)``."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "unknown"
+        return f"killed by signal {-code} ({name})"
+    return f"exit code {code}"

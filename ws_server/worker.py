@@ -1,0 +1,214 @@
+"""The isolated worker: runs one model version inside its own virtualenv.
+
+Started by ``runners/isolated.py`` with the environment's interpreter. It loads the model
+exactly as shared mode does (``model_loader``, then the same forgiving adapter of
+``runners/shared.py``), then serves any number of sessions multiplexed over the framed
+channel of ``ipc.py``. Standard library only: the server's dependencies are not here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import socket
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, cast
+
+from ws_server import ipc
+from ws_server.exceptions import ModelLoadError
+from ws_server.runners.shared import SharedRunner, SharedSession
+
+# Outcome sent when a turn allocates past the worker's memory limit; the worker exits
+# afterwards (its heap may be in any state) and the server starts a new one.
+RESOURCE_EXHAUSTED = "resource_exhausted"
+EXIT_MEMORY = 70
+
+
+class Channel(asyncio.Protocol):
+    """The worker's end of the socket pair: decodes frames, applies write backpressure."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.decoder = ipc.FrameDecoder()
+        self.transport: asyncio.Transport | None = None
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.closed = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        for message in self.decoder.feed(data):
+            self.worker.dispatch(message)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed.set()
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    def send(self, message: list[Any]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(ipc.encode(message))
+
+
+class WorkerSession:
+    """One chat session's model instance inside the worker."""
+
+    def __init__(self, model: SharedSession) -> None:
+        self.model = model
+        self.turn: asyncio.Task[None] | None = None
+        self.flowing = asyncio.Event()  # cleared while the server's queue is full
+        self.flowing.set()
+
+
+class Worker:
+    """Routes channel messages to sessions and runs their hooks as tasks."""
+
+    def __init__(self) -> None:
+        self.runner: SharedRunner | None = None  # set once the model has loaded
+        self.channel = Channel(self)
+        self.sessions: dict[str, WorkerSession] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coroutine: Any) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def dispatch(self, message: list[Any]) -> None:
+        kind, sid = message[0], str(message[1])
+        session = self.sessions.get(sid)
+        if kind == "start":
+            self.spawn(self.start(sid))
+        elif kind == "turn" and session is not None:
+            session.flowing.set()
+            session.turn = self.spawn(self.run_turn(sid, session, message[2]))
+        elif kind == "cancel" and session is not None and session.turn is not None:
+            session.turn.cancel()
+        elif kind == "pause" and session is not None:
+            session.flowing.clear()
+        elif kind == "resume" and session is not None:
+            session.flowing.set()
+        elif kind == "end":
+            self.spawn(self.end(sid))
+
+    async def start(self, sid: str) -> None:
+        assert self.runner is not None  # the server starts sessions only after "ready"
+        try:
+            session = WorkerSession(self.runner.open_session())
+            self.sessions[sid] = session
+            await session.model.start()
+        except MemoryError:
+            await self.out_of_memory(["started", sid, "MemoryError in on_chat_start"])
+        except Exception as exc:  # reported to the server, which logs it
+            self.channel.send(["started", sid, _describe(exc)])
+            return
+        self.channel.send(["started", sid, None])
+
+    async def run_turn(self, sid: str, session: WorkerSession, messages: list[Any]) -> None:
+        channel = self.channel
+        stream = session.model.stream(messages)
+        outcome, detail = "stop", None
+        try:
+            try:
+                async for chunk in stream:
+                    if not channel.writable.is_set():
+                        await channel.writable.wait()
+                    if not session.flowing.is_set():
+                        await session.flowing.wait()
+                    channel.send(["chunk", sid, chunk])
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+        except MemoryError:
+            await self.out_of_memory(["turn_end", sid, RESOURCE_EXHAUSTED, "MemoryError"])
+        except Exception as exc:
+            outcome, detail = "error", _describe(exc)
+        channel.send(["turn_end", sid, outcome, detail])
+
+    async def end(self, sid: str) -> None:
+        session = self.sessions.pop(sid, None)
+        error = None
+        if session is not None:
+            if session.turn is not None and not session.turn.done():
+                session.turn.cancel()
+                await asyncio.wait({session.turn})
+            try:
+                await session.model.end()
+            except Exception as exc:
+                error = _describe(exc)
+        self.channel.send(["ended", sid, error])
+
+    async def out_of_memory(self, report: list[Any]) -> None:
+        """Tell the server, let the frame reach it, then exit so a fresh worker replaces us."""
+        self.channel.send(report)
+        transport = self.channel.transport
+        for _ in range(100):
+            if transport is None or transport.get_write_buffer_size() == 0:
+                break
+            await asyncio.sleep(0.01)
+        os._exit(EXIT_MEMORY)
+
+
+def _describe(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+async def serve(spec: dict[str, Any]) -> None:
+    """Apply the limits, load the model, say ready (or why not), then serve until the
+    server closes the channel."""
+    from ws_server.model_loader import load_model
+
+    apply_limits(spec.get("memory_bytes"), spec.get("cpus"))
+    loop = asyncio.get_running_loop()
+    worker = Worker()
+    sock = socket.socket(fileno=int(spec["fd"]))
+    _, channel = await loop.create_unix_connection(lambda: worker.channel, sock=sock)
+    model_dir = Path(spec["model_dir"])
+    try:
+        loaded = await load_model(model_dir, spec["name"], spec["revision"], spec["config"])
+    except ModelLoadError as exc:
+        channel.send(["load_failed", exc.message, exc.detail])
+        await _drain(channel)
+        return
+    worker.runner = SharedRunner(loaded.model_class, spec["config"], model_dir, loaded.resources)
+    channel.send(["ready", loaded.model_class.description()])
+    await channel.closed.wait()
+
+
+def apply_limits(memory_bytes: int | None, cpus: int | None) -> None:
+    """Bound this process before any model code runs: address space and CPU cores."""
+    if memory_bytes:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    if cpus and hasattr(os, "sched_setaffinity"):
+        available = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, set(available[: max(1, min(cpus, len(available)))]))
+
+
+async def _drain(channel: Channel) -> None:
+    transport = channel.transport
+    for _ in range(100):
+        if transport is None or transport.get_write_buffer_size() == 0:
+            return
+        await asyncio.sleep(0.01)
+
+
+def main() -> None:
+    """Entry point: ``python -c 'from ws_server.worker import main; main()' SPEC_JSON``."""
+    spec = json.loads(sys.argv[1])
+    asyncio.run(serve(spec))
+
+
+if __name__ == "__main__":
+    main()
