@@ -44,6 +44,7 @@ class ServerProcess:
     port: int = 0
     log_lines: list[str] = field(default_factory=list)
     signalled: bool = False
+    mode: str = "shared"
 
     @property
     def ws_url(self) -> str:
@@ -146,17 +147,51 @@ def copy_models(target: Path, *names: str, source: Path = TEST_MODELS) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One server over the shipped models plus every test model, broken ones included."""
-    models = tmp_path_factory.mktemp("models")
+def env_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Isolated models' virtualenvs, built once for the whole test session."""
+    return tmp_path_factory.mktemp("envs")
+
+
+# Test models whose config.yaml is broken on purpose keep it as is in the isolated copy.
+KEEP_CONFIG = {"broken_yaml", "broken_type", "Bad-Name"}
+
+
+@pytest.fixture(scope="session", params=["shared", "isolated"])
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, env_cache: Path
+) -> Iterator[ServerProcess]:
+    """One server over the shipped models plus every test model, broken ones included; the
+    chat and lifecycle tests run against it twice: every model shared, then every model
+    isolated in its own worker (the same behaviour is promised in both modes)."""
+    mode = request.param
+    models = tmp_path_factory.mktemp(f"models-{mode}")
     for source in (SHIPPED_MODELS, TEST_MODELS):
         for directory in source.iterdir():
             if directory.is_dir() and not directory.name.startswith(("_", ".")):
                 shutil.copytree(directory, models / directory.name)
-    events = tmp_path_factory.mktemp("events")
-    running = launch_server(models, events, "--grace-period", "2")
+                if mode == "isolated" and directory.name not in KEEP_CONFIG:
+                    config = models / directory.name / "config.yaml"
+                    text = config.read_text() if config.exists() else ""
+                    config.write_text(text + "\nisolation: true\n")
+    events = tmp_path_factory.mktemp(f"events-{mode}")
+    running = launch_server(
+        models, events, "--grace-period", "2", "--env-cache-dir", str(env_cache)
+    )
+    running.mode = mode
+    wait_until_built(running)
     yield running
     assert running.stop() == 0, running.log
+
+
+def wait_until_built(server: ServerProcess, timeout: float = 120) -> None:
+    """Block until no model is ``building`` (isolated environments and workers)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, _, body = http(server, "/v1/models")
+        if all(row["status"] != "building" for row in body["data"]):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"models still building after {timeout}s:\n{server.log}")
 
 
 @pytest.fixture

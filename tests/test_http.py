@@ -34,7 +34,7 @@ def test_model_list_has_openai_shape_and_our_fields(server: ServerProcess) -> No
     assert echo["object"] == "model"
     assert echo["version"] == "1.0.0" and len(echo["revision"]) == 12
     assert echo["description"] == "Streams your last message back to you, word by word."
-    assert echo["mode"] == "shared" and echo["status"] == "ready" and echo["error"] is None
+    assert echo["mode"] == server.mode and echo["status"] == "ready" and echo["error"] is None
     assert {"echo", "eliza", "test_model"} <= set(rows)
 
 

@@ -65,7 +65,9 @@ class WorkerSession:
 
     def __init__(self, model: SharedSession) -> None:
         self.model = model
+        self.starting: asyncio.Task[None] | None = None
         self.turn: asyncio.Task[None] | None = None
+        self.cancel_requested = False  # the server asked: not the model's own CancelledError
         self.flowing = asyncio.Event()  # cleared while the server's queue is full
         self.flowing.set()
 
@@ -89,11 +91,20 @@ class Worker:
         kind, sid = message[0], str(message[1])
         session = self.sessions.get(sid)
         if kind == "start":
-            self.spawn(self.start(sid))
+            assert self.runner is not None  # the server starts sessions only after "ready"
+            try:
+                session = WorkerSession(self.runner.open_session())
+            except Exception as exc:
+                self.channel.send(["started", sid, _describe(exc)])
+                return
+            self.sessions[sid] = session
+            session.starting = self.spawn(self.start(sid, session))
         elif kind == "turn" and session is not None:
             session.flowing.set()
+            session.cancel_requested = False
             session.turn = self.spawn(self.run_turn(sid, session, message[2]))
         elif kind == "cancel" and session is not None and session.turn is not None:
+            session.cancel_requested = True
             session.turn.cancel()
         elif kind == "pause" and session is not None:
             session.flowing.clear()
@@ -102,14 +113,13 @@ class Worker:
         elif kind == "end":
             self.spawn(self.end(sid))
 
-    async def start(self, sid: str) -> None:
-        assert self.runner is not None  # the server starts sessions only after "ready"
+    async def start(self, sid: str, session: WorkerSession) -> None:
         try:
-            session = WorkerSession(self.runner.open_session())
-            self.sessions[sid] = session
             await session.model.start()
         except MemoryError:
             await self.out_of_memory(["started", sid, "MemoryError in on_chat_start"])
+        except asyncio.CancelledError:
+            return  # the session ended while starting; "end" reports
         except Exception as exc:  # reported to the server, which logs it
             self.channel.send(["started", sid, _describe(exc)])
             return
@@ -129,8 +139,11 @@ class Worker:
                     channel.send(["chunk", sid, chunk])
             finally:
                 await stream.aclose()  # type: ignore[attr-defined]
-        except asyncio.CancelledError:
-            outcome = "cancelled"
+        except asyncio.CancelledError as exc:
+            if session.cancel_requested:
+                outcome = "cancelled"
+            else:  # raised by the model's own code
+                outcome, detail = "error", _describe(exc)
         except MemoryError:
             await self.out_of_memory(["turn_end", sid, RESOURCE_EXHAUSTED, "MemoryError"])
         except Exception as exc:
@@ -141,9 +154,10 @@ class Worker:
         session = self.sessions.pop(sid, None)
         error = None
         if session is not None:
-            if session.turn is not None and not session.turn.done():
-                session.turn.cancel()
-                await asyncio.wait({session.turn})
+            for task in (session.starting, session.turn):
+                if task is not None and not task.done():
+                    task.cancel()
+                    await asyncio.wait({task})
             try:
                 await session.model.end()
             except Exception as exc:

@@ -123,6 +123,11 @@ class IsolatedRunner:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
+    def alive(self) -> bool:
+        """A worker is (or is about to be) serving; not failed, not stopping."""
+        return self.failed is None and not self._closing
+
+    @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
@@ -151,6 +156,7 @@ class IsolatedRunner:
                 str(self.spec.python),
                 "-s",
                 "-E",
+                "-u",
                 "-c",
                 _BOOT,
                 str(PACKAGE_PARENT),
@@ -319,6 +325,7 @@ class IsolatedSession:
         self.runner = runner
         self.sid = sid
         self.generation: int | None = None  # the worker where on_chat_start last ran
+        self._sent_start_to: int | None = None  # the worker that was last asked to start
         self._reply: asyncio.Future[Any] | None = None
         self._queue: asyncio.Queue[str | _TurnEnd | _Crash] | None = None
         self._paused = False
@@ -353,6 +360,7 @@ class IsolatedSession:
     # ------------------------------------------------------------------ ModelSession
     async def start(self) -> None:
         generation = await self.runner.ensure_running()
+        self._sent_start_to = generation
         error = await self._request(["start", self.sid])
         self.generation = generation
         if error:
@@ -360,12 +368,7 @@ class IsolatedSession:
 
     async def end(self) -> None:
         try:
-            if (
-                self.generation is not None
-                and self.generation == self.runner.generation
-                and self.runner.failed is None
-                and not self.runner._closing
-            ):
+            if self._sent_start_to == self.runner.generation and self.runner.alive:
                 error = await asyncio.wait_for(self._request(["end", self.sid]), STOP_TIMEOUT)
                 if error:
                     raise ModelFailed(f"on_chat_end raised in the worker:\n{error}")
