@@ -184,11 +184,12 @@ def server(
 
 
 def wait_until_built(server: ServerProcess, timeout: float = 120) -> None:
-    """Block until no model is ``building`` (isolated environments and workers)."""
+    """Block until no model is building a new revision (isolated environments and workers),
+    whether it is ``building`` or a previous version serves meanwhile."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         _, _, body = http(server, "/v1/models")
-        if all(row["status"] != "building" for row in body["data"]):
+        if all(row["pending_revision"] is None for row in body["data"]):
             return
         time.sleep(0.1)
     raise AssertionError(f"models still building after {timeout}s:\n{server.log}")

@@ -137,6 +137,11 @@ class EnvironmentBuilder:
             requirements_path.unlink(missing_ok=True)
 
 
+# uv never downloads interpreters: a model gets a Python that is on this machine, or a
+# clear "not found" naming those that are.
+_INSTALLER_ENV: Final = {**os.environ, "UV_PYTHON_DOWNLOADS": "never"}
+
+
 def find_python(version: str | None) -> Path:
     """The interpreter for ``python_version`` (``python3.X`` on PATH or under pyenv);
     without one, the interpreter the server itself runs on."""

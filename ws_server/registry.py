@@ -122,7 +122,7 @@ class Registry:
     """Owns discovery, config, versions and reload for one models directory."""
 
     def __init__(self, models_dir: Path, environments: EnvironmentBuilder | None = None) -> None:
-        self.models_dir = models_dir
+        self.models_dir = models_dir.resolve()
         self.environments = environments or EnvironmentBuilder(default_cache_dir())
         self._entries: dict[str, ModelEntry] = {}
         self._draining: dict[str, list[ModelVersion]] = {}
@@ -183,7 +183,9 @@ class Registry:
             return self._row(name, newest, "draining", None, open_sessions)
         if entry.serving is not None:
             open_sessions += entry.serving.sessions
-            return self._row(name, entry.serving, "ready", entry.error, open_sessions)
+            row = self._row(name, entry.serving, "ready", entry.error, open_sessions)
+            row["pending_revision"] = entry.revision if entry.build is not None else None
+            return row
         config = entry.config or ModelConfig()
         return {
             "id": name,
@@ -197,6 +199,7 @@ class Registry:
             "status": entry.status,
             "error": entry.error,
             "sessions": open_sessions,
+            "pending_revision": entry.revision if entry.build is not None else None,
         }
 
     @staticmethod
@@ -215,6 +218,7 @@ class Registry:
             "status": status,
             "error": error,
             "sessions": sessions,
+            "pending_revision": None,
         }
 
     async def wait_for_builds(self) -> None:

@@ -118,6 +118,7 @@ class IsolatedRunner:
         self._process: asyncio.subprocess.Process | None = None
         self._channel: _ServerChannel | None = None
         self._ready: asyncio.Future[None] | None = None
+        self._loading: int | None = None  # generation loading its model right now
         self._crashes: collections.deque[float] = collections.deque()
         self._closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -150,7 +151,9 @@ class IsolatedRunner:
             "memory_bytes": self.spec.memory_bytes,
             "cpus": self.spec.cpus,
         }
-        self._ready = self._new_ready()
+        if self._ready is None or self._ready.done():  # else: requests already wait on it
+            self._ready = self._new_ready()
+        self._loading = generation
         try:
             process = await asyncio.create_subprocess_exec(
                 str(self.spec.python),
@@ -219,7 +222,7 @@ class IsolatedRunner:
             return
         reason = describe_exit(code)
         ready = self._ready
-        if ready is not None and not ready.done():  # died while loading the model
+        if self._loading == generation and ready is not None and not ready.done():
             ready.set_exception(
                 ModelLoadError(f"main.py: the worker exited while loading the model ({reason})")
             )
@@ -240,7 +243,8 @@ class IsolatedRunner:
             self.on_failed(self.failed)
             return
         delay = min(0.1 * 2 ** (len(self._crashes) - 1), 5.0)
-        self._ready = self._new_ready()
+        if self._ready is None or self._ready.done():
+            self._ready = self._new_ready()
         self._track(self._restart(delay))
 
     async def _restart(self, delay: float) -> None:
@@ -264,6 +268,11 @@ class IsolatedRunner:
         except ModelLoadError as exc:
             raise WorkerCrashed(f"the model's worker could not restart: {exc.message}") from None
         return self.generation
+
+    def expect_exit(self) -> None:
+        """The worker said it is exiting (memory limit): new requests wait for the next."""
+        if self._ready is not None and self._ready.done():
+            self._ready = self._new_ready()
 
     def kill_worker(self) -> None:
         if self._process is not None and self._process.returncode is None:
@@ -300,6 +309,7 @@ class IsolatedRunner:
         kind = message[0]
         if kind == "ready":
             self.description = message[1] or ""
+            self._loading = None
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(None)
             return
@@ -399,6 +409,7 @@ class IsolatedSession:
                 if item.outcome == "error":
                     raise ModelFailed(f"on_chat_messages raised in the worker:\n{item.detail}")
                 if item.outcome == "resource_exhausted":
+                    self.runner.expect_exit()
                     limit = self.runner.spec.memory_text or "its limit"
                     raise ResourceExhausted(
                         f"the turn went past the model's memory limit ({limit}); "

@@ -1,0 +1,269 @@
+"""Isolated mode: real virtualenvs with real installs, the isolation proof, interpreter
+choice, resource limits, crash containment, and reload without downtime."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import (
+    ServerProcess,
+    chat,
+    copy_models,
+    http,
+    read_turn,
+    recv_frame,
+    run_turn,
+    wait_until_built,
+)
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from ws_server.environments import find_python
+
+ISOLATED_MODELS = Path(__file__).resolve().parent / "isolated_models"
+
+
+def reload(server: ServerProcess) -> dict[str, Any]:
+    status, _, body = http(server, "/v1/models/reload", method="POST")
+    assert status == 200, body
+    return body  # type: ignore[no-any-return]
+
+
+def info(server: ServerProcess, name: str) -> dict[str, Any]:
+    return http(server, f"/v1/models/{name}")[2]  # type: ignore[no-any-return]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+async def facts(ws: Any) -> dict[str, Any]:
+    return json.loads((await run_turn(ws, "facts")).text)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def start_isolated(tmp_path: Path, start_server: Any, env_cache: Path) -> Any:
+    """Start a private server over copies of the given isolated test models."""
+
+    def start(*names: str, extra: tuple[str, ...] = ()) -> ServerProcess:
+        models = copy_models(tmp_path / "models", *names, source=ISOLATED_MODELS)
+        live: ServerProcess = start_server(models, "--env-cache-dir", str(env_cache), *extra)
+        wait_until_built(live)
+        return live
+
+    return start
+
+
+async def test_worker_cannot_see_the_servers_dependencies(start_isolated: Any) -> None:
+    live = start_isolated("probe", "needs_pydantic")
+    async with chat(live, "probe") as ws:
+        assert (await facts(ws))["server_deps"] == "hidden"
+    # Importing pydantic without listing it fails the model, naming the module...
+    row = info(live, "needs_pydantic")
+    assert row["status"] == "failed" and "cannot import 'pydantic'" in row["error"]
+    # ...and listing it in requirements.txt makes it load: a real install in its own env.
+    (live.models_dir / "needs_pydantic" / "requirements.txt").write_text("pydantic>=2,<3\n")
+    assert reload(live)["building"] == ["needs_pydantic"]
+    wait_until_built(live)
+    assert info(live, "needs_pydantic")["status"] == "ready"
+    async with chat(live, "needs_pydantic") as ws:
+        assert (await run_turn(ws, "version?")).text == "pydantic 2"
+    build_log = Path(str(live.models_dir).replace("models", "")).parent
+    assert build_log  # the build log path is named in the log below
+    live.wait_for_log(r"model needs_pydantic: environment .* built in")
+
+
+async def test_requested_python_version_and_limits_apply(start_isolated: Any) -> None:
+    live = start_isolated("probe")  # python_version "3.12", cpu 1, memory 400M
+    async with chat(live, "probe") as ws:
+        found = await facts(ws)
+    assert found["version"] == "3.12"
+    assert found["cpus"] == 1
+    assert found["pid"] != live.process.pid
+    assert ".cache" not in found["prefix"] or "envs" in found["prefix"]
+    assert not found["prefix"].startswith(str(live.models_dir))  # env lives outside
+
+
+async def test_missing_python_version_names_what_was_found(
+    start_isolated: Any, env_cache: Path
+) -> None:
+    live = start_isolated("probe")
+    config = live.models_dir / "probe" / "config.yaml"
+    config.write_text(config.read_text().replace('"3.12"', '"3.99"'))
+    reload(live)
+    wait_until_built(live)
+    row = info(live, "probe")
+    assert row["status"] == "ready"  # the good version keeps serving
+    assert "isolation.python_version: Python 3.99 not found; found: " in row["error"]
+    assert "3.11" in row["error"]
+
+
+async def test_memory_limit_ends_turn_with_resource_exhausted(start_isolated: Any) -> None:
+    live = start_isolated("probe")
+    async with chat(live, "probe") as ws:
+        before = await facts(ws)
+        turn = await run_turn(ws, "alloc 800")  # limit is 400M
+        assert turn.errors[0]["code"] == "resource_exhausted"
+        assert "400M" in turn.errors[0]["message"]
+        assert turn.done["reason"] == "error"
+        # The worker is replaced; the session carries on with its history.
+        after = await facts(ws)
+    assert after["pid"] != before["pid"]
+    # user "facts", assistant reply, user "alloc 800" (no reply: nothing streamed), "facts"
+    assert after["history"] == 4
+    assert after["instance"] != before["instance"]  # on_chat_start ran again
+
+
+async def test_kill_9_mid_stream_is_model_crashed_and_the_session_goes_on(
+    start_isolated: Any,
+) -> None:
+    live = start_isolated("probe", "crasher")
+    async with chat(live, "probe") as ws, chat(live, "crasher") as other:
+        pid = (await facts(ws))["pid"]
+        await ws.send("stream 200")
+        await recv_frame(ws)
+        killed_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        rest = await read_turn(ws, timeout=5)
+        assert time.monotonic() - killed_at < 1.0
+        assert rest.errors[0]["code"] == "model_crashed"
+        assert rest.done["reason"] == "error"
+        # Another model is untouched, and the next turn runs in a new worker.
+        assert (await run_turn(other, "hi")).text == "alive"
+        again = await facts(ws)
+    assert again["pid"] != pid
+    assert again["history"] >= 3
+    live.wait_for_log(r"model probe: worker crashed \(killed by signal 9 \(SIGKILL\)\)")
+    assert "probe prints to stdout" in live.wait_for_log("worker.*stdout: probe prints")
+
+
+async def test_crash_loop_fails_the_model_with_the_reason(start_isolated: Any) -> None:
+    live = start_isolated("crasher")
+    async with chat(live, "crasher") as ws:
+        for _ in range(5):
+            turn = await run_turn(ws, "crash")
+            assert turn.errors[0]["code"] == "model_crashed"
+    row = info(live, "crasher")
+    assert row["status"] == "failed"
+    assert row["error"] == "crashed 5 times in 60 s; last exit: exit code 3"
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(live.chat_url("crasher")):
+            pass
+    assert refused.value.response.status_code == 503
+
+
+async def test_building_model_answers_503_with_retry_after(start_isolated: Any) -> None:
+    live = start_isolated("probe")
+    copy_models(live.models_dir, "slow_loader", source=ISOLATED_MODELS)  # loads for 3 s
+    assert reload(live)["building"] == ["slow_loader"]
+    assert info(live, "slow_loader")["status"] == "building"
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(live.chat_url("slow_loader")):
+            pass
+    assert refused.value.response.status_code == 503
+    assert refused.value.response.headers["Retry-After"] == "5"
+    wait_until_built(live)
+    async with chat(live, "slow_loader") as ws:
+        assert (await run_turn(ws, "hi")).text == "loaded"
+
+
+async def test_reload_keeps_streaming_session_on_old_worker(start_isolated: Any) -> None:
+    live = start_isolated("probe")
+    main = live.models_dir / "probe" / "main.py"
+    async with chat(live, "probe") as ws:
+        old_pid = (await facts(ws))["pid"]
+        await ws.send("stream 40")  # 2 s of chunks
+        await recv_frame(ws)
+        main.write_text(main.read_text() + "\n# changed code, same requirements\n")
+        assert reload(live)["building"] == ["probe"]
+        wait_until_built(live)
+        live.wait_for_log("model probe: reusing environment")  # no new env for code changes
+        async with chat(live, "probe") as fresh:
+            new_pid = (await facts(fresh))["pid"]
+        assert new_pid != old_pid and alive(old_pid)
+        rest = await read_turn(ws)
+        assert rest.done["reason"] == "stop" and not rest.errors
+        assert (await facts(ws))["pid"] == old_pid  # still pinned to its version
+    # The old worker stops when its last session has ended.
+    for _ in range(100):
+        if not alive(old_pid):
+            break
+        await asyncio.sleep(0.05)
+    assert not alive(old_pid)
+
+
+async def test_changed_requirements_build_a_new_env_and_failed_build_keeps_old(
+    start_isolated: Any,
+) -> None:
+    live = start_isolated("probe")
+    requirements = live.models_dir / "probe" / "requirements.txt"
+    requirements.write_text("six\n")
+    reload(live)
+    wait_until_built(live)
+    assert info(live, "probe")["status"] == "ready" and info(live, "probe")["error"] is None
+    live.wait_for_log(r"model probe: environment .* built in")
+    requirements.write_text("this-package-does-not-exist-anywhere-42\n")
+    reload(live)
+    wait_until_built(live)
+    row = info(live, "probe")
+    assert row["status"] == "ready"
+    assert "requirements.txt: installing the environment failed" in row["error"]
+    assert "this-package-does-not-exist-anywhere-42" in row["error"]
+    async with chat(live, "probe") as ws:
+        assert (await run_turn(ws, "hi")).text == "ok"
+
+
+async def test_hand_made_venv_in_the_model_directory_is_used(start_isolated: Any) -> None:
+    live = start_isolated("probe")
+    model_dir = live.models_dir / "probe"
+    uv = Path(sys.executable).parent / "uv"
+    python = find_python("3.12")
+    subprocess.run(
+        [str(uv), "venv", "--quiet", "--python", str(python), str(model_dir / "venv")],
+        check=True,
+        timeout=120,
+    )
+    (model_dir / "config.yaml").write_text(
+        (model_dir / "config.yaml").read_text() + "\n# use my venv\n"
+    )
+    reload(live)
+    wait_until_built(live)
+    async with chat(live, "probe") as ws:
+        assert (await facts(ws))["prefix"] == str(model_dir / "venv")
+
+
+async def test_no_worker_outlives_the_server(start_isolated: Any) -> None:
+    live = start_isolated("probe", "crasher")
+    async with chat(live, "probe") as ws:
+        pid = (await facts(ws))["pid"]
+        await ws.send("stream 1000")
+        await recv_frame(ws)
+        workers = [
+            int(p)
+            for p in subprocess.run(
+                ["pgrep", "-P", str(live.process.pid)], capture_output=True, text=True
+            ).stdout.split()
+        ]
+        assert pid in workers
+        live.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed):
+            while True:  # the turn is cancelled after the grace period, then 1001
+                await recv_frame(ws, timeout=15)
+    assert live.stop() == 0
+    for worker in workers:
+        assert not alive(worker), f"worker {worker} outlived the server"
