@@ -94,7 +94,7 @@ def launch_server(
     models_dir: Path, events_dir: Path, *extra: str, env: dict[str, str] | None = None
 ) -> ServerProcess:
     """Start a server on a free port and wait until it listens."""
-    environment = {**os.environ, "ANYTHING_AGENT_TEST_EVENTS": str(events_dir)}
+    environment = {**os.environ, "MODEL_TEST_EVENTS": str(events_dir)}
     environment.update(env or {})
     command = [
         sys.executable,

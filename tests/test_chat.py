@@ -299,3 +299,10 @@ async def test_many_concurrent_sessions_stream_independently(server: ServerProce
 
     texts = await asyncio.gather(*(one(i) for i in range(20)))
     assert texts == [f"session {i}" for i in range(20)]
+
+
+async def test_banner_example_draws_with_its_own_dependency(server: ServerProcess) -> None:
+    async with chat(server, "banner") as ws:  # isolated: pyfiglet lives in its own env
+        turn = await run_turn(ws, "Hi")
+    assert len(turn.chunks) >= 4 and all(c.endswith("\n") for c in turn.chunks)
+    assert "|_|" in turn.text

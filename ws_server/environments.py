@@ -16,11 +16,11 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
-from typing import Final
+from typing import Final, TextIO
 
 from ws_server.exceptions import ModelLoadError
 from ws_server.model_config import Isolation
@@ -44,7 +44,7 @@ class EnvironmentBuilder:
 
     def __init__(self, cache_dir: Path) -> None:
         self.cache_dir = cache_dir
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._builds: dict[str, asyncio.Task[None]] = {}
 
     def build_log(self, model: str) -> Path:
         """Where the installer's output for ``model`` is kept."""
@@ -60,51 +60,59 @@ class EnvironmentBuilder:
         requirements = (
             requirements_file.read_text(encoding="utf-8") if requirements_file.is_file() else ""
         )
-        base_version = await asyncio.to_thread(_version_of, base)
-        key = hashlib.sha256(
-            "\0".join([requirements, base_version, SDK_VERSION]).encode()
-        ).hexdigest()[:16]
+        base_version = await _version_of(base)
+        parts = [requirements, base_version, SDK_VERSION]
+        if _refers_to_paths(requirements):  # "-r base.txt", "./vendor/pkg": model-specific
+            parts.append(str(model_dir))
+        key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
         env_dir = self.cache_dir / key
-        python = env_dir / "bin" / "python"
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            if (env_dir / COMPLETE_MARKER).exists():
-                log.info("model %s: reusing environment %s", model, env_dir)
-                return python
-            started = time.monotonic()
-            await asyncio.to_thread(self._build, model, base, requirements, env_dir)
-            log.info(
-                "model %s: environment %s built in %.1f s",
-                model,
-                env_dir,
-                time.monotonic() - started,
+        if (env_dir / COMPLETE_MARKER).exists():
+            log.info("model %s: reusing environment %s", model, env_dir)
+            return env_dir / "bin" / "python"
+        # One build per key, shared by every model that needs it; a caller that goes away
+        # (a reload superseding it) does not stop the build others may be waiting for.
+        build = self._builds.get(key)
+        if build is None or build.done():
+            build = asyncio.get_running_loop().create_task(
+                self._build(model, base, requirements_file, requirements, env_dir, model_dir)
             )
-        return python
+            self._builds[key] = build
+        await asyncio.shield(build)
+        return env_dir / "bin" / "python"
 
-    def _build(self, model: str, base: Path, requirements: str, env_dir: Path) -> None:
+    async def close(self) -> None:
+        """Stop builds in progress (their installer processes are killed)."""
+        for build in self._builds.values():
+            build.cancel()
+        if self._builds:
+            await asyncio.gather(*self._builds.values(), return_exceptions=True)
+
+    async def _build(
+        self,
+        model: str,
+        base: Path,
+        requirements_file: Path,
+        requirements: str,
+        env_dir: Path,
+        model_dir: Path,
+    ) -> None:
         """Create the venv in a scratch directory, install, then move it into place."""
+        started = time.monotonic()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.build_log(model)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        scratch = env_dir.with_name(f"{env_dir.name}.building-{os.getpid()}")
-        shutil.rmtree(scratch, ignore_errors=True)
-        requirements_path = scratch.with_suffix(".requirements.txt")
-        requirements_path.write_text(requirements, encoding="utf-8")
+        _remove_stale_scratch(self.cache_dir)
+        scratch = env_dir.with_name(f"{env_dir.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         uv = _uv_binary()
+        python = scratch / "bin" / "python"
         if uv is not None:
             steps = [[uv, "venv", "--quiet", "--python", str(base), str(scratch)]]
-            install = [uv, "pip", "install", "--python", str(scratch / "bin" / "python")]
+            install = [uv, "pip", "install", "--python", str(python)]
         else:
             steps = [[str(base), "-m", "venv", str(scratch)]]
-            install = [
-                str(scratch / "bin" / "python"),
-                "-m",
-                "pip",
-                "install",
-                "--disable-pip-version-check",
-            ]
+            install = [str(python), "-m", "pip", "install", "--disable-pip-version-check"]
         if requirements.strip():
-            steps.append([*install, "-r", str(requirements_path)])
+            steps.append([*install, "-r", str(requirements_file)])
         try:
             with log_path.open("a", encoding="utf-8") as build_log:
                 build_log.write(
@@ -112,29 +120,71 @@ class EnvironmentBuilder:
                     f"{env_dir.name} with {base}\n"
                 )
                 for command in steps:
-                    build_log.write("$ " + " ".join(command) + "\n")
-                    build_log.flush()
-                    result = subprocess.run(
-                        command,
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT,
-                        text=True,
-                        stdin=subprocess.DEVNULL,
-                        check=False,
-                    )
-                    build_log.write(result.stdout)
-                    if result.returncode != 0:
-                        tail = "\n".join(result.stdout.strip().splitlines()[-ERROR_TAIL_LINES:])
+                    output = await _run(command, model_dir, build_log)
+                    if output is not None:
+                        tail = "\n".join(output.strip().splitlines()[-ERROR_TAIL_LINES:])
                         raise ModelLoadError(
                             f"{REQUIREMENTS}: installing the environment failed "
                             f"(build log {log_path}):\n{tail}"
                         )
             (scratch / COMPLETE_MARKER).write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
-            shutil.rmtree(env_dir, ignore_errors=True)
-            scratch.rename(env_dir)
+            try:
+                scratch.rename(env_dir)  # atomic; fails if another process got there first
+            except OSError:
+                if not (env_dir / COMPLETE_MARKER).exists():
+                    shutil.rmtree(env_dir, ignore_errors=True)
+                    scratch.rename(env_dir)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-            requirements_path.unlink(missing_ok=True)
+        log.info(
+            "model %s: environment %s built in %.1f s", model, env_dir, time.monotonic() - started
+        )
+
+
+async def _run(command: list[str], cwd: Path, build_log: TextIO) -> str | None:
+    """Run one build step, logging its output; ``None`` on success, else the output.
+
+    Cancelled (reload superseded it, server stopping): the installer is killed."""
+    build_log.write("$ " + " ".join(command) + "\n")
+    build_log.flush()
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        cwd=cwd,
+        env=_INSTALLER_ENV,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        stdout, _ = await process.communicate()
+    except asyncio.CancelledError:
+        process.kill()
+        await process.wait()
+        raise
+    output = stdout.decode(errors="replace")
+    build_log.write(output)
+    return None if process.returncode == 0 else output
+
+
+def _refers_to_paths(requirements: str) -> bool:
+    for line in requirements.splitlines():
+        line = line.strip()
+        if (
+            line.startswith(("-r", "-c", "-e", ".", "/", "--requirement", "--constraint"))
+            or "file:" in line
+        ):
+            return True
+    return False
+
+
+def _remove_stale_scratch(cache_dir: Path) -> None:
+    """Scratch directories of builds that died with their server (a day old or more)."""
+    for scratch in cache_dir.glob("*.building-*"):
+        try:
+            if time.time() - scratch.stat().st_mtime > 86400:
+                shutil.rmtree(scratch, ignore_errors=True)
+        except OSError:
+            pass
 
 
 # uv never downloads interpreters: a model gets a Python that is on this machine, or a
@@ -180,16 +230,22 @@ def _interpreters() -> list[Path]:
     return found
 
 
-def _version_of(python: Path) -> str:
+async def _version_of(python: Path) -> str:
     """The full version (``3.11.7``) an interpreter reports."""
-    result = subprocess.run(
-        [str(python), "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    return result.stdout.strip()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            str(python),
+            "-c",
+            "import sys; print('%d.%d.%d' % sys.version_info[:3])",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    except (OSError, TimeoutError) as exc:
+        raise ModelLoadError(f"isolation: cannot run {python}: {exc}") from None
+    if process.returncode != 0:
+        raise ModelLoadError(f"isolation: {python} failed: {stderr.decode(errors='replace')}")
+    return stdout.decode().strip()
 
 
 def _uv_binary() -> str | None:

@@ -71,6 +71,7 @@ class ModelEntry:
     error: str | None = None
     error_detail: str | None = None  # the model's own exception text: log and `check` only
     build: asyncio.Task[None] | None = None  # an isolated revision being built
+    retry: bool = False  # failed at run time (crash loop): the next reload tries again
 
     @property
     def status(self) -> Status:
@@ -268,7 +269,7 @@ class Registry:
         name = candidate.name
         entry = self._entries.get(name)
         if entry is not None and entry.directory == candidate.directory:
-            if entry.revision == candidate.revision:
+            if entry.revision == candidate.revision and not entry.retry:
                 report.unchanged.append(name)
                 return
             if entry.serving is not None and entry.serving.revision == candidate.revision:
@@ -283,7 +284,7 @@ class Registry:
             entry = ModelEntry(name, candidate.directory, candidate.revision, candidate.config)
             self._entries[name] = entry
         else:
-            entry.revision, entry.config = candidate.revision, candidate.config
+            entry.revision, entry.config, entry.retry = candidate.revision, candidate.config, False
         config = candidate.config
         if candidate.error is None and config is not None and config.isolated:
             # Building an environment takes a while: do it in the background, with the
@@ -306,7 +307,13 @@ class Registry:
     async def _build(self, entry: ModelEntry, candidate: _Candidate) -> None:
         """Background load of an isolated model; swaps it in once its worker is ready."""
         try:
-            version = await self._load(candidate)
+            try:
+                version = await self._load(candidate)
+            except (OSError, ValueError, RuntimeError) as exc:
+                log.exception("model %s: building failed", entry.name)
+                raise ModelLoadError(
+                    f"isolation: building the environment failed: {type(exc).__name__}: {exc}"
+                ) from None
         except ModelLoadError as exc:
             if self._entries.get(entry.name) is entry and entry.revision == candidate.revision:
                 self._record_failure(entry, candidate, exc)
@@ -354,7 +361,7 @@ class Registry:
         entry = self._entries.get(name)
         if entry is not None and entry.serving is not None and entry.serving.runner is runner:
             failed = entry.serving
-            entry.serving, entry.error = None, reason
+            entry.serving, entry.error, entry.retry = None, reason, True
             self._retire(failed)
 
     async def _load(self, candidate: _Candidate) -> ModelVersion:
@@ -474,6 +481,7 @@ class Registry:
         self._entries.clear()
         self._draining.clear()
         await asyncio.gather(*(v.runner.close() for v in versions), return_exceptions=True)
+        await self.environments.close()
         if self._disposals:
             await asyncio.gather(*self._disposals, return_exceptions=True)
 

@@ -17,6 +17,10 @@ _SKIPPED_DIRS: Final = frozenset({"__pycache__", "venv", ".venv", "node_modules"
 def compute_revision(model_dir: Path) -> str:
     """Hash every file's relative path and content (hidden files, caches and venv/ aside)."""
     digest = hashlib.sha256()
+    # venv/ itself is not hashed (it is large and changes as it is used), but adding or
+    # removing a hand-made one changes how the model runs, so its presence counts.
+    if (model_dir / "venv" / "bin" / "python").exists():
+        digest.update(b"venv/\0")
     for path in sorted(_content_files(model_dir)):
         relative = path.relative_to(model_dir).as_posix()
         digest.update(relative.encode() + b"\0")

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import resource
+import signal
 import socket
 import sys
 import traceback
@@ -100,9 +101,8 @@ class Worker:
             self.sessions[sid] = session
             session.starting = self.spawn(self.start(sid, session))
         elif kind == "turn" and session is not None:
-            session.flowing.set()
-            session.cancel_requested = False
-            session.turn = self.spawn(self.run_turn(sid, session, message[2]))
+            previous = session.turn
+            session.turn = self.spawn(self.run_turn(sid, session, message[2], previous))
         elif kind == "cancel" and session is not None and session.turn is not None:
             session.cancel_requested = True
             session.turn.cancel()
@@ -125,18 +125,33 @@ class Worker:
             return
         self.channel.send(["started", sid, None])
 
-    async def run_turn(self, sid: str, session: WorkerSession, messages: list[Any]) -> None:
+    async def run_turn(
+        self,
+        sid: str,
+        session: WorkerSession,
+        messages: list[Any],
+        previous: asyncio.Task[None] | None,
+    ) -> None:
+        if previous is not None and not previous.done():  # turns never overlap
+            previous.cancel()
+            await asyncio.wait({previous})
+        session.flowing.set()
+        session.cancel_requested = False
         channel = self.channel
         stream = session.model.stream(messages)
         outcome, detail = "stop", None
         try:
             try:
+                sent = 0
                 async for chunk in stream:
                     if not channel.writable.is_set():
                         await channel.writable.wait()
                     if not session.flowing.is_set():
                         await session.flowing.wait()
                     channel.send(["chunk", sid, chunk])
+                    sent += 1
+                    if sent % 64 == 0:  # let "pause" and "cancel" in, even if the model
+                        await asyncio.sleep(0)  # never awaits between chunks
             finally:
                 await stream.aclose()  # type: ignore[attr-defined]
         except asyncio.CancelledError as exc:
@@ -184,7 +199,8 @@ async def serve(spec: dict[str, Any]) -> None:
     server closes the channel."""
     from ws_server.model_loader import load_model
 
-    apply_limits(spec.get("memory_bytes"), spec.get("cpus"))
+    die_with_parent()
+    apply_limits(spec.get("memory_bytes"), spec.get("cpus"), spec.get("cpu_offset", 0))
     loop = asyncio.get_running_loop()
     worker = Worker()
     sock = socket.socket(fileno=int(spec["fd"]))
@@ -201,13 +217,36 @@ async def serve(spec: dict[str, Any]) -> None:
     await channel.closed.wait()
 
 
-def apply_limits(memory_bytes: int | None, cpus: int | None) -> None:
-    """Bound this process before any model code runs: address space and CPU cores."""
+def apply_limits(memory_bytes: int | None, cpus: int | None, offset: int = 0) -> None:
+    """Bound this process before any model code runs: address space and CPU cores.
+
+    ``memory`` is RLIMIT_AS, as the specification shows: allocations past it raise
+    MemoryError inside the model, which lets the worker report ``resource_exhausted``
+    cleanly instead of being killed mid-frame. ``cpu: N`` pins the worker to N cores,
+    chosen round-robin so that workers spread over the machine.
+    """
     if memory_bytes:
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     if cpus and hasattr(os, "sched_setaffinity"):
         available = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, set(available[: max(1, min(cpus, len(available)))]))
+        count = max(1, min(cpus, len(available)))
+        start = (offset * count) % len(available)
+        chosen = {available[(start + i) % len(available)] for i in range(count)}
+        os.sched_setaffinity(0, chosen)
+
+
+def die_with_parent() -> None:
+    """Linux: be killed if the server dies without stopping us (kill -9), so no worker is
+    ever orphaned, even one stuck in a blocking step that never reads the channel."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the server died before prctl took effect
+        os._exit(1)
 
 
 async def _drain(channel: Channel) -> None:

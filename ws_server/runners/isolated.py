@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import json
 import logging
+import os
 import signal
 import socket
 import time
@@ -23,20 +25,15 @@ from pathlib import Path
 from typing import Any, Final, cast
 
 from ws_server import ipc
-from ws_server.exceptions import (
-    ModelFailed,
-    ModelLoadError,
-    ResourceExhausted,
-    WorkerCrashed,
-)
+from ws_server.exceptions import ModelFailed, ModelLoadError, ResourceExhausted, WorkerCrashed
 from ws_server.sdk import Message
 
 log = logging.getLogger("anything_agent.isolated")
 
 PACKAGE_PARENT: Final = Path(__file__).resolve().parent.parent.parent
-# The worker's interpreter gets only the standard library, its virtualenv and this
-# directory (holding ``ws_server``) on its path: -s and -E keep user site-packages and
-# PYTHON* variables out.
+# The worker's interpreter gets only the standard library, its virtualenv and the
+# directory holding ``ws_server`` on its path: -s and -E keep user site-packages and
+# PYTHON* variables out, -u keeps its prints in order with the log.
 _BOOT: Final = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); from ws_server.worker import main; main()"
 )
@@ -44,10 +41,17 @@ CRASH_LIMIT: Final = 5
 CRASH_WINDOW: Final = 60.0
 LOAD_TIMEOUT: Final = 300.0
 STOP_TIMEOUT: Final = 5.0
-# Per-session chunk queue: above HIGH the worker is asked to pause that session's
-# generator, below LOW to resume; memory stays bounded when a client reads slowly.
-QUEUE_HIGH: Final = 256
-QUEUE_LOW: Final = 64
+# A stopped turn's generator gets this long to close in the worker; a worker that does
+# not answer by then is wedged and is replaced.
+CLEANUP_LIMIT: Final = 10.0
+# Bytes of chunks queued for one session: above HIGH the worker is asked to pause that
+# session's generator, below LOW to resume. Memory stays bounded when a client reads slowly.
+QUEUE_HIGH: Final = 1024 * 1024
+QUEUE_LOW: Final = 256 * 1024
+LOG_LINE_LIMIT: Final = 8192
+# Server settings (API keys, admin key) are not the model's business.
+_PRIVATE_ENV_PREFIXES: Final = ("ANYTHING_AGENT_",)
+_cpu_offset = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -70,11 +74,11 @@ class _TurnEnd:
     detail: str | None
 
 
+@dataclass(frozen=True)
 class _Crash:
-    """Queued to sessions whose turn was running when the worker died."""
+    """Queued to a session whose turn was running when its worker died."""
 
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
+    reason: str
 
 
 class _ServerChannel(asyncio.Protocol):
@@ -95,7 +99,7 @@ class _ServerChannel(asyncio.Protocol):
             self.runner.kill_worker()
             return
         for message in messages:
-            self.runner.receive(message)
+            self.runner.receive(message, self.generation)
 
     def send(self, message: list[Any]) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -118,14 +122,16 @@ class IsolatedRunner:
         self._process: asyncio.subprocess.Process | None = None
         self._channel: _ServerChannel | None = None
         self._ready: asyncio.Future[None] | None = None
-        self._loading: int | None = None  # generation loading its model right now
+        self._loading: int | None = None  # the generation loading its model right now
+        self._exiting: int | None = None  # a generation that said it exits (memory limit)
         self._crashes: collections.deque[float] = collections.deque()
         self._closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._cpu_offset = next(_cpu_offset)  # spread workers' cores across the machine
 
     @property
     def alive(self) -> bool:
-        """A worker is (or is about to be) serving; not failed, not stopping."""
+        """A worker is (or is about to be) serving: not failed, not stopping."""
         return self.failed is None and not self._closing
 
     @property
@@ -141,6 +147,9 @@ class IsolatedRunner:
         self.generation += 1
         generation = self.generation
         loop = asyncio.get_running_loop()
+        if self._ready is None or self._ready.done():  # else requests already wait on it
+            self._ready = self._new_ready()
+        self._loading = generation
         parent, child = socket.socketpair()
         spec = {
             "fd": child.fileno(),
@@ -150,10 +159,11 @@ class IsolatedRunner:
             "config": self.spec.config,
             "memory_bytes": self.spec.memory_bytes,
             "cpus": self.spec.cpus,
+            "cpu_offset": self._cpu_offset,
         }
-        if self._ready is None or self._ready.done():  # else: requests already wait on it
-            self._ready = self._new_ready()
-        self._loading = generation
+        environment = {
+            k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_ENV_PREFIXES)
+        }
         try:
             process = await asyncio.create_subprocess_exec(
                 str(self.spec.python),
@@ -169,8 +179,12 @@ class IsolatedRunner:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 cwd=self.spec.model_dir,
+                env=environment,
                 start_new_session=True,  # a terminal's Ctrl-C reaches the server, not us
             )
+        except OSError as exc:
+            parent.close()
+            raise ModelLoadError(f"isolation: cannot start {self.spec.python}: {exc}") from None
         finally:
             child.close()
         self._process = process
@@ -182,8 +196,12 @@ class IsolatedRunner:
         self._track(self._pump(process.stdout, "stdout", process.pid))
         self._track(self._pump(process.stderr, "stderr", process.pid))
         self._track(self._watch(process, generation))
+        if self._closing:  # close() ran while we were starting it
+            self.kill_worker()
+            return
+        ready = self._ready
         try:
-            await asyncio.wait_for(asyncio.shield(self._ready), LOAD_TIMEOUT)
+            await asyncio.wait_for(asyncio.shield(ready), LOAD_TIMEOUT)
         except TimeoutError:
             self.kill_worker()
             raise ModelLoadError(
@@ -206,14 +224,25 @@ class IsolatedRunner:
         task.add_done_callback(self._tasks.discard)
 
     async def _pump(self, stream: asyncio.StreamReader, label: str, pid: int) -> None:
-        """The worker's stdout and stderr go to the server log, prefixed with the model."""
-        while line := await stream.readline():
+        """The worker's stdout and stderr go to the server log, a line each, prefixed with
+        the model. Always drained, so a chatty model never blocks on a full pipe."""
+        pending = b""
+        while data := await stream.read(65536):
+            lines = (pending + data).split(b"\n")
+            pending = lines.pop()
+            if len(pending) > LOG_LINE_LIMIT:
+                lines.append(pending)
+                pending = b""
+            for line in lines:
+                text = line[:LOG_LINE_LIMIT].decode(errors="replace").rstrip()
+                log.info("model %s worker[%d] %s: %s", self.name, pid, label, text)
+        if pending:
             log.info(
                 "model %s worker[%d] %s: %s",
                 self.name,
                 pid,
                 label,
-                line.decode(errors="replace").rstrip(),
+                pending[:LOG_LINE_LIMIT].decode(errors="replace").rstrip(),
             )
 
     async def _watch(self, process: asyncio.subprocess.Process, generation: int) -> None:
@@ -227,24 +256,30 @@ class IsolatedRunner:
                 ModelLoadError(f"main.py: the worker exited while loading the model ({reason})")
             )
             return
-        self._crashed(reason)
+        self._crashed(reason, counted=self._exiting != generation)
 
-    def _crashed(self, reason: str) -> None:
-        log.error("model %s: worker crashed (%s)", self.name, reason)
+    def _crashed(self, reason: str, counted: bool = True) -> None:
+        """A worker died: tell its sessions, then restart it (with backoff) or give up."""
+        (log.error if counted else log.info)("model %s: worker exited (%s)", self.name, reason)
         for session in self.sessions.values():
             session.worker_died(reason)
-        now = time.monotonic()
-        self._crashes.append(now)
-        while self._crashes and now - self._crashes[0] > CRASH_WINDOW:
-            self._crashes.popleft()
-        if len(self._crashes) >= CRASH_LIMIT:
-            self.failed = f"crashed {CRASH_LIMIT} times in {CRASH_WINDOW:g} s; last exit: {reason}"
-            log.error("model %s: %s; not restarting", self.name, self.failed)
-            self.on_failed(self.failed)
-            return
-        delay = min(0.1 * 2 ** (len(self._crashes) - 1), 5.0)
         if self._ready is None or self._ready.done():
             self._ready = self._new_ready()
+        delay = 0.0
+        if counted:
+            now = time.monotonic()
+            self._crashes.append(now)
+            while self._crashes and now - self._crashes[0] > CRASH_WINDOW:
+                self._crashes.popleft()
+            if len(self._crashes) >= CRASH_LIMIT:
+                self.failed = (
+                    f"crashed {CRASH_LIMIT} times in {CRASH_WINDOW:g} s; last exit: {reason}"
+                )
+                log.error("model %s: %s; not restarting", self.name, self.failed)
+                self._ready.set_exception(ModelLoadError(self.failed))
+                self.on_failed(self.failed)
+                return
+            delay = min(0.1 * 2 ** (len(self._crashes) - 1), 5.0)
         self._track(self._restart(delay))
 
     async def _restart(self, delay: float) -> None:
@@ -255,6 +290,9 @@ class IsolatedRunner:
             await self._spawn()
         except ModelLoadError as exc:
             self._crashed(exc.message)
+        except Exception as exc:  # the env vanished, no file handles...: still a crash
+            log.exception("model %s: restarting the worker failed", self.name)
+            self._crashed(f"restart failed: {type(exc).__name__}: {exc}")
 
     async def ensure_running(self) -> int:
         """Wait until a worker is ready (restarts included); its generation."""
@@ -268,11 +306,6 @@ class IsolatedRunner:
         except ModelLoadError as exc:
             raise WorkerCrashed(f"the model's worker could not restart: {exc.message}") from None
         return self.generation
-
-    def expect_exit(self) -> None:
-        """The worker said it is exiting (memory limit): new requests wait for the next."""
-        if self._ready is not None and self._ready.done():
-            self._ready = self._new_ready()
 
     def kill_worker(self) -> None:
         if self._process is not None and self._process.returncode is None:
@@ -305,7 +338,7 @@ class IsolatedRunner:
         if self._channel is not None:
             self._channel.send(message)
 
-    def receive(self, message: list[Any]) -> None:
+    def receive(self, message: list[Any], generation: int) -> None:
         kind = message[0]
         if kind == "ready":
             self.description = message[1] or ""
@@ -315,9 +348,15 @@ class IsolatedRunner:
             return
         if kind == "load_failed":
             if self._ready is not None and not self._ready.done():
-                error = ModelLoadError(message[1], detail=message[2])
-                self._ready.set_exception(error)
+                self._ready.set_exception(ModelLoadError(message[1], detail=message[2]))
             return
+        if kind == "turn_end" and message[2] == "resource_exhausted":
+            # The worker exits right after this message: from now on, requests wait for
+            # its replacement, and the exit is a planned one, not a crash.
+            if generation == self.generation and self._exiting != generation:
+                self._exiting = generation
+                if self._ready is not None and self._ready.done():
+                    self._ready = self._new_ready()
         session = self.sessions.get(message[1])
         if session is not None:
             session.receive(kind, message[2:])
@@ -335,9 +374,10 @@ class IsolatedSession:
         self.runner = runner
         self.sid = sid
         self.generation: int | None = None  # the worker where on_chat_start last ran
-        self._sent_start_to: int | None = None  # the worker that was last asked to start
-        self._reply: asyncio.Future[Any] | None = None
+        self._sent_start_to: int | None = None  # the live worker last asked to start
+        self._replies: dict[str, asyncio.Future[Any]] = {}
         self._queue: asyncio.Queue[str | _TurnEnd | _Crash] | None = None
+        self._queued_bytes = 0
         self._paused = False
 
     # ------------------------------------------------------------------ from the worker
@@ -346,32 +386,38 @@ class IsolatedSession:
             queue = self._queue
             if queue is not None:
                 queue.put_nowait(args[0])
-                if not self._paused and queue.qsize() > QUEUE_HIGH:
+                self._queued_bytes += len(args[0])
+                if not self._paused and self._queued_bytes > QUEUE_HIGH:
                     self._paused = True
                     self.runner.send(["pause", self.sid])
         elif kind == "turn_end":
             if self._queue is not None:
                 self._queue.put_nowait(_TurnEnd(args[0], args[1]))
         elif kind in ("started", "ended"):
-            if self._reply is not None and not self._reply.done():
-                self._reply.set_result(args[0])
+            reply = self._replies.pop(kind, None)
+            if reply is not None and not reply.done():
+                reply.set_result(args[0])
 
     def worker_died(self, reason: str) -> None:
+        self._sent_start_to = None  # nothing of this session lives on in any worker
         if self._queue is not None:
             self._queue.put_nowait(_Crash(reason))
-        if self._reply is not None and not self._reply.done():
-            self._reply.set_exception(WorkerCrashed(reason))
+        for reply in self._replies.values():
+            if not reply.done():
+                reply.set_exception(WorkerCrashed(reason))
+        self._replies.clear()
 
-    async def _request(self, message: list[Any]) -> Any:
-        self._reply = asyncio.get_running_loop().create_future()
+    async def _request(self, message: list[Any], answer: str) -> Any:
+        reply = asyncio.get_running_loop().create_future()
+        self._replies[answer] = reply
         self.runner.send(message)
-        return await self._reply
+        return await reply
 
     # ------------------------------------------------------------------ ModelSession
     async def start(self) -> None:
         generation = await self.runner.ensure_running()
         self._sent_start_to = generation
-        error = await self._request(["start", self.sid])
+        error = await self._request(["start", self.sid], "started")
         self.generation = generation
         if error:
             raise ModelFailed(f"on_chat_start raised in the worker:\n{error}")
@@ -379,51 +425,74 @@ class IsolatedSession:
     async def end(self) -> None:
         try:
             if self._sent_start_to == self.runner.generation and self.runner.alive:
-                error = await asyncio.wait_for(self._request(["end", self.sid]), STOP_TIMEOUT)
+                error = await asyncio.wait_for(
+                    self._request(["end", self.sid], "ended"), STOP_TIMEOUT
+                )
                 if error:
                     raise ModelFailed(f"on_chat_end raised in the worker:\n{error}")
         finally:
             self.runner.sessions.pop(self.sid, None)
 
     async def stream(self, messages: list[Message]) -> AsyncIterator[str]:
-        if self.generation != await self.runner.ensure_running():
+        if self.generation != await self.runner.ensure_running() or self._sent_start_to is None:
             await self.start()  # a new worker: on_chat_start runs again there
         queue: asyncio.Queue[str | _TurnEnd | _Crash] = asyncio.Queue()
-        self._queue, self._paused = queue, False
+        self._queue, self._queued_bytes, self._paused = queue, 0, False
         self.runner.send(["turn", self.sid, messages])
         finished = False
         try:
             while True:
                 item = await queue.get()
                 if isinstance(item, str):
-                    if self._paused and queue.qsize() < QUEUE_LOW:
+                    self._queued_bytes -= len(item)
+                    if self._paused and self._queued_bytes < QUEUE_LOW:
                         self._paused = False
                         self.runner.send(["resume", self.sid])
                     yield item
                     continue
                 finished = True
-                if isinstance(item, _Crash):
-                    raise WorkerCrashed(
-                        "the model's worker crashed; a new one is starting, send your message again"
-                    )
-                if item.outcome == "error":
-                    raise ModelFailed(f"on_chat_messages raised in the worker:\n{item.detail}")
-                if item.outcome == "resource_exhausted":
-                    self.runner.expect_exit()
-                    limit = self.runner.spec.memory_text or "its limit"
-                    raise ResourceExhausted(
-                        f"the turn went past the model's memory limit ({limit}); "
-                        "its worker is being replaced"
-                    )
+                self._raise_for(item)
                 return
         finally:
             if not finished:
-                # Stopped early (cancel, timeout, client gone): close the generator in the
-                # worker and wait until its finally has run there.
-                self.runner.send(["cancel", self.sid])
-                while not isinstance(await queue.get(), (_TurnEnd, _Crash)):
-                    pass
+                await self._cancel_in_worker(queue)
             self._queue = None
+
+    async def _cancel_in_worker(self, queue: asyncio.Queue[str | _TurnEnd | _Crash]) -> None:
+        """Stopped early (cancel, timeout, client gone): close the generator in the worker
+        and wait until its ``finally`` has run there; a worker that never answers is wedged
+        and gets replaced."""
+        self.runner.send(["cancel", self.sid])
+        if self._paused:
+            self.runner.send(["resume", self.sid])
+
+        async def turn_over() -> None:
+            while not isinstance(await queue.get(), (_TurnEnd, _Crash)):
+                pass
+
+        try:
+            await asyncio.wait_for(turn_over(), CLEANUP_LIMIT)
+        except TimeoutError:
+            log.error(
+                "model %s: worker did not end a cancelled turn in %g s; replacing it",
+                self.runner.name,
+                CLEANUP_LIMIT,
+            )
+            self.runner.kill_worker()
+
+    def _raise_for(self, end: _TurnEnd | _Crash) -> None:
+        if isinstance(end, _Crash):
+            raise WorkerCrashed(
+                "the model's worker crashed; a new one is starting, send your message again"
+            )
+        if end.outcome == "error":
+            raise ModelFailed(f"on_chat_messages raised in the worker:\n{end.detail}")
+        if end.outcome == "resource_exhausted":
+            limit = self.runner.spec.memory_text or "its limit"
+            raise ResourceExhausted(
+                f"the turn went past the model's memory limit ({limit}); "
+                "its worker is being replaced"
+            )
 
 
 def describe_exit(code: int) -> str:

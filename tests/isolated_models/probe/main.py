@@ -12,7 +12,7 @@ from ws_server import AnythingBaseModel
 
 class Probe(AnythingBaseModel):
     def record(self, event: str) -> None:
-        folder = Path(os.environ["ANYTHING_AGENT_TEST_EVENTS"])
+        folder = Path(os.environ["MODEL_TEST_EVENTS"])
         with open(folder / f"probe-{self.context['instance']}.log", "a") as log:
             log.write(event + "\n")
 
@@ -51,6 +51,11 @@ class Probe(AnythingBaseModel):
                     await asyncio.sleep(0.05)
             finally:
                 self.record("generator-closed")
+        elif command == "bigprint":
+            print("x" * 100_000)  # one 100 kB line: the server must keep draining stdout
+            yield "printed"
+        elif command == "secrets":
+            yield ",".join(sorted(k for k in os.environ if k.startswith("ANYTHING_AGENT_")))
         elif command == "crash":
             os._exit(3)
         else:

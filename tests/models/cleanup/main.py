@@ -10,7 +10,7 @@ from ws_server import AnythingBaseModel
 
 class Cleanup(AnythingBaseModel):
     def record(self, event: str) -> None:
-        folder = Path(os.environ["ANYTHING_AGENT_TEST_EVENTS"])
+        folder = Path(os.environ["MODEL_TEST_EVENTS"])
         with open(folder / f"{self.context['instance']}.log", "a") as log:
             log.write(event + "\n")
 

@@ -11,14 +11,14 @@ from ws_server import AnythingBaseModel
 
 
 class Recorder(AnythingBaseModel):
-    """Test model: writes hook events to $ANYTHING_AGENT_TEST_EVENTS/<instance>.log."""
+    """Test model: writes hook events to $MODEL_TEST_EVENTS/<instance>.log."""
 
     @classmethod
     def load_resources(cls, model_dir, config):
         return {"load_id": uuid.uuid4().hex}
 
     def record(self, event: str) -> None:
-        folder = Path(os.environ["ANYTHING_AGENT_TEST_EVENTS"])
+        folder = Path(os.environ["MODEL_TEST_EVENTS"])
         with open(folder / f"{self.context['instance']}.log", "a") as log:
             log.write(event + "\n")
 

@@ -9,7 +9,7 @@ from ws_server import AnythingBaseModel
 
 class SlowStart(AnythingBaseModel):
     def record(self, event: str) -> None:
-        folder = Path(os.environ["ANYTHING_AGENT_TEST_EVENTS"])
+        folder = Path(os.environ["MODEL_TEST_EVENTS"])
         tag = self.config["parameters"]["tag"]
         with open(folder / f"slow_start-{tag}.log", "a") as log:
             log.write(event + "\n")
