@@ -151,6 +151,7 @@ def main() -> None:
                 if "isolated" in name:
                     wait_ready(port, "bench")
                 url = f"ws://127.0.0.1:{port}/v1/chat/bench"
+                print(f"measuring {name}...", file=sys.stderr, flush=True)
                 results[name] = uvloop.run(measure(url, args, spawn="spawn" in name))
             finally:
                 process.terminate()

@@ -35,8 +35,8 @@ async def handler(ws: ServerConnection) -> None:
         )
         output, _ = await process.communicate(content.encode())
         for chunk in output.decode().splitlines():
-            await ws.send(json.dumps({"type": "chunk", "turn": turn, "content": chunk}))
-        await ws.send(json.dumps({"type": "done", "turn": turn, "reason": "stop"}))
+            await ws.send(f'{{"type":"chunk","turn":{turn},"content":{json.dumps(chunk)}}}')
+        await ws.send(f'{{"type":"done","turn":{turn},"reason":"stop"}}')
 
 
 async def main() -> None:
