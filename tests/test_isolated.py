@@ -27,9 +27,21 @@ from conftest import (
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from ws_server.environments import find_python
+from ws_server.environments import find_python, interpreters
 
 ISOLATED_MODELS = Path(__file__).resolve().parent / "isolated_models"
+
+
+def _other_python() -> str:
+    """A Python version other than the server's, when the machine has one (pyenv often
+    does), so that choosing ``python_version`` is really exercised; else the server's."""
+    server = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    versions = sorted({p.name.removeprefix("python") for p in interpreters()})
+    usable = [v for v in versions if v != server and tuple(map(int, v.split("."))) >= (3, 9)]
+    return "3.12" if "3.12" in usable else (usable[-1] if usable else server)
+
+
+PROBE_PYTHON = _other_python()
 
 
 def reload(server: ServerProcess) -> dict[str, Any]:
@@ -64,6 +76,9 @@ def start_isolated(tmp_path: Path, start_server: Any, env_cache: Path) -> Any:
         *names: str, extra: tuple[str, ...] = (), env: dict[str, str] | None = None
     ) -> ServerProcess:
         models = copy_models(tmp_path / "models", *names, source=ISOLATED_MODELS)
+        if "probe" in names:
+            config = models / "probe" / "config.yaml"
+            config.write_text(config.read_text().replace('"3.12"', f'"{PROBE_PYTHON}"'))
         live: ServerProcess = start_server(
             models, "--env-cache-dir", str(env_cache), *extra, env=env
         )
@@ -104,10 +119,10 @@ async def test_build_log_is_kept_per_model(start_isolated: Any, env_cache: Path)
 async def test_requested_python_version_and_limits_apply(
     start_isolated: Any, env_cache: Path
 ) -> None:
-    live = start_isolated("probe")  # python_version "3.12", cpu 1, memory 400M
+    live = start_isolated("probe")  # python_version PROBE_PYTHON, cpu 1, memory 400M
     async with chat(live, "probe") as ws:
         found = await facts(ws)
-    assert found["version"] == "3.12"
+    assert found["version"] == PROBE_PYTHON
     assert found["cpus"] == 1
     assert found["pid"] != live.process.pid
     assert found["prefix"].startswith(str(env_cache))  # the env lives in the cache...
@@ -119,7 +134,7 @@ async def test_missing_python_version_names_what_was_found(
 ) -> None:
     live = start_isolated("probe")
     config = live.models_dir / "probe" / "config.yaml"
-    config.write_text(config.read_text().replace('"3.12"', '"3.99"'))
+    config.write_text(config.read_text().replace(f'"{PROBE_PYTHON}"', '"3.99"'))
     reload(live)
     wait_until_built(live)
     row = info(live, "probe")
@@ -246,7 +261,7 @@ async def test_hand_made_venv_in_the_model_directory_is_used(start_isolated: Any
     live = start_isolated("probe")
     model_dir = live.models_dir / "probe"
     uv = Path(sys.executable).parent / "uv"
-    python = find_python("3.12")
+    python = find_python(PROBE_PYTHON)
     subprocess.run(
         [str(uv), "venv", "--quiet", "--python", str(python), str(model_dir / "venv")],
         check=True,

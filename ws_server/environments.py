@@ -197,11 +197,11 @@ def find_python(version: str | None) -> Path:
     without one, the interpreter the server itself runs on."""
     if version is None:
         return Path(getattr(sys, "_base_executable", sys.executable))
-    for candidate in _interpreters():
+    for candidate in interpreters():
         if candidate.name == f"python{version}":
             return candidate
     found = sorted(
-        {c.name.removeprefix("python") for c in _interpreters()},
+        {c.name.removeprefix("python") for c in interpreters()},
         key=lambda v: tuple(int(p) for p in v.split(".")),
     )
     raise ModelLoadError(
@@ -209,7 +209,7 @@ def find_python(version: str | None) -> Path:
     )
 
 
-def _interpreters() -> list[Path]:
+def interpreters() -> list[Path]:
     """Every ``python3.X`` on PATH and in pyenv's versions directory."""
     found: list[Path] = []
     pattern = re.compile(r"^python3\.\d+$")
