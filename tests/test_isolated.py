@@ -352,3 +352,15 @@ async def test_changed_requirements_while_a_session_streams(start_isolated: Any)
         rest = await read_turn(ws)
         assert rest.done["reason"] == "stop" and not rest.errors
         assert (await facts(ws))["pid"] == old_pid
+
+
+async def test_wedged_worker_is_replaced_after_a_cancel(start_isolated: Any) -> None:
+    live = start_isolated("probe")
+    async with chat(live, "probe") as ws:
+        pid = (await facts(ws))["pid"]
+        await ws.send("block")  # time.sleep inside an async generator: the loop is stuck
+        assert (await recv_frame(ws))["content"] == "blocking"
+        await ws.send('{"type":"cancel"}')
+        assert (await read_turn(ws, timeout=15)).done["reason"] == "cancelled"
+        assert (await facts(ws))["pid"] != pid  # a fresh worker serves the next turn
+    live.wait_for_log("worker unresponsive after cancelling a turn; replacing it")

@@ -63,7 +63,7 @@ class EnvironmentBuilder:
         base_version = await _version_of(base)
         parts = [requirements, base_version, SDK_VERSION]
         if _refers_to_paths(requirements):  # "-r base.txt", "./vendor/pkg": model-specific
-            parts.append(str(model_dir))
+            parts += [str(model_dir), *_referenced_files(requirements, model_dir)]
         key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
         env_dir = self.cache_dir / key
         if (env_dir / COMPLETE_MARKER).exists():
@@ -177,6 +177,19 @@ def _refers_to_paths(requirements: str) -> bool:
     return False
 
 
+def _referenced_files(requirements: str, model_dir: Path) -> list[str]:
+    """The contents of files named by ``-r``/``-c`` lines, so editing them rebuilds."""
+    contents = []
+    for line in requirements.splitlines():
+        parts = line.strip().split(maxsplit=1)
+        if len(parts) == 2 and parts[0] in ("-r", "-c", "--requirement", "--constraint"):
+            try:
+                contents.append((model_dir / parts[1]).read_text(encoding="utf-8"))
+            except OSError:
+                contents.append(f"missing:{parts[1]}")
+    return contents
+
+
 def _remove_stale_scratch(cache_dir: Path) -> None:
     """Scratch directories of builds that died with their server (a day old or more)."""
     for scratch in cache_dir.glob("*.building-*"):
@@ -189,7 +202,12 @@ def _remove_stale_scratch(cache_dir: Path) -> None:
 
 # uv never downloads interpreters: a model gets a Python that is on this machine, or a
 # clear "not found" naming those that are.
-_INSTALLER_ENV: Final = {**os.environ, "UV_PYTHON_DOWNLOADS": "never"}
+# Server settings (API and admin keys) stay out of installers and the packages' build
+# scripts they run.
+_INSTALLER_ENV: Final = {
+    **{k: v for k, v in os.environ.items() if not k.startswith("ANYTHING_AGENT_")},
+    "UV_PYTHON_DOWNLOADS": "never",
+}
 
 
 def find_python(version: str | None) -> Path:

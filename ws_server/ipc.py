@@ -5,11 +5,13 @@ length and the UTF-8 JSON. The channel is a socket pair handed to the worker as 
 descriptor, never its stdout, so a model's ``print()`` cannot corrupt it. Standard
 library only: the worker imports this from inside the model's virtualenv.
 
-Server → worker: ``["start", sid]``, ``["turn", sid, messages]``, ``["cancel", sid]``,
-``["pause", sid]``, ``["resume", sid]``, ``["end", sid]``.
+Server → worker: ``["start", sid]``, ``["turn", sid, messages, turn_id]``,
+``["cancel", sid]``, ``["pause", sid]``, ``["resume", sid]``, ``["ping", sid]``,
+``["end", sid]``.
 Worker → server: ``["ready", description]``, ``["load_failed", message, detail]``,
-``["started", sid, error]``, ``["chunk", sid, text]``, ``["turn_end", sid, outcome, detail]``
-(outcome ``stop``, ``cancelled``, ``error`` or ``resource_exhausted``), ``["ended", sid, error]``.
+``["started", sid, error]``, ``["chunk", sid, turn_id, text]``,
+``["turn_end", sid, turn_id, outcome, detail]`` (outcome ``stop``, ``cancelled``,
+``error`` or ``resource_exhausted``), ``["pong", sid, None]``, ``["ended", sid, error]``.
 """
 
 from __future__ import annotations

@@ -309,7 +309,11 @@ class Registry:
         try:
             try:
                 version = await self._load(candidate)
-            except (OSError, ValueError, RuntimeError) as exc:
+            except asyncio.CancelledError:
+                raise
+            except ModelLoadError:
+                raise
+            except Exception as exc:
                 log.exception("model %s: building failed", entry.name)
                 raise ModelLoadError(
                     f"isolation: building the environment failed: {type(exc).__name__}: {exc}"

@@ -138,9 +138,7 @@ class ChatSession:
         try:
             await asyncio.wait_for(self._model.end(), CLEANUP_LIMIT)
         except TimeoutError:
-            self._log(
-                logging.ERROR, "on_chat_end still running after %gs; abandoned", CLEANUP_LIMIT
-            )
+            self._log(logging.ERROR, "on_chat_end did not finish in time; abandoned")
         except Exception:
             self._log(logging.ERROR, "on_chat_end raised", exc_info=True)
         self._log(

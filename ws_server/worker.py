@@ -68,6 +68,7 @@ class WorkerSession:
         self.model = model
         self.starting: asyncio.Task[None] | None = None
         self.turn: asyncio.Task[None] | None = None
+        self.turns: set[asyncio.Task[None]] = set()  # every unfinished turn task
         self.cancel_requested = False  # the server asked: not the model's own CancelledError
         self.flowing = asyncio.Event()  # cleared while the server's queue is full
         self.flowing.set()
@@ -101,8 +102,12 @@ class Worker:
             self.sessions[sid] = session
             session.starting = self.spawn(self.start(sid, session))
         elif kind == "turn" and session is not None:
-            previous = session.turn
-            session.turn = self.spawn(self.run_turn(sid, session, message[2], previous))
+            earlier = set(session.turns)
+            session.turn = self.spawn(self.run_turn(sid, session, message[2], message[3], earlier))
+            session.turns.add(session.turn)
+            session.turn.add_done_callback(session.turns.discard)
+        elif kind == "ping":
+            self.channel.send(["pong", sid, None])
         elif kind == "cancel" and session is not None and session.turn is not None:
             session.cancel_requested = True
             session.turn.cancel()
@@ -130,17 +135,20 @@ class Worker:
         sid: str,
         session: WorkerSession,
         messages: list[Any],
-        previous: asyncio.Task[None] | None,
+        turn_id: int,
+        earlier: set[asyncio.Task[None]],
     ) -> None:
-        if previous is not None and not previous.done():  # turns never overlap
-            previous.cancel()
-            await asyncio.wait({previous})
-        session.flowing.set()
-        session.cancel_requested = False
         channel = self.channel
-        stream = session.model.stream(messages)
         outcome, detail = "stop", None
         try:
+            pending = {t for t in earlier if not t.done()}
+            if pending:  # turns never overlap: earlier ones (being cancelled) finish first
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending)
+            session.flowing.set()
+            session.cancel_requested = False
+            stream = session.model.stream(messages)
             try:
                 sent = 0
                 async for chunk in stream:
@@ -148,7 +156,7 @@ class Worker:
                         await channel.writable.wait()
                     if not session.flowing.is_set():
                         await session.flowing.wait()
-                    channel.send(["chunk", sid, chunk])
+                    channel.send(["chunk", sid, turn_id, chunk])
                     sent += 1
                     if sent % 64 == 0:  # let "pause" and "cancel" in, even if the model
                         await asyncio.sleep(0)  # never awaits between chunks
@@ -160,19 +168,20 @@ class Worker:
             else:  # raised by the model's own code
                 outcome, detail = "error", _describe(exc)
         except MemoryError:
-            await self.out_of_memory(["turn_end", sid, RESOURCE_EXHAUSTED, "MemoryError"])
+            await self.out_of_memory(["turn_end", sid, turn_id, RESOURCE_EXHAUSTED, "MemoryError"])
         except Exception as exc:
             outcome, detail = "error", _describe(exc)
-        channel.send(["turn_end", sid, outcome, detail])
+        channel.send(["turn_end", sid, turn_id, outcome, detail])
 
     async def end(self, sid: str) -> None:
         session = self.sessions.pop(sid, None)
         error = None
         if session is not None:
-            for task in (session.starting, session.turn):
-                if task is not None and not task.done():
-                    task.cancel()
-                    await asyncio.wait({task})
+            running = {t for t in (session.starting, *session.turns) if t and not t.done()}
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.wait(running)
             try:
                 await session.model.end()
             except Exception as exc:

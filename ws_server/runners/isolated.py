@@ -41,9 +41,12 @@ CRASH_LIMIT: Final = 5
 CRASH_WINDOW: Final = 60.0
 LOAD_TIMEOUT: Final = 300.0
 STOP_TIMEOUT: Final = 5.0
-# A stopped turn's generator gets this long to close in the worker; a worker that does
-# not answer by then is wedged and is replaced.
-CLEANUP_LIMIT: Final = 10.0
+# A stopped turn's generator gets this long to close in the worker (shorter than the
+# session's own cleanup limit, so this check always gets to run). If the worker's event
+# loop then does not answer a ping, the worker is wedged and is replaced; if it answers,
+# a blocking step in a thread is still running and the turn is left to finish there.
+CLEANUP_LIMIT: Final = 5.0
+PING_TIMEOUT: Final = 2.0
 # Bytes of chunks queued for one session: above HIGH the worker is asked to pause that
 # session's generator, below LOW to resume. Memory stays bounded when a client reads slowly.
 QUEUE_HIGH: Final = 1024 * 1024
@@ -173,7 +176,7 @@ class IsolatedRunner:
                 "-c",
                 _BOOT,
                 str(PACKAGE_PARENT),
-                json.dumps(spec),
+                json.dumps(spec, default=str),
                 pass_fds=(child.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
@@ -182,7 +185,7 @@ class IsolatedRunner:
                 env=environment,
                 start_new_session=True,  # a terminal's Ctrl-C reaches the server, not us
             )
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             parent.close()
             raise ModelLoadError(f"isolation: cannot start {self.spec.python}: {exc}") from None
         finally:
@@ -308,8 +311,11 @@ class IsolatedRunner:
         return self.generation
 
     def kill_worker(self) -> None:
+        """SIGKILL the current worker; requests wait for its replacement from now on."""
         if self._process is not None and self._process.returncode is None:
             self._process.kill()
+            if self._ready is not None and self._ready.done():
+                self._ready = self._new_ready()
 
     async def close(self) -> None:
         """Stop the worker: close its channel, then SIGTERM, then SIGKILL."""
@@ -350,7 +356,7 @@ class IsolatedRunner:
             if self._ready is not None and not self._ready.done():
                 self._ready.set_exception(ModelLoadError(message[1], detail=message[2]))
             return
-        if kind == "turn_end" and message[2] == "resource_exhausted":
+        if kind == "turn_end" and message[3] == "resource_exhausted":
             # The worker exits right after this message: from now on, requests wait for
             # its replacement, and the exit is a planned one, not a crash.
             if generation == self.generation and self._exiting != generation:
@@ -379,21 +385,24 @@ class IsolatedSession:
         self._queue: asyncio.Queue[str | _TurnEnd | _Crash] | None = None
         self._queued_bytes = 0
         self._paused = False
+        self._turn_id = 0  # numbers this session's turns on the channel
 
     # ------------------------------------------------------------------ from the worker
     def receive(self, kind: str, args: list[Any]) -> None:
+        if kind in ("chunk", "turn_end") and args[0] != self._turn_id:
+            return  # from a turn already given up on (it was wedged, then replaced)
         if kind == "chunk":
             queue = self._queue
             if queue is not None:
-                queue.put_nowait(args[0])
-                self._queued_bytes += len(args[0])
+                queue.put_nowait(args[1])
+                self._queued_bytes += len(args[1])
                 if not self._paused and self._queued_bytes > QUEUE_HIGH:
                     self._paused = True
                     self.runner.send(["pause", self.sid])
         elif kind == "turn_end":
             if self._queue is not None:
-                self._queue.put_nowait(_TurnEnd(args[0], args[1]))
-        elif kind in ("started", "ended"):
+                self._queue.put_nowait(_TurnEnd(args[1], args[2]))
+        elif kind in ("started", "ended", "pong"):
             reply = self._replies.pop(kind, None)
             if reply is not None and not reply.done():
                 reply.set_result(args[0])
@@ -438,7 +447,8 @@ class IsolatedSession:
             await self.start()  # a new worker: on_chat_start runs again there
         queue: asyncio.Queue[str | _TurnEnd | _Crash] = asyncio.Queue()
         self._queue, self._queued_bytes, self._paused = queue, 0, False
-        self.runner.send(["turn", self.sid, messages])
+        self._turn_id += 1
+        self.runner.send(["turn", self.sid, messages, self._turn_id])
         finished = False
         try:
             while True:
@@ -460,8 +470,7 @@ class IsolatedSession:
 
     async def _cancel_in_worker(self, queue: asyncio.Queue[str | _TurnEnd | _Crash]) -> None:
         """Stopped early (cancel, timeout, client gone): close the generator in the worker
-        and wait until its ``finally`` has run there; a worker that never answers is wedged
-        and gets replaced."""
+        and wait until its ``finally`` has run there; a wedged worker gets replaced."""
         self.runner.send(["cancel", self.sid])
         if self._paused:
             self.runner.send(["resume", self.sid])
@@ -473,12 +482,22 @@ class IsolatedSession:
         try:
             await asyncio.wait_for(turn_over(), CLEANUP_LIMIT)
         except TimeoutError:
-            log.error(
-                "model %s: worker did not end a cancelled turn in %g s; replacing it",
-                self.runner.name,
-                CLEANUP_LIMIT,
-            )
-            self.runner.kill_worker()
+            if not await self._worker_responds():
+                log.error(
+                    "model %s: worker unresponsive after cancelling a turn; replacing it",
+                    self.runner.name,
+                )
+                self.runner.kill_worker()
+        except asyncio.CancelledError:
+            self.runner.kill_worker()  # stopped while waiting: never leave it wedged
+            raise
+
+    async def _worker_responds(self) -> bool:
+        try:
+            await asyncio.wait_for(self._request(["ping", self.sid], "pong"), PING_TIMEOUT)
+        except (TimeoutError, WorkerCrashed):
+            return False
+        return True
 
     def _raise_for(self, end: _TurnEnd | _Crash) -> None:
         if isinstance(end, _Crash):

@@ -56,6 +56,11 @@ class Probe(AnythingBaseModel):
             yield "printed"
         elif command == "secrets":
             yield ",".join(sorted(k for k in os.environ if k.startswith("ANYTHING_AGENT_")))
+        elif command == "block":
+            yield "blocking"
+            import time
+
+            time.sleep(60)  # blocks the worker's event loop: the worker is wedged
         elif command == "crash":
             os._exit(3)
         else:
