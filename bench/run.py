@@ -106,8 +106,11 @@ async def measure(url: str, args: argparse.Namespace, spawn: bool = False) -> di
     else:
         rate = await throughput(url, args.connections, args.chunks, args.size, args.turns)
         latencies = sorted(await first_chunk(url, args.samples))
-    return {"chunks_per_s": rate, "first_chunk_p50_us": statistics.median(latencies),
-            "first_chunk_p99_us": latencies[max(0, int(len(latencies) * 0.99) - 1)]}
+    return {
+        "chunks_per_s": rate,
+        "first_chunk_p50_us": statistics.median(latencies),
+        "first_chunk_p99_us": latencies[max(0, int(len(latencies) * 0.99) - 1)],
+    }
 
 
 def wait_ready(port: int, model: str, timeout: float = 300) -> None:
@@ -139,8 +142,13 @@ def main() -> None:
     servers = {
         "bare websockets": [sys.executable, str(HERE / "reference_server.py")],
         "anything-agent shared": [*serve, "--models-dir", str(HERE / "models")],
-        "anything-agent isolated": [*serve, "--models-dir", str(isolated),
-                                    "--env-cache-dir", str(scratch / "envs")],
+        "anything-agent isolated": [
+            *serve,
+            "--models-dir",
+            str(isolated),
+            "--env-cache-dir",
+            str(scratch / "envs"),
+        ],
         "spawn per request (seed)": [sys.executable, str(HERE / "spawn_per_request_server.py")],
     }
     results = {}
@@ -159,15 +167,20 @@ def main() -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     reference = results["bare websockets"]
-    print(f"{args.connections} connections, turns of {args.chunks} chunks of {args.size} B; "
-          f"first chunk over {args.samples} turns on 1 connection")
-    print(f"{'server':<27}{'chunks/s':>11}{'ratio':>7}{'p50 µs':>10}{'p99 µs':>10}"
-          f"{'p50 vs ref':>12}")
+    print(
+        f"{args.connections} connections, turns of {args.chunks} chunks of {args.size} B; "
+        f"first chunk over {args.samples} turns on 1 connection"
+    )
+    print(
+        f"{'server':<27}{'chunks/s':>11}{'ratio':>7}{'p50 µs':>10}{'p99 µs':>10}{'p50 vs ref':>12}"
+    )
     for name, figures in results.items():
-        print(f"{name:<27}{figures['chunks_per_s']:>11,.0f}"
-              f"{figures['chunks_per_s'] / reference['chunks_per_s']:>7.2f}"
-              f"{figures['first_chunk_p50_us']:>10.0f}{figures['first_chunk_p99_us']:>10.0f}"
-              f"{figures['first_chunk_p50_us'] / reference['first_chunk_p50_us']:>11.1f}x")
+        print(
+            f"{name:<27}{figures['chunks_per_s']:>11,.0f}"
+            f"{figures['chunks_per_s'] / reference['chunks_per_s']:>7.2f}"
+            f"{figures['first_chunk_p50_us']:>10.0f}{figures['first_chunk_p99_us']:>10.0f}"
+            f"{figures['first_chunk_p50_us'] / reference['first_chunk_p50_us']:>11.1f}x"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

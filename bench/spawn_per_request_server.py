@@ -23,15 +23,28 @@ MODEL_DIR = HERE / "models" / "bench"
 
 
 async def handler(ws: ServerConnection) -> None:
-    await ws.send(json.dumps({"type": "ready", "session_id": uuid.uuid4().hex[:16],
-                              "model": "bench", "version": "spawn"}))
+    await ws.send(
+        json.dumps(
+            {
+                "type": "ready",
+                "session_id": uuid.uuid4().hex[:16],
+                "model": "bench",
+                "version": "spawn",
+            }
+        )
+    )
     turn = 0
     async for data in ws:
         turn += 1
         content = json.loads(data)["content"]
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-s", "-E", str(RUNNER), str(MODEL_DIR),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-s",
+            "-E",
+            str(RUNNER),
+            str(MODEL_DIR),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
         )
         output, _ = await process.communicate(content.encode())
         for chunk in output.decode().splitlines():
