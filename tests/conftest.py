@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODELS = ROOT / "models"
@@ -144,6 +145,19 @@ def copy_models(target: Path, *names: str, source: Path = TEST_MODELS) -> Path:
     for name in names:
         shutil.copytree(source / name, target / name)
     return target
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Whatever the tests start (servers, `check`) caches under a test directory, never
+    in the user's ~/.cache."""
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache-home"))
+    yield
+    if previous is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
 
 
 @pytest.fixture(scope="session")
@@ -270,6 +284,16 @@ async def run_turn(ws: ClientConnection, message: str | dict[str, Any]) -> Turn:
     """Send a message (plain text or a frame object) and read the whole turn."""
     await ws.send(message if isinstance(message, str) else json.dumps(message))
     return await read_turn(ws)
+
+
+async def refused_handshake(server: ServerProcess, model: str) -> Any:
+    """Open a chat that the server must refuse; the HTTP response it refused with."""
+    try:
+        async with connect(server.chat_url(model)):
+            pass
+    except InvalidStatus as exc:
+        return exc.response
+    raise AssertionError(f"the handshake for {model!r} was accepted")
 
 
 def http(server: ServerProcess, path: str, method: str = "GET") -> tuple[int, dict[str, str], Any]:

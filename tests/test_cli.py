@@ -32,7 +32,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> 
         [str(CLI), *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
         env={**os.environ, **(env or {})},
         cwd=cwd,
     )
@@ -47,6 +47,7 @@ def test_check_lists_shipped_models_and_exits_0() -> None:
     assert rows["echo"] == ["1.0.0", "shared", "ready"]
     assert rows["eliza"] == ["1.0", "shared", "ready"]
     assert rows["test_model"] == ["1.0.0", "shared", "ready"]
+    assert rows["banner"] == ["1.0.0", "isolated", "ready"]  # its env built for the check
 
 
 def test_check_exits_1_and_shows_why_when_a_model_fails(tmp_path: Path) -> None:
