@@ -176,50 +176,20 @@ class Registry:
         """One model's listing row, or ``None`` if there is no such model."""
         entry = self._entries.get(name)
         draining = self._draining.get(name, [])
-        open_sessions = sum(v.sessions for v in draining)
+        sessions = sum(v.sessions for v in draining)
         if entry is None:
-            if not draining:
-                return None
-            newest = draining[-1]
-            return self._row(name, newest, "draining", None, open_sessions)
+            return _row(name, draining[-1], "draining", None, sessions) if draining else None
+        pending = entry.revision if entry.build is not None else None
         if entry.serving is not None:
-            open_sessions += entry.serving.sessions
-            row = self._row(name, entry.serving, "ready", entry.error, open_sessions)
-            row["pending_revision"] = entry.revision if entry.build is not None else None
-            return row
+            sessions += entry.serving.sessions
+            return _row(name, entry.serving, "ready", entry.error, sessions, pending)
         config = entry.config or ModelConfig()
         return {
-            "id": name,
-            "object": "model",
-            "created": None,
-            "owned_by": "anything-agent",
+            **_row(name, None, entry.status, entry.error, sessions, pending),
             "version": config.version or entry.revision,
             "revision": entry.revision,
             "description": config.description or "",
             "mode": "isolated" if config.isolated else "shared",
-            "status": entry.status,
-            "error": entry.error,
-            "sessions": open_sessions,
-            "pending_revision": entry.revision if entry.build is not None else None,
-        }
-
-    @staticmethod
-    def _row(
-        name: str, version: ModelVersion, status: Status, error: str | None, sessions: int
-    ) -> dict[str, Any]:
-        return {
-            "id": name,
-            "object": "model",
-            "created": int(version.loaded_at),
-            "owned_by": "anything-agent",
-            "version": version.version,
-            "revision": version.revision,
-            "description": version.description,
-            "mode": version.mode,
-            "status": status,
-            "error": error,
-            "sessions": sessions,
-            "pending_revision": None,
         }
 
     async def wait_for_builds(self) -> None:
@@ -504,3 +474,28 @@ def _inspect_directory(directory: Path) -> _Candidate:
             "rename the directory or set `name` in config.yaml"
         )
     return _Candidate(name, directory, revision, config, raw, error)
+
+
+def _row(
+    name: str,
+    version: ModelVersion | None,
+    status: Status,
+    error: str | None,
+    sessions: int,
+    pending_revision: str | None = None,
+) -> dict[str, Any]:
+    """A listing row: OpenAI's model object plus ours, filled from the serving version."""
+    return {
+        "id": name,
+        "object": "model",
+        "created": int(version.loaded_at) if version else None,
+        "owned_by": "anything-agent",
+        "version": version.version if version else None,
+        "revision": version.revision if version else None,
+        "description": version.description if version else "",
+        "mode": version.mode if version else None,
+        "status": status,
+        "error": error,
+        "sessions": sessions,
+        "pending_revision": pending_revision,
+    }

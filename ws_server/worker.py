@@ -191,11 +191,7 @@ class Worker:
     async def out_of_memory(self, report: list[Any]) -> None:
         """Tell the server, let the frame reach it, then exit so a fresh worker replaces us."""
         self.channel.send(report)
-        transport = self.channel.transport
-        for _ in range(100):
-            if transport is None or transport.get_write_buffer_size() == 0:
-                break
-            await asyncio.sleep(0.01)
+        await _drain(self.channel)
         os._exit(EXIT_MEMORY)
 
 
@@ -259,6 +255,7 @@ def die_with_parent() -> None:
 
 
 async def _drain(channel: Channel) -> None:
+    """Give what was written up to a second to reach the server before the worker exits."""
     transport = channel.transport
     for _ in range(100):
         if transport is None or transport.get_write_buffer_size() == 0:

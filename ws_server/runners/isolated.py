@@ -379,8 +379,8 @@ class IsolatedSession:
     def __init__(self, runner: IsolatedRunner, sid: str) -> None:
         self.runner = runner
         self.sid = sid
-        self.generation: int | None = None  # the worker where on_chat_start last ran
-        self._sent_start_to: int | None = None  # the live worker last asked to start
+        # The worker (generation) that runs this session's on_chat_start; None once it died.
+        self._sent_start_to: int | None = None
         self._replies: dict[str, asyncio.Future[Any]] = {}
         self._queue: asyncio.Queue[str | _TurnEnd | _Crash] | None = None
         self._queued_bytes = 0
@@ -427,7 +427,6 @@ class IsolatedSession:
         generation = await self.runner.ensure_running()
         self._sent_start_to = generation
         error = await self._request(["start", self.sid], "started")
-        self.generation = generation
         if error:
             raise ModelFailed(f"on_chat_start raised in the worker:\n{error}")
 
@@ -443,7 +442,7 @@ class IsolatedSession:
             self.runner.sessions.pop(self.sid, None)
 
     async def stream(self, messages: list[Message]) -> AsyncIterator[str]:
-        if self.generation != await self.runner.ensure_running() or self._sent_start_to is None:
+        if self._sent_start_to != await self.runner.ensure_running():
             await self.start()  # a new worker: on_chat_start runs again there
         queue: asyncio.Queue[str | _TurnEnd | _Crash] = asyncio.Queue()
         self._queue, self._queued_bytes, self._paused = queue, 0, False
