@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from browser_setup import ChromiumUnavailable, ensure_chromium
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
@@ -33,6 +34,25 @@ SHIPPED_MODELS = ROOT / "models"
 TEST_MODELS = Path(__file__).resolve().parent / "models"
 LISTENING = re.compile(r"listening on ws://([\d.]+):(\d+)")
 RECV_TIMEOUT = 10.0
+# Where a test run leaves what a person may want to look at (the browser tests' screenshots).
+OUTPUT_DIR = Path(os.environ.get("ANYTHING_AGENT_TEST_OUTPUT", ROOT / "test-output"))
+CHROMIUM_PROBLEM = pytest.StashKey[str]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """When browser tests are about to run, make sure Chromium is there (installing it if
+    it can); a failure is kept for those tests to report, so the others still run."""
+    if any(item.get_closest_marker("browser") for item in session.items):
+        try:
+            ensure_chromium()
+        except (ChromiumUnavailable, OSError, subprocess.SubprocessError) as exc:
+            session.config.stash[CHROMIUM_PROBLEM] = str(exc)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    shots = OUTPUT_DIR / "screenshots"
+    if shots.is_dir() and any(shots.iterdir()):
+        terminalreporter.write_line(f"browser screenshots: {shots}")
 
 
 @dataclass

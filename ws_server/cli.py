@@ -1,4 +1,4 @@
-"""The ``anything-agent`` command: serve, check, new."""
+"""The ``anything-agent`` command: serve, chat, check, new."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ws_server import __version__
+from ws_server.client import DEFAULT_URL
 from ws_server.exceptions import SettingsError
 from ws_server.logs import configure_logging
 from ws_server.registry import Registry
 from ws_server.scaffold import create_model
 from ws_server.server import AnythingAgentServer, run_with_best_loop
 from ws_server.settings import add_serve_options, models_dir_from, settings_from
+from ws_server.terminal_client import ChatOptions, run_chat
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +29,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve the models over WebSocket and HTTP")
     add_serve_options(serve)
+
+    chat = commands.add_parser(
+        "chat",
+        help="chat with a model from the terminal",
+        description="Chat with a model: an interactive prompt on a terminal, one message "
+        "per line from a pipe, or one message with -m. Ctrl-C stops a reply; a second "
+        "Ctrl-C quits.",
+    )
+    chat.add_argument("model", help="the model's name, as GET /v1/models lists it")
+    chat.add_argument("--url", default=DEFAULT_URL, help=f"the server (default {DEFAULT_URL})")
+    chat.add_argument(
+        "-m",
+        "--message",
+        metavar="TEXT",
+        help="send TEXT, print the reply and exit (non-zero if the turn failed)",
+    )
+    chat.add_argument(
+        "--json", action="store_true", help="print every frame as received, one JSON per line"
+    )
 
     check = commands.add_parser(
         "check", help="load every model without serving; exit 1 if any failed"
@@ -44,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve(args)
+        if args.command == "chat":
+            return run_chat(ChatOptions(args.url, args.model, args.message, args.json))
         if args.command == "check":
             return check(models_dir_from(args))
         return new(models_dir_from(args), args.name)

@@ -1,7 +1,9 @@
-"""Every error the server raises, each mapped once to a wire error code or HTTP status.
+"""Every error the server and the Python client raise.
 
-Code that refuses something raises one of these; the server turns ``code`` into an
-``error`` frame and ``http_status`` into a handshake refusal. Nothing matches on messages.
+Server side: code that refuses something raises an ``AnythingAgentError``; the server turns
+``code`` into an ``error`` frame and ``http_status`` into a handshake refusal. Client side
+(``ws_server.client``): a ``ClientError`` says what the server answered. Nothing matches
+on messages.
 """
 
 from __future__ import annotations
@@ -116,3 +118,60 @@ class ResourceExhausted(AnythingAgentError):
     """A turn went past the model's memory limit; its worker is replaced."""
 
     code = "resource_exhausted"
+
+
+# --------------------------------------------------------------------- Python client
+class ClientError(Exception):
+    """Base of the errors ``ws_server.client`` raises; ``message`` says what happened."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ChatRefused(ClientError):
+    """The server refused the WebSocket handshake (unknown model, not ready, auth, limits).
+
+    ``status`` is the HTTP status; ``code`` and the message come from its JSON body;
+    ``retry_after`` (seconds) is set while the model is building. ``status`` is 0 when
+    nothing answered at all (no server at that address).
+    """
+
+    def __init__(
+        self, message: str, *, status: int, code: str, retry_after: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.retry_after = retry_after
+
+
+class ServerError(ClientError):
+    """The server sent an ``error`` frame: ``code`` is a protocol error code."""
+
+    def __init__(self, message: str, *, code: str, turn: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.turn = turn
+
+
+class TurnFailed(ServerError):
+    """A turn ended with ``done`` reason ``error`` or ``timeout``; ``reason`` says which
+    and ``partial`` holds what the model yielded before."""
+
+    def __init__(self, message: str, *, code: str, turn: int, reason: str, partial: str) -> None:
+        super().__init__(message, code=code, turn=turn)
+        self.reason = reason
+        self.partial = partial
+
+
+class ConnectionLost(ClientError):
+    """The connection closed while the client expected more (``close_code`` says how)."""
+
+    def __init__(self, message: str, *, close_code: int | None = None) -> None:
+        super().__init__(message)
+        self.close_code = close_code
+
+
+class ProtocolViolation(ClientError):
+    """The server sent something that is not protocol v1."""

@@ -1,7 +1,8 @@
-"""Wire protocol v1: client frames parsed into typed messages, server frames encoded.
+"""Wire protocol v1: frames parsed into typed values and encoded, in both directions.
 
-Pure functions, no I/O: the session feeds in what a socket received and sends what comes
-out. See design.md ("The wire protocol, v1") for the contract this module implements.
+Pure functions, no I/O. The server parses client frames and encodes server frames; the
+Python client (``ws_server.client``) does the reverse with the same module, so both ends
+agree by construction. See design.md ("The wire protocol, v1") for the contract.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from ws_server.exceptions import BadRequest
+from ws_server.exceptions import BadRequest, ProtocolViolation
 
 PROTOCOL_VERSION: Final = "v1"
 
@@ -28,6 +29,7 @@ ErrorCode = Literal[
 ]
 ROLES: Final = ("user", "assistant", "system")
 FRAME_TYPES: Final = ("message", "messages", "cancel")
+DONE_REASONS: Final = ("stop", "cancelled", "timeout", "error")
 
 
 # --------------------------------------------------------------------- client → server
@@ -171,3 +173,103 @@ def encode_error(code: ErrorCode, message: str, turn: int | None = None) -> str:
 def encode_http_error(code: str, message: str) -> bytes:
     """The JSON body of a refused handshake or failed HTTP request."""
     return _dumps({"error": {"code": code, "message": message}}).encode()
+
+
+# --------------------------------------------------------------------- client side
+def encode_message(content: str) -> str:
+    """Append a user message to the session's history and run a turn."""
+    return _dumps({"type": "message", "content": content})
+
+
+def encode_messages(messages: list[dict[str, str]]) -> str:
+    """Replace the session's history and run a turn."""
+    return _dumps({"type": "messages", "messages": messages})
+
+
+def encode_cancel() -> str:
+    """End the running turn."""
+    return '{"type":"cancel"}'
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """The session is open: ``on_chat_start`` has returned."""
+
+    session_id: str
+    model: str
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One piece the model yielded in turn ``turn``."""
+
+    turn: int
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """Turn ``turn`` is over, for ``reason``."""
+
+    turn: int
+    reason: DoneReason
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReport:
+    """An ``error`` frame; ``turn`` is set when it belongs to a turn."""
+
+    code: str
+    message: str
+    turn: int | None = None
+
+
+ServerFrame = Ready | Chunk | Done | ErrorReport
+
+
+def parse_server_frame(data: str | bytes) -> ServerFrame:
+    """Turn one frame a server sent into a typed value, or raise ``ProtocolViolation``.
+
+    Unknown extra fields are ignored, so servers may add some without breaking clients.
+    """
+    if not isinstance(data, str):
+        raise ProtocolViolation("the server sent a binary frame; protocol v1 has none")
+    try:
+        frame = json.loads(data)
+    except (json.JSONDecodeError, RecursionError):
+        raise ProtocolViolation(
+            f"the server sent a frame that is not JSON: {data[:80]!r}"
+        ) from None
+    if not isinstance(frame, dict):
+        raise ProtocolViolation(f"the server sent a frame that is not an object: {data[:80]!r}")
+    kind = frame.get("type")
+    try:
+        if kind == "chunk":
+            return Chunk(_field(frame, "turn", int), _field(frame, "content", str))
+        if kind == "done":
+            reason = _field(frame, "reason", str)
+            if reason not in DONE_REASONS:
+                raise ProtocolViolation(f'unknown done reason "{reason[:40]}"')
+            return Done(_field(frame, "turn", int), reason)
+        if kind == "error":
+            turn = frame.get("turn")
+            if turn is not None and (not isinstance(turn, int) or isinstance(turn, bool)):
+                raise ProtocolViolation('"turn" of an error frame must be an integer')
+            return ErrorReport(_field(frame, "code", str), _field(frame, "message", str), turn)
+        if kind == "ready":
+            return Ready(
+                _field(frame, "session_id", str),
+                _field(frame, "model", str),
+                _field(frame, "version", str),
+            )
+    except ProtocolViolation as exc:
+        raise ProtocolViolation(f"bad {kind} frame from the server: {exc}") from None
+    raise ProtocolViolation(f"the server sent an unknown frame type: {str(kind)[:40]!r}")
+
+
+def _field(frame: dict[str, Any], name: str, kind: type) -> Any:
+    value = frame.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ProtocolViolation(f'field "{name}" is missing or not {kind.__name__}')
+    return value

@@ -1,0 +1,277 @@
+"""The browser chat page at /, driven in Debian's Chromium through Playwright.
+
+Each test leaves a screenshot of where it ended in test-output/screenshots/.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from browser_setup import CHROMIUM
+from conftest import (
+    CHROMIUM_PROBLEM,
+    OUTPUT_DIR,
+    SHIPPED_MODELS,
+    TEST_MODELS,
+    ServerProcess,
+    launch_server,
+)
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+pytestmark = pytest.mark.browser
+
+BROWSER_MODELS = Path(__file__).resolve().parent / "browser_models"
+# Chromium as root in a container, on a machine with no way out: no sandbox (Playwright
+# adds --no-sandbox), no GPU, no background calls home.
+CHROMIUM_ARGS = [
+    "--disable-gpu",
+    "--disable-quic",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SHOTS = OUTPUT_DIR / "screenshots"
+
+
+def browser_models(target: Path) -> Path:
+    """echo as shipped, the scripted test model, and one model that fails to load."""
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(SHIPPED_MODELS / "echo", target / "echo")
+    shutil.copytree(BROWSER_MODELS / "scripted", target / "scripted")
+    shutil.copytree(TEST_MODELS / "broken_syntax", target / "broken_syntax")
+    return target
+
+
+@pytest.fixture(scope="module")
+def web_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    models = browser_models(tmp_path_factory.mktemp("browser-models"))
+    running = launch_server(models, tmp_path_factory.mktemp("browser-events"))
+    yield running
+    assert running.stop() == 0, running.log
+
+
+@pytest.fixture(scope="module")
+def browser(pytestconfig: pytest.Config) -> Iterator[Browser]:
+    problem = pytestconfig.stash.get(CHROMIUM_PROBLEM, None)
+    if problem is not None:
+        pytest.fail(f"the browser tests need Chromium: {problem}", pytrace=False)
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
+    """A fresh browser profile per test; fails the test on any JavaScript error, and saves
+    a screenshot of how the test left the page."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    opened = context.new_page()
+    errors: list[str] = []
+    opened.on("pageerror", lambda error: errors.append(str(error)))
+    yield opened
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    opened.screenshot(path=str(SHOTS / f"{request.node.name}.png"))
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def screenshot(page: Page, name: str) -> None:
+    """Keep a picture of a moment inside a scenario (the end is kept by the fixture)."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"))
+
+
+def open_chat(page: Page, server: ServerProcess, model: str) -> None:
+    """Open the page on ``model`` and wait until its session is ready."""
+    page.goto(f"{server.http_url}/#{model}")
+    expect(page.locator("#model-name")).to_have_text(model)
+    expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+
+
+def say(page: Page, text: str) -> None:
+    page.locator("#input").fill(text)
+    page.locator("#input").press("Enter")
+
+
+def replies(page: Page):  # type: ignore[no-untyped-def]
+    return page.locator(".message.assistant")
+
+
+def finished_reply(page: Page, index: int = -1):  # type: ignore[no-untyped-def]
+    """The reply at ``index`` once its turn is over."""
+    reply = replies(page).nth(index)
+    expect(reply).to_have_attribute("data-reason", re.compile(".+"), timeout=15000)
+    return reply
+
+
+# ---------------------------------------------------------------------- the model picker
+def test_page_lists_models_with_version_description_and_status(
+    page: Page, web_server: ServerProcess
+) -> None:
+    page.goto(web_server.http_url + "/")
+    echo = page.locator('.model[data-model="echo"]')
+    expect(echo).to_contain_text("v1.0.0")
+    expect(echo).to_contain_text("Streams your last message back to you")
+    scripted = page.locator('.model[data-model="scripted"]')
+    expect(scripted).to_contain_text("v2.1")
+    # The first ready model is picked and connected.
+    expect(page.locator("#model-name")).to_have_text("echo")
+    expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+
+
+def test_a_model_that_is_not_ready_is_shown_as_such_and_cannot_be_picked(
+    page: Page, web_server: ServerProcess
+) -> None:
+    open_chat(page, web_server, "echo")
+    broken = page.locator('.model[data-model="broken_syntax"]')
+    expect(broken).to_have_attribute("aria-disabled", "true")
+    expect(broken.locator(".badge")).to_have_text("failed")
+    expect(broken.locator(".model-error")).to_contain_text("main.py")
+    broken.click(force=True)  # Playwright itself sees it as disabled
+    expect(broken).to_have_attribute("aria-selected", "false")
+    expect(page.locator("#model-name")).to_have_text("echo")
+
+
+def test_a_deep_link_to_a_failed_model_picks_a_ready_one(
+    page: Page, web_server: ServerProcess
+) -> None:
+    page.goto(f"{web_server.http_url}/#broken_syntax")
+    expect(page.locator("#model-name")).to_have_text("echo")
+    expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+
+
+# ---------------------------------------------------------------------- chatting
+def test_a_chat_with_echo_streams_the_reply_as_it_arrives(
+    page: Page, web_server: ServerProcess
+) -> None:
+    open_chat(page, web_server, "echo")
+    words = [f"w{n}" for n in range(30)]  # echo waits 50 ms between words: 1.5 s
+    say(page, " ".join(words))
+    expect(page.locator(".message.user .body")).to_have_text(" ".join(words))
+    # Part of the reply is on screen while the rest is still coming.
+    page.wait_for_function(
+        """() => {
+            const reply = document.querySelector(".message.assistant");
+            return reply && reply.classList.contains("streaming")
+                && reply.querySelector(".body").textContent.startsWith("w0 w1");
+        }"""
+    )
+    assert "w29" not in replies(page).first.inner_text()
+    expect(page.locator("#stop")).to_be_visible()
+    reply = finished_reply(page)
+    expect(reply).to_have_attribute("data-reason", "stop")
+    expect(reply.locator(".body")).to_have_text(" ".join(words))
+    expect(page.locator("#send")).to_be_visible()
+
+
+def test_stop_mid_stream_ends_the_turn_and_the_chat_goes_on(
+    page: Page, web_server: ServerProcess
+) -> None:
+    open_chat(page, web_server, "scripted")
+    say(page, "long")
+    expect(replies(page).first.locator(".body")).to_contain_text("word3 ")
+    screenshot(page, "stop_mid_stream-while_streaming")
+    page.locator("#stop").click()
+    reply = finished_reply(page)
+    expect(reply).to_have_attribute("data-reason", "cancelled")
+    expect(reply.locator(".tag")).to_have_text("Stopped")
+    stopped_at = reply.locator(".body").inner_text()
+    assert "word399" not in stopped_at
+    page.wait_for_timeout(300)  # nothing more arrives for a stopped turn
+    assert reply.locator(".body").inner_text() == stopped_at
+    # The session is still usable and remembers the conversation.
+    say(page, "recall")
+    expect(finished_reply(page).locator(".body")).to_have_text("You said 2 things: long | recall")
+
+
+def test_enter_sends_and_shift_enter_makes_a_new_line(
+    page: Page, web_server: ServerProcess
+) -> None:
+    open_chat(page, web_server, "scripted")
+    box = page.locator("#input")
+    box.press_sequentially("first line")
+    box.press("Shift+Enter")
+    box.press_sequentially("second line")
+    expect(page.locator(".message")).to_have_count(0)
+    box.press("Enter")
+    expect(page.locator(".message.user .text")).to_have_text("first line\nsecond line")
+    expect(finished_reply(page).locator(".text")).to_have_text("first line\nsecond line")
+    expect(box).to_have_value("")
+
+
+def test_a_model_error_is_shown_inline_without_its_secrets(
+    page: Page, web_server: ServerProcess
+) -> None:
+    open_chat(page, web_server, "scripted")
+    say(page, "boom")
+    reply = finished_reply(page)
+    expect(reply).to_have_attribute("data-reason", "error")
+    expect(reply.locator(".body")).to_have_text("Starting…")
+    error = reply.locator('.inline-error[data-code="model_error"]')
+    expect(error).to_contain_text("the model raised an error")
+    assert "hunter2" not in page.content()
+    say(page, "still here?")
+    expect(finished_reply(page).locator(".body")).to_have_text("still here?")
+
+
+def test_model_output_can_never_inject_html(page: Page, web_server: ServerProcess) -> None:
+    open_chat(page, web_server, "scripted")
+    say(page, "html")
+    body = finished_reply(page).locator(".body")
+    expect(body).to_contain_text('<img src=x onerror="window.injected = true">')
+    expect(body).to_contain_text("<script>window.injected = true</script>")
+    assert body.locator("img, script, b").count() == 0
+    assert page.evaluate("window.injected") is None
+
+
+def test_code_blocks_in_replies_are_shown_as_code(page: Page, web_server: ServerProcess) -> None:
+    open_chat(page, web_server, "scripted")
+    say(page, "code")
+    reply = finished_reply(page)
+    block = reply.locator("figure.code-block")
+    expect(block.locator("figcaption")).to_contain_text("python")
+    expect(block.locator("pre code")).to_have_text('def greet(name):\n    return f"Hello, {name}!"')
+    expect(reply.locator(".text code")).to_have_text('greet("Ada")')
+
+
+def test_new_chat_starts_a_fresh_session(page: Page, web_server: ServerProcess) -> None:
+    open_chat(page, web_server, "scripted")
+    say(page, "remember me")
+    finished_reply(page)
+    page.locator("#new-chat").click()
+    expect(page.locator(".message")).to_have_count(0)
+    expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+    say(page, "recall")
+    expect(finished_reply(page).locator(".body")).to_have_text("You said 1 things: recall")
+
+
+# ---------------------------------------------------------------------- the connection
+def test_the_page_recovers_after_a_server_restart_and_the_conversation_goes_on(
+    page: Page, start_server: object, tmp_path: Path
+) -> None:
+    models = browser_models(tmp_path / "models")
+    first = start_server(models)  # type: ignore[operator]
+    open_chat(page, first, "scripted")
+    say(page, "before the restart")
+    finished_reply(page)
+
+    assert first.stop() == 0
+    expect(page.locator("#connection")).to_have_attribute("data-state", "reconnecting")
+    expect(page.locator("#connection-label")).to_contain_text("Reconnecting")
+    expect(page.locator("#send")).to_be_disabled()
+    screenshot(page, "server_restart-reconnecting")
+
+    second = start_server(models, "--port", str(first.port))  # type: ignore[operator]
+    assert second.port == first.port
+    expect(page.locator("#connection")).to_have_attribute("data-state", "connected", timeout=20000)
+    say(page, "recall")
+    expect(finished_reply(page).locator(".body")).to_have_text(
+        "You said 2 things: before the restart | recall"
+    )
+    assert second.stop() == 0

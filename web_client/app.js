@@ -1,0 +1,376 @@
+// The chat page: a model picker filled from /v1/models, one conversation at a time.
+//
+// The conversation's history is kept here as well as on the server. When the connection
+// comes back after a drop (a server restart), the new session knows nothing, so the next
+// turn sends the whole history as a "messages" frame and the conversation carries on.
+
+import { ChatConnection } from "./connection.js";
+import { renderPlain, renderReply } from "./render.js";
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  models: $("models"),
+  modelsState: $("models-state"),
+  newChat: $("new-chat"),
+  name: $("model-name"),
+  version: $("model-version"),
+  connection: $("connection"),
+  connectionLabel: $("connection-label"),
+  log: $("log"),
+  empty: $("empty"),
+  emptyTitle: $("empty-title"),
+  emptyDescription: $("empty-description"),
+  composer: $("composer"),
+  input: $("input"),
+  send: $("send"),
+  stop: $("stop"),
+};
+
+const MODEL_REFRESH_MS = 10000;
+const STATUS_TEXT = { ready: "ready", building: "building…", failed: "failed", draining: "draining" };
+
+const app = {
+  models: [],
+  model: null, // the picked model's name
+  connection: null,
+  history: [], // [{role, content}] as the model will see it next
+  resync: false, // the server's session lacks our history (after a reconnect)
+  turnCount: 0,
+  turn: null, // {number, text, element, body, userMessage, stopping, frame}
+};
+
+// ------------------------------------------------------------------ model picker
+async function loadModels() {
+  try {
+    const response = await fetch("/v1/models", { cache: "no-store" });
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    app.models = (await response.json()).data;
+    ui.modelsState.textContent = "";
+  } catch {
+    ui.modelsState.textContent = "offline";
+    return;
+  }
+  renderModels();
+  if (app.model === null) {
+    const wanted = decodeURIComponent(location.hash.slice(1)) || localStorage.getItem("anything-agent.model");
+    const pick = app.models.find((m) => m.id === wanted && m.status === "ready")
+      || app.models.find((m) => m.status === "ready");
+    if (pick) selectModel(pick.id);
+    else showEmpty("No model is ready", app.models.length ? "The models are still loading or failed; see their status on the left." : "Add a directory under models/ and reload.");
+  }
+  const current = app.models.find((m) => m.id === app.model);
+  if (current) showModelHeader(current);
+}
+
+function renderModels() {
+  const items = app.models.map((model) => {
+    const li = document.createElement("li");
+    const ready = model.status === "ready";
+    li.className = "model";
+    li.dataset.model = model.id;
+    li.dataset.status = model.status;
+    li.setAttribute("role", "option");
+    li.setAttribute("aria-selected", String(model.id === app.model));
+    li.setAttribute("aria-disabled", String(!ready));
+    li.tabIndex = ready ? 0 : -1;
+    const top = document.createElement("div");
+    top.className = "model-top";
+    const name = document.createElement("span");
+    name.className = "model-name";
+    name.textContent = model.id;
+    const badge = document.createElement("span");
+    badge.className = `badge ${model.status}`;
+    badge.textContent = ready ? `v${model.version}` : STATUS_TEXT[model.status] || model.status;
+    if (ready && model.mode === "isolated") badge.title = "runs in its own isolated worker";
+    top.append(name, badge);
+    const description = document.createElement("p");
+    description.className = "model-description";
+    description.textContent = model.description || "";
+    li.append(top, description);
+    if (model.error) {
+      const error = document.createElement("p");
+      error.className = "model-error";
+      error.textContent = model.error;
+      li.append(error);
+    }
+    if (ready) {
+      li.addEventListener("click", () => selectModel(model.id));
+      li.addEventListener("keydown", (event) => {
+        if (event.key === "Enter" || event.key === " ") {
+          event.preventDefault();
+          selectModel(model.id);
+        }
+      });
+    } else {
+      li.title = `${model.id} is ${model.status}; it can be picked once it is ready`;
+    }
+    return li;
+  });
+  ui.models.replaceChildren(...items);
+}
+
+function selectModel(name) {
+  if (name === app.model && app.connection && app.connection.state !== "stopped") return;
+  app.model = name;
+  history.replaceState(null, "", `#${encodeURIComponent(name)}`);
+  localStorage.setItem("anything-agent.model", name);
+  for (const li of ui.models.children) li.setAttribute("aria-selected", String(li.dataset.model === name));
+  const info = app.models.find((m) => m.id === name);
+  if (info) showModelHeader(info);
+  newChat();
+}
+
+function showModelHeader(info) {
+  ui.name.textContent = info.id;
+  ui.version.textContent = info.version ? `v${info.version}` : "";
+  document.title = `${info.id} · AnythingAgent`;
+  ui.input.placeholder = `Message ${info.id}…`;
+  if (!app.history.length) showEmpty(info.id, info.description || "Say something to start.");
+}
+
+function showEmpty(title, description) {
+  ui.emptyTitle.textContent = title;
+  ui.emptyDescription.textContent = description;
+}
+
+// ------------------------------------------------------------------ session
+function newChat() {
+  if (app.connection) app.connection.close();
+  app.turn = null;
+  app.history = [];
+  app.resync = false;
+  app.turnCount = 0;
+  ui.log.replaceChildren(ui.empty);
+  ui.empty.hidden = false;
+  const info = app.models.find((m) => m.id === app.model);
+  if (info) showEmpty(info.id, info.description || "Say something to start.");
+  updateComposer();
+  if (app.model === null) return;
+  const connection = new ChatConnection(app.model);
+  app.connection = connection;
+  connection.addEventListener("state", (event) => connection === app.connection && onState(event.detail));
+  connection.addEventListener("frame", (event) => connection === app.connection && onFrame(event.detail));
+  connection.addEventListener("closed", () => connection === app.connection && onClosed());
+  connection.open();
+  ui.input.focus();
+}
+
+function onState({ state, retryIn, reason, version }) {
+  ui.connection.dataset.state = state;
+  let label = { connecting: "Connecting…", connected: "Connected", stopped: "Disconnected" }[state];
+  if (state === "reconnecting") label = `Reconnecting in ${retryIn} s…`;
+  if (state === "connected" && version) ui.version.textContent = `v${version}`;
+  ui.connectionLabel.textContent = label;
+  ui.connection.title = reason || "";
+  if (state === "connected") {
+    app.turnCount = 0; // a new session on the server numbers its turns from 1 again
+    app.resync = app.history.length > 0;
+  }
+  if (state === "reconnecting" || state === "connected") loadModels();
+  if (state === "stopped" && reason) notice("error", "disconnected", `${reason} Use “New chat” to try again.`);
+  updateComposer();
+}
+
+function onClosed() {
+  if (app.turn) endTurn("lost");
+}
+
+function onFrame(frame) {
+  const turn = app.turn;
+  if (turn && frame.turn === turn.number) turn.started = true;
+  switch (frame.type) {
+    case "chunk":
+      if (turn && frame.turn === turn.number) {
+        turn.text += frame.content;
+        scheduleRender();
+      }
+      break;
+    case "done":
+      if (turn && frame.turn === turn.number) endTurn(frame.reason);
+      break;
+    case "error":
+      if (turn && frame.turn === turn.number) {
+        turnError(turn, frame);
+      } else if (turn && frame.turn == null && !turn.text && !turn.started) {
+        turnError(turn, frame); // the message itself was refused (busy, rate limited, …)
+        endTurn("refused");
+      } else {
+        notice("error", frame.code, frame.message);
+      }
+      break;
+    default:
+      break;
+  }
+}
+
+// ------------------------------------------------------------------ turns
+function sendMessage() {
+  const text = ui.input.value;
+  if (!text.trim() || app.turn || !app.connection || app.connection.state !== "connected") return;
+  const userMessage = { role: "user", content: text };
+  const frame = app.resync
+    ? { type: "messages", messages: [...app.history, userMessage] }
+    : { type: "message", content: text };
+  if (!app.connection.send(frame)) return;
+  app.resync = false;
+  ui.input.value = "";
+  autosize();
+  ui.empty.hidden = true;
+  addMessage("user", text);
+  const element = addMessage("assistant", "");
+  element.classList.add("streaming");
+  app.turn = {
+    number: app.turnCount + 1,
+    text: "",
+    element,
+    body: element.querySelector(".body"),
+    userMessage,
+    stopping: false,
+    frame: 0,
+    started: false,
+  };
+  updateComposer();
+}
+
+function stopTurn() {
+  const turn = app.turn;
+  if (!turn || turn.stopping) return;
+  turn.stopping = true;
+  app.connection.send({ type: "cancel" });
+  updateComposer();
+}
+
+function scheduleRender() {
+  const turn = app.turn;
+  if (turn.frame) return;
+  turn.frame = requestAnimationFrame(() => {
+    turn.frame = 0;
+    renderReply(turn.body, turn.text);
+    stickToBottom();
+  });
+}
+
+function endTurn(reason) {
+  const turn = app.turn;
+  app.turn = null;
+  if (turn.frame) cancelAnimationFrame(turn.frame);
+  renderReply(turn.body, turn.text);
+  turn.element.classList.remove("streaming");
+  turn.element.dataset.reason = reason;
+  if (reason === "refused") {
+    turn.element.classList.add("refused");
+  } else {
+    app.turnCount = turn.number;
+    app.history.push(turn.userMessage);
+    if (turn.text) app.history.push({ role: "assistant", content: turn.text });
+  }
+  const tags = {
+    cancelled: turn.stopping ? "Stopped" : "Cancelled by the server",
+    lost: "Interrupted: the connection was lost",
+  };
+  if (tags[reason]) tag(turn.element, tags[reason]);
+  if (!turn.text && reason === "stop") tag(turn.element, "(no reply)");
+  updateComposer();
+  stickToBottom();
+}
+
+function turnError(turn, frame) {
+  const box = document.createElement("div");
+  box.className = "inline-error";
+  box.dataset.code = frame.code;
+  const code = document.createElement("span");
+  code.className = "code";
+  code.textContent = frame.code;
+  const message = document.createElement("span");
+  message.textContent = frame.message;
+  box.append(code, message);
+  turn.element.append(box);
+  stickToBottom();
+}
+
+// ------------------------------------------------------------------ log
+function addMessage(role, text) {
+  const element = document.createElement("article");
+  element.className = `message ${role}`;
+  const who = document.createElement("div");
+  who.className = "who";
+  who.textContent = role === "user" ? "You" : app.model;
+  const body = document.createElement("div");
+  body.className = "body";
+  if (role === "user") renderPlain(body, text);
+  element.append(who, body);
+  ui.log.append(element);
+  stickToBottom(true);
+  return element;
+}
+
+function tag(element, text) {
+  const span = document.createElement("div");
+  span.className = "tag";
+  span.textContent = text;
+  element.append(span);
+}
+
+function notice(kind, code, text) {
+  ui.empty.hidden = true;
+  const box = document.createElement("div");
+  box.className = `notice ${kind}`;
+  box.dataset.code = code;
+  const label = document.createElement("span");
+  label.className = "code";
+  label.textContent = code;
+  const message = document.createElement("span");
+  message.textContent = text;
+  box.append(label, message);
+  ui.log.append(box);
+  stickToBottom(true);
+}
+
+function stickToBottom(force = false) {
+  const log = ui.log;
+  const near = log.scrollHeight - log.scrollTop - log.clientHeight < 120;
+  if (force || near) log.scrollTop = log.scrollHeight;
+}
+
+// ------------------------------------------------------------------ composer
+function updateComposer() {
+  const connected = app.connection && app.connection.state === "connected";
+  const running = app.turn !== null;
+  ui.send.hidden = running;
+  ui.stop.hidden = !running;
+  ui.stop.disabled = running && app.turn.stopping;
+  ui.send.disabled = !connected || !ui.input.value.trim();
+  ui.newChat.disabled = app.model === null;
+}
+
+function autosize() {
+  ui.input.style.height = "auto";
+  ui.input.style.height = `${Math.min(ui.input.scrollHeight, 240)}px`;
+}
+
+ui.composer.addEventListener("submit", (event) => {
+  event.preventDefault();
+  sendMessage();
+});
+ui.input.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    sendMessage();
+  }
+});
+ui.input.addEventListener("input", () => {
+  autosize();
+  updateComposer();
+});
+ui.stop.addEventListener("click", stopTurn);
+ui.newChat.addEventListener("click", () => {
+  newChat();
+});
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && app.turn) stopTurn();
+});
+
+loadModels();
+setInterval(() => {
+  if (!document.hidden) loadModels();
+}, MODEL_REFRESH_MS);

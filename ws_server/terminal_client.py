@@ -1,0 +1,209 @@
+"""``anything-agent chat``: talk to a model from a terminal, a script or a pipe.
+
+The WebSocket session lives on an event loop in a background thread, so it keeps answering
+pings while the main thread waits at the prompt; the main thread owns the terminal (line
+editing, Ctrl-C). Ctrl-C during a reply cancels the turn; a second one, or one at the
+prompt, quits. ``-m`` sends one message and exits non-zero if the turn failed; ``--json``
+prints every frame exactly as received, one per line, for bots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Literal, TextIO, TypeVar
+
+from ws_server.client import ChatClient, Turn
+from ws_server.exceptions import ClientError, TurnFailed
+
+T = TypeVar("T")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+Outcome = Literal["ok", "failed", "stopped"]
+EXIT_CODES: dict[Outcome, int] = {"ok": EXIT_OK, "failed": EXIT_FAILED, "stopped": EXIT_INTERRUPTED}
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """What ``anything-agent chat`` was asked to do."""
+
+    url: str
+    model: str
+    message: str | None = None  # -m: one message, then exit
+    json: bool = False  # --json: raw frames on stdout
+
+
+class _Style:
+    """ANSI colours on a terminal (and not under NO_COLOR), nothing otherwise."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.on = stream.isatty() and "NO_COLOR" not in os.environ
+
+    def __call__(self, text: str, code: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if self.on else text
+
+
+class _IoThread:
+    """An event loop in a daemon thread; ``run`` waits for a coroutine from the main thread,
+    where Ctrl-C arrives as ``KeyboardInterrupt``."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(
+        self, coroutine: Coroutine[Any, Any, T], on_interrupt: Callable[[], bool] | None = None
+    ) -> T:
+        """The coroutine's result. Ctrl-C calls ``on_interrupt``; when there is none or it
+        returns False, the coroutine is cancelled and ``KeyboardInterrupt`` propagates."""
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        while True:
+            try:
+                return future.result()
+            except KeyboardInterrupt:
+                if on_interrupt is None or not on_interrupt():
+                    future.cancel()
+                    raise
+
+    def submit(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        """Start a coroutine without waiting for it."""
+        asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+class TerminalChat:
+    """One ``anything-agent chat`` run."""
+
+    def __init__(self, options: ChatOptions, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> None:
+        self.options = options
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
+        self.interactive = stdin.isatty() and options.message is None and not options.json
+        self.style = _Style(stderr)
+        self.io = _IoThread()
+        self.client: ChatClient | None = None
+
+    def run(self) -> int:
+        try:
+            return self._run()
+        except KeyboardInterrupt:
+            self._note("interrupted")
+            return EXIT_INTERRUPTED
+        except ClientError as exc:
+            self._fail(exc.message)
+            return EXIT_FAILED
+        finally:
+            if self.client is not None:
+                try:
+                    self.io.run(self.client.close())
+                except (KeyboardInterrupt, ClientError):
+                    pass
+            self.io.close()
+
+    def _run(self) -> int:
+        on_frame = self._print_frame if self.options.json else None
+        self.client = self.io.run(
+            ChatClient.open(self.options.url, self.options.model, on_frame=on_frame)
+        )
+        if self.options.message is not None:
+            return EXIT_CODES[self._turn(self.options.message)]
+        if self.interactive:
+            return self._prompt_loop()
+        worst: Outcome = "ok"
+        for line in self.stdin:  # a pipe or a file: one message per line
+            outcome = self._turn(line.rstrip("\n"))
+            if outcome == "stopped":
+                return EXIT_INTERRUPTED
+            if outcome == "failed":
+                worst = outcome
+        return EXIT_CODES[worst]
+
+    def _prompt_loop(self) -> int:
+        import readline  # noqa: F401  (line editing and ↑ history for input())
+
+        client = self.client
+        assert client is not None
+        self._note(
+            f"{client.model} {client.version} · session {client.session_id} · "
+            "Enter sends · Ctrl-C stops a reply · Ctrl-D quits"
+        )
+        prompt = self.style("> ", "1;36") if self.style.on else "> "
+        while True:
+            try:
+                line = input(prompt)
+            except EOFError:  # Ctrl-D
+                self.stderr.write("\n")
+                return EXIT_OK
+            except KeyboardInterrupt:  # Ctrl-C at the prompt
+                self.stderr.write("\n")
+                return EXIT_INTERRUPTED
+            if line.strip():
+                self._turn(line)
+                self.stdout.write("\n")
+
+    def _turn(self, text: str) -> Outcome:
+        """Send one message and stream its reply."""
+        assert self.client is not None
+        turn: Turn = self.io.run(self.client.send(text))
+        cancelling = False
+
+        def interrupt() -> bool:
+            nonlocal cancelling
+            if cancelling:
+                return False  # the second Ctrl-C quits
+            cancelling = True
+            self.io.submit(turn.cancel())
+            return True
+
+        try:
+            self.io.run(self._stream(turn), on_interrupt=interrupt)
+        except TurnFailed as exc:
+            self._end_line(turn)
+            self._fail(f"{exc.code}: {exc.message}")
+            return "failed"
+        self._end_line(turn)
+        if turn.reason == "cancelled":
+            self._note("[stopped]" + (" · Ctrl-C again quits" if self.interactive else ""))
+            return "stopped"
+        return "ok"
+
+    async def _stream(self, turn: Turn) -> None:
+        async for chunk in turn:
+            if not self.options.json:
+                self.stdout.write(chunk)
+                self.stdout.flush()
+
+    def _end_line(self, turn: Turn) -> None:
+        if not self.options.json and turn.chunks and not turn.text.endswith("\n"):
+            self.stdout.write("\n")
+            self.stdout.flush()
+
+    def _print_frame(self, raw: str) -> None:
+        self.stdout.write(raw + "\n")
+        self.stdout.flush()
+
+    def _note(self, text: str) -> None:
+        self.stderr.write(self.style(text, "2") + "\n")
+        self.stderr.flush()
+
+    def _fail(self, text: str) -> None:
+        self.stderr.write(self.style(f"error: {text}", "31") + "\n")
+        self.stderr.flush()
+
+
+def run_chat(options: ChatOptions) -> int:
+    """Run ``anything-agent chat``; the process exit code."""
+    return TerminalChat(options, sys.stdin, sys.stdout, sys.stderr).run()
