@@ -37,12 +37,14 @@ RECV_TIMEOUT = 10.0
 # Where a test run leaves what a person may want to look at (the browser tests' screenshots).
 OUTPUT_DIR = Path(os.environ.get("ANYTHING_AGENT_TEST_OUTPUT", ROOT / "test-output"))
 CHROMIUM_PROBLEM = pytest.StashKey[str]()
+BROWSER_TESTS = pytest.StashKey[bool]()
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """When browser tests are about to run, make sure Chromium is there (installing it if
     it can); a failure is kept for those tests to report, so the others still run."""
     if any(item.get_closest_marker("browser") for item in session.items):
+        session.config.stash[BROWSER_TESTS] = True
         try:
             ensure_chromium()
         except (ChromiumUnavailable, OSError, subprocess.SubprocessError) as exc:
@@ -51,7 +53,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     shots = OUTPUT_DIR / "screenshots"
-    if shots.is_dir() and any(shots.iterdir()):
+    if config.stash.get(BROWSER_TESTS, False) and shots.is_dir():
         terminalreporter.write_line(f"browser screenshots: {shots}")
 
 
@@ -213,6 +215,29 @@ def server(
     )
     running.mode = mode
     wait_until_built(running)
+    yield running
+    assert running.stop() == 0, running.log
+
+
+BROWSER_MODELS = Path(__file__).resolve().parent / "browser_models"
+
+
+def client_models(target: Path) -> Path:
+    """What the client tests (browser, terminal, Python API) talk to: echo as shipped, the
+    scripted test model, models that time out or fail to start, and one that fails to load."""
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(SHIPPED_MODELS / "echo", target / "echo")
+    shutil.copytree(BROWSER_MODELS / "scripted", target / "scripted")
+    for name in ("sleepy", "start_fails", "broken_syntax"):
+        shutil.copytree(TEST_MODELS / name, target / name)
+    return target
+
+
+@pytest.fixture(scope="session")
+def clients_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One shared-mode server for every client test."""
+    models = client_models(tmp_path_factory.mktemp("client-models"))
+    running = launch_server(models, tmp_path_factory.mktemp("client-events"))
     yield running
     assert running.stop() == 0, running.log
 

@@ -124,6 +124,18 @@ async def test_timeout_then_cancel_lets_the_models_cleanup_finish(server: Server
     assert read_events(server, instance) == ["cleanup-done"]
 
 
+async def test_cancel_right_behind_the_message_still_ends_the_turn(
+    server: ServerProcess,
+) -> None:
+    async with chat(server, "slow") as ws:
+        # Both frames arrive together: the turn is cancelled before the model ever runs.
+        await ws.send('{"type":"message","content":"hi"}')
+        await ws.send('{"type":"cancel"}')
+        turn = await read_turn(ws, timeout=5)
+        assert turn.done == {"type": "done", "turn": 1, "reason": "cancelled"}
+        assert (await run_turn(ws, "again")).done["turn"] == 2
+
+
 async def test_cancel_without_a_running_turn_is_ignored(server: ServerProcess) -> None:
     async with chat(server, "echo") as ws:
         await ws.send('{"type":"cancel"}')

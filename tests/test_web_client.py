@@ -6,25 +6,16 @@ Each test leaves a screenshot of where it ended in test-output/screenshots/.
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from browser_setup import CHROMIUM
-from conftest import (
-    CHROMIUM_PROBLEM,
-    OUTPUT_DIR,
-    SHIPPED_MODELS,
-    TEST_MODELS,
-    ServerProcess,
-    launch_server,
-)
+from conftest import CHROMIUM_PROBLEM, OUTPUT_DIR, ServerProcess, client_models
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 pytestmark = pytest.mark.browser
 
-BROWSER_MODELS = Path(__file__).resolve().parent / "browser_models"
 # Chromium as root in a container, on a machine with no way out: no sandbox (Playwright
 # adds --no-sandbox), no GPU, no background calls home.
 CHROMIUM_ARGS = [
@@ -36,23 +27,6 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 SHOTS = OUTPUT_DIR / "screenshots"
-
-
-def browser_models(target: Path) -> Path:
-    """echo as shipped, the scripted test model, and one model that fails to load."""
-    target.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(SHIPPED_MODELS / "echo", target / "echo")
-    shutil.copytree(BROWSER_MODELS / "scripted", target / "scripted")
-    shutil.copytree(TEST_MODELS / "broken_syntax", target / "broken_syntax")
-    return target
-
-
-@pytest.fixture(scope="module")
-def web_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    models = browser_models(tmp_path_factory.mktemp("browser-models"))
-    running = launch_server(models, tmp_path_factory.mktemp("browser-events"))
-    yield running
-    assert running.stop() == 0, running.log
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +86,9 @@ def finished_reply(page: Page, index: int = -1):  # type: ignore[no-untyped-def]
 
 # ---------------------------------------------------------------------- the model picker
 def test_page_lists_models_with_version_description_and_status(
-    page: Page, web_server: ServerProcess
+    page: Page, clients_server: ServerProcess
 ) -> None:
-    page.goto(web_server.http_url + "/")
+    page.goto(clients_server.http_url + "/")
     echo = page.locator('.model[data-model="echo"]')
     expect(echo).to_contain_text("v1.0.0")
     expect(echo).to_contain_text("Streams your last message back to you")
@@ -126,9 +100,9 @@ def test_page_lists_models_with_version_description_and_status(
 
 
 def test_a_model_that_is_not_ready_is_shown_as_such_and_cannot_be_picked(
-    page: Page, web_server: ServerProcess
+    page: Page, clients_server: ServerProcess
 ) -> None:
-    open_chat(page, web_server, "echo")
+    open_chat(page, clients_server, "echo")
     broken = page.locator('.model[data-model="broken_syntax"]')
     expect(broken).to_have_attribute("aria-disabled", "true")
     expect(broken.locator(".badge")).to_have_text("failed")
@@ -139,18 +113,18 @@ def test_a_model_that_is_not_ready_is_shown_as_such_and_cannot_be_picked(
 
 
 def test_a_deep_link_to_a_failed_model_picks_a_ready_one(
-    page: Page, web_server: ServerProcess
+    page: Page, clients_server: ServerProcess
 ) -> None:
-    page.goto(f"{web_server.http_url}/#broken_syntax")
+    page.goto(f"{clients_server.http_url}/#broken_syntax")
     expect(page.locator("#model-name")).to_have_text("echo")
     expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
 
 
 # ---------------------------------------------------------------------- chatting
 def test_a_chat_with_echo_streams_the_reply_as_it_arrives(
-    page: Page, web_server: ServerProcess
+    page: Page, clients_server: ServerProcess
 ) -> None:
-    open_chat(page, web_server, "echo")
+    open_chat(page, clients_server, "echo")
     words = [f"w{n}" for n in range(30)]  # echo waits 50 ms between words: 1.5 s
     say(page, " ".join(words))
     expect(page.locator(".message.user .body")).to_have_text(" ".join(words))
@@ -171,9 +145,9 @@ def test_a_chat_with_echo_streams_the_reply_as_it_arrives(
 
 
 def test_stop_mid_stream_ends_the_turn_and_the_chat_goes_on(
-    page: Page, web_server: ServerProcess
+    page: Page, clients_server: ServerProcess
 ) -> None:
-    open_chat(page, web_server, "scripted")
+    open_chat(page, clients_server, "scripted")
     say(page, "long")
     expect(replies(page).first.locator(".body")).to_contain_text("word3 ")
     screenshot(page, "stop_mid_stream-while_streaming")
@@ -191,9 +165,9 @@ def test_stop_mid_stream_ends_the_turn_and_the_chat_goes_on(
 
 
 def test_enter_sends_and_shift_enter_makes_a_new_line(
-    page: Page, web_server: ServerProcess
+    page: Page, clients_server: ServerProcess
 ) -> None:
-    open_chat(page, web_server, "scripted")
+    open_chat(page, clients_server, "scripted")
     box = page.locator("#input")
     box.press_sequentially("first line")
     box.press("Shift+Enter")
@@ -206,9 +180,9 @@ def test_enter_sends_and_shift_enter_makes_a_new_line(
 
 
 def test_a_model_error_is_shown_inline_without_its_secrets(
-    page: Page, web_server: ServerProcess
+    page: Page, clients_server: ServerProcess
 ) -> None:
-    open_chat(page, web_server, "scripted")
+    open_chat(page, clients_server, "scripted")
     say(page, "boom")
     reply = finished_reply(page)
     expect(reply).to_have_attribute("data-reason", "error")
@@ -220,8 +194,8 @@ def test_a_model_error_is_shown_inline_without_its_secrets(
     expect(finished_reply(page).locator(".body")).to_have_text("still here?")
 
 
-def test_model_output_can_never_inject_html(page: Page, web_server: ServerProcess) -> None:
-    open_chat(page, web_server, "scripted")
+def test_model_output_can_never_inject_html(page: Page, clients_server: ServerProcess) -> None:
+    open_chat(page, clients_server, "scripted")
     say(page, "html")
     body = finished_reply(page).locator(".body")
     expect(body).to_contain_text('<img src=x onerror="window.injected = true">')
@@ -230,8 +204,10 @@ def test_model_output_can_never_inject_html(page: Page, web_server: ServerProces
     assert page.evaluate("window.injected") is None
 
 
-def test_code_blocks_in_replies_are_shown_as_code(page: Page, web_server: ServerProcess) -> None:
-    open_chat(page, web_server, "scripted")
+def test_code_blocks_in_replies_are_shown_as_code(
+    page: Page, clients_server: ServerProcess
+) -> None:
+    open_chat(page, clients_server, "scripted")
     say(page, "code")
     reply = finished_reply(page)
     block = reply.locator("figure.code-block")
@@ -240,8 +216,8 @@ def test_code_blocks_in_replies_are_shown_as_code(page: Page, web_server: Server
     expect(reply.locator(".text code")).to_have_text('greet("Ada")')
 
 
-def test_new_chat_starts_a_fresh_session(page: Page, web_server: ServerProcess) -> None:
-    open_chat(page, web_server, "scripted")
+def test_new_chat_starts_a_fresh_session(page: Page, clients_server: ServerProcess) -> None:
+    open_chat(page, clients_server, "scripted")
     say(page, "remember me")
     finished_reply(page)
     page.locator("#new-chat").click()
@@ -255,7 +231,7 @@ def test_new_chat_starts_a_fresh_session(page: Page, web_server: ServerProcess) 
 def test_the_page_recovers_after_a_server_restart_and_the_conversation_goes_on(
     page: Page, start_server: object, tmp_path: Path
 ) -> None:
-    models = browser_models(tmp_path / "models")
+    models = client_models(tmp_path / "models")
     first = start_server(models)  # type: ignore[operator]
     open_chat(page, first, "scripted")
     say(page, "before the restart")

@@ -223,6 +223,10 @@ class ChatSession:
             )
             task.cancel()
             await asyncio.wait({task})
+        if task.cancelled() and self._stop_reason != _DISCONNECTED:
+            # Cancelled before its first step (a cancel right behind the message): the
+            # turn's own code never ran, so it falls to us to end the turn for the client.
+            await self._send(protocol.encode_done(self.turn, self._stop_reason))  # type: ignore[arg-type]
 
     def _expire(self, task: asyncio.Task[None]) -> None:
         if self._turn_task is task and not task.done() and self._stop_reason is None:

@@ -1,0 +1,172 @@
+"""``anything-agent chat``: one message with -m, raw frames with --json, one message per
+line from a pipe, and the interactive prompt on a real pseudo-terminal with Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from conftest import ServerProcess
+
+CLI = Path(sys.executable).parent / "anything-agent"
+
+
+def chat_cli(server: ServerProcess, *args: str, stdin: str | None = None) -> Any:
+    return subprocess.run(
+        [str(CLI), "chat", *args, "--url", server.ws_url],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+    )
+
+
+def test_m_prints_the_reply_and_exits_0(clients_server: ServerProcess) -> None:
+    result = chat_cli(clients_server, "echo", "-m", "hello there")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "hello there\n", "")
+
+
+def test_m_exits_1_and_names_the_error_when_the_turn_fails(
+    clients_server: ServerProcess,
+) -> None:
+    result = chat_cli(clients_server, "scripted", "-m", "boom")
+    assert result.returncode == 1
+    assert result.stdout == "Starting… \n"  # what arrived before the error
+    assert "error: model_error: the model raised an error" in result.stderr
+    assert "hunter2" not in result.stderr
+
+
+def test_an_unknown_model_exits_1_with_the_servers_reason(clients_server: ServerProcess) -> None:
+    result = chat_cli(clients_server, "nobody", "-m", "hi")
+    assert result.returncode == 1
+    assert "no model named 'nobody'" in result.stderr and "HTTP 404" in result.stderr
+
+
+def test_no_server_exits_1_saying_it_cannot_connect(unused_tcp_port: int) -> None:
+    result = subprocess.run(
+        [str(CLI), "chat", "echo", "-m", "hi", "--url", f"ws://127.0.0.1:{unused_tcp_port}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert f"cannot connect to ws://127.0.0.1:{unused_tcp_port}/v1/chat/echo" in result.stderr
+
+
+def test_json_prints_every_frame_as_received(clients_server: ServerProcess) -> None:
+    result = chat_cli(clients_server, "echo", "--json", "-m", "a b")
+    assert result.returncode == 0, result.stderr
+    frames = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [f["type"] for f in frames] == ["ready", "chunk", "chunk", "done"]
+    assert frames[0]["model"] == "echo"
+    assert [f["content"] for f in frames[1:3]] == ["a", " b"]
+    assert frames[3] == {"type": "done", "turn": 1, "reason": "stop"}
+
+
+def test_a_pipe_sends_one_message_per_line_in_one_session(clients_server: ServerProcess) -> None:
+    result = chat_cli(clients_server, "scripted", stdin="first\nsecond\nrecall\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "first",
+        "second",
+        "You said 3 things: first | second | recall",
+    ]
+
+
+def test_ctrl_c_during_m_stops_the_reply_and_exits_130(clients_server: ServerProcess) -> None:
+    process = subprocess.Popen(
+        [str(CLI), "chat", "scripted", "-m", "long", "--url", clients_server.ws_url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    assert process.stdout.read(6) == "word1 "  # the reply is streaming
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=10)
+    assert process.returncode == 130
+    assert "word399" not in out
+    assert "[stopped]" in err
+
+
+# ---------------------------------------------------------------------- interactive
+class Terminal:
+    """``anything-agent chat`` on a pseudo-terminal, as a person at a keyboard runs it."""
+
+    def __init__(self, *argv: str) -> None:
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: the terminal is its controlling tty
+            env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb"}
+            os.execve(str(CLI), [str(CLI), *argv], env)
+        self.pid, self.fd = pid, fd
+        self.screen = ""
+        self.cursor = 0  # where the last awaited text ended
+
+    def type(self, keys: str) -> None:
+        os.write(self.fd, keys.encode())
+
+    def wait_for(self, text: str, timeout: float = 10) -> None:
+        """Read the screen until ``text`` appears after the previously awaited text."""
+        deadline = time.monotonic() + timeout
+        while text not in self.screen[self.cursor :]:
+            remaining = deadline - time.monotonic()
+            ready, _, _ = select.select([self.fd], [], [], max(remaining, 0))
+            if not ready:
+                raise AssertionError(f"{text!r} never appeared on the terminal:\n{self.screen}")
+            try:
+                self.screen += os.read(self.fd, 4096).decode(errors="replace")
+            except OSError:  # the program exited
+                raise AssertionError(f"exited before {text!r}:\n{self.screen}") from None
+        self.cursor = self.screen.index(text, self.cursor) + len(text)
+
+    def exit_code(self, timeout: float = 10) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                os.close(self.fd)
+                return os.waitstatus_to_exitcode(status)
+            try:
+                os.read(self.fd, 4096)
+            except OSError:
+                time.sleep(0.05)
+        os.kill(self.pid, signal.SIGKILL)
+        raise AssertionError(f"still running:\n{self.screen}")
+
+
+def test_the_prompt_streams_replies_keeps_history_and_ctrl_c_stops_then_quits(
+    clients_server: ServerProcess,
+) -> None:
+    term = Terminal("chat", "scripted", "--url", clients_server.ws_url)
+    term.wait_for("Ctrl-C stops a reply")
+    term.wait_for("> ")
+    term.type("long\r")
+    term.wait_for("word3 ")
+    term.type("\x03")  # Ctrl-C: stops the reply, the session goes on
+    term.wait_for("[stopped]")
+    term.wait_for("> ")
+    term.type("recall\r")
+    term.wait_for("You said 2 things: long | recall")
+    term.wait_for("> ")
+    term.type("\x03")  # Ctrl-C at the prompt quits
+    assert term.exit_code() == 130
+    assert "word399" not in term.screen
+
+
+def test_ctrl_d_at_the_prompt_quits_with_0(clients_server: ServerProcess) -> None:
+    term = Terminal("chat", "echo", "--url", clients_server.ws_url)
+    term.wait_for("> ")
+    term.type("hi\r")
+    term.wait_for("hi")
+    term.wait_for("> ")
+    term.type("\x04")
+    assert term.exit_code() == 0
