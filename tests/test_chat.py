@@ -316,5 +316,7 @@ async def test_many_concurrent_sessions_stream_independently(server: ServerProce
 async def test_banner_example_draws_with_its_own_dependency(server: ServerProcess) -> None:
     async with chat(server, "banner") as ws:  # isolated: pyfiglet lives in its own env
         turn = await run_turn(ws, "Hi")
-    assert len(turn.chunks) >= 4 and all(c.endswith("\n") for c in turn.chunks)
+    fence, *art, end = turn.chunks
+    assert (fence, end) == ("```\n", "```")  # a code block: monospace in chat pages
+    assert len(art) >= 4 and all(line.endswith("\n") for line in art)
     assert "|_|" in turn.text

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from ws_server import protocol
-from ws_server.exceptions import BadRequest
+from ws_server.exceptions import BadRequest, ProtocolViolation
 from ws_server.protocol import CancelTurn, ReplaceHistory, UserMessage, parse_client_frame
 
 
@@ -115,3 +115,49 @@ def test_server_frames_are_compact_json() -> None:
     assert json.loads(protocol.encode_http_error("not_found", "no")) == {
         "error": {"code": "not_found", "message": "no"}
     }
+
+
+# --------------------------------------------------------------------- the client side
+def test_client_frames_encode_to_what_the_server_parses() -> None:
+    assert parse_client_frame(protocol.encode_message("{not json")) == UserMessage("{not json")
+    history = [{"role": "user", "content": "hi"}]
+    assert parse_client_frame(protocol.encode_messages(history)) == ReplaceHistory(history)
+    assert parse_client_frame(protocol.encode_cancel()) == CancelTurn()
+
+
+def test_server_frames_parse_back_to_what_was_encoded() -> None:
+    parse = protocol.parse_server_frame
+    assert parse(protocol.encode_ready("s1", "echo", "1.0")) == protocol.Ready("s1", "echo", "1.0")
+    assert parse(protocol.encode_chunk(3, 'a "quoted"\n')) == protocol.Chunk(3, 'a "quoted"\n')
+    assert parse(protocol.encode_done(3, "timeout")) == protocol.Done(3, "timeout")
+    assert parse(protocol.encode_error("busy", "wait")) == protocol.ErrorReport("busy", "wait")
+    assert parse(protocol.encode_error("timeout", "slow", 2)) == protocol.ErrorReport(
+        "timeout", "slow", 2
+    )
+
+
+def test_server_frames_may_carry_extra_fields() -> None:
+    frame = '{"type":"chunk","turn":1,"content":"x","model_extra":true}'
+    assert protocol.parse_server_frame(frame) == protocol.Chunk(1, "x")
+
+
+@pytest.mark.parametrize(
+    ("data", "complaint"),
+    [
+        (b"{}", "binary frame"),
+        ("hello", "not JSON"),
+        ("[1]", "not an object"),
+        ('{"type":"chunk","turn":"1","content":"x"}', 'field "turn"'),
+        ('{"type":"chunk","turn":true,"content":"x"}', 'field "turn"'),
+        ('{"type":"chunk","turn":1}', 'field "content"'),
+        ('{"type":"done","turn":1,"reason":"bored"}', "unknown done reason"),
+        ('{"type":"error","code":"x","message":"y","turn":"2"}', '"turn" of an error frame'),
+        ('{"type":"ready","session_id":"s","model":"m"}', 'field "version"'),
+        ('{"type":"welcome"}', "unknown frame type"),
+    ],
+)
+def test_a_server_frame_that_is_not_v1_is_a_protocol_violation(
+    data: str | bytes, complaint: str
+) -> None:
+    with pytest.raises(ProtocolViolation, match=complaint):
+        protocol.parse_server_frame(data)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from browser_setup import CHROMIUM
@@ -42,17 +43,24 @@ def browser(pytestconfig: pytest.Config) -> Iterator[Browser]:
 
 @pytest.fixture
 def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
-    """A fresh browser profile per test; fails the test on any JavaScript error, and saves
-    a screenshot of how the test left the page."""
+    """A fresh browser profile per test; fails the test on any JavaScript error or any
+    request that leaves this machine (the page must work with no internet), and saves a
+    screenshot of how the test left the page."""
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     opened = context.new_page()
     errors: list[str] = []
+    elsewhere: list[str] = []
     opened.on("pageerror", lambda error: errors.append(str(error)))
+    opened.on(
+        "request",
+        lambda sent: urlsplit(sent.url).hostname == "127.0.0.1" or elsewhere.append(sent.url),
+    )
     yield opened
     SHOTS.mkdir(parents=True, exist_ok=True)
     opened.screenshot(path=str(SHOTS / f"{request.node.name}.png"))
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+    assert not elsewhere, f"the page reached beyond this machine: {elsewhere}"
 
 
 def screenshot(page: Page, name: str) -> None:

@@ -8,7 +8,8 @@ from ws_server import AnythingBaseModel
 
 
 class Banner(AnythingBaseModel):
-    """Draws your message in big ASCII-art letters, one line per chunk.
+    """Draws your message in big ASCII-art letters, one line per chunk, inside a ``` code
+    block so that chat pages (like the web client) show it in a monospace font.
 
     Send "/font NAME" to switch font (try slant, small, big, banner3); "/fonts" lists them.
     Runs isolated: pyfiglet lives only in this model's own virtualenv.
@@ -31,5 +32,7 @@ class Banner(AnythingBaseModel):
             yield f"Font set to {font}."
             return
         art = pyfiglet.figlet_format(text or "hello", font=self.context["font"], width=100)
+        yield "```\n"
         for line in art.rstrip("\n").split("\n"):
             yield line + "\n"
+        yield "```"
