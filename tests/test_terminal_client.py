@@ -82,6 +82,13 @@ def test_a_pipe_sends_one_message_per_line_in_one_session(clients_server: Server
     ]
 
 
+def test_a_pipe_skips_blank_lines_and_takes_crlf_line_ends(clients_server: ServerProcess) -> None:
+    result = chat_cli(clients_server, "scripted", "--json", stdin="a\r\n\n  \nrecall\r\n")
+    assert result.returncode == 0, result.stderr
+    chunks = [f["content"] for f in map(json.loads, result.stdout.splitlines()) if "content" in f]
+    assert chunks == ["a", "You said 2 things: a | recall"]
+
+
 def test_ctrl_c_during_m_stops_the_reply_and_exits_130(clients_server: ServerProcess) -> None:
     process = subprocess.Popen(
         [str(CLI), "chat", "scripted", "-m", "long", "--url", clients_server.ws_url],
@@ -162,11 +169,38 @@ def test_the_prompt_streams_replies_keeps_history_and_ctrl_c_stops_then_quits(
     assert "word399" not in term.screen
 
 
-def test_ctrl_d_at_the_prompt_quits_with_0(clients_server: ServerProcess) -> None:
-    term = Terminal("chat", "echo", "--url", clients_server.ws_url)
+def test_a_second_ctrl_c_quits_while_the_model_is_still_cleaning_up(
+    clients_server: ServerProcess,
+) -> None:
+    term = Terminal("chat", "scripted", "--url", clients_server.ws_url)
     term.wait_for("> ")
-    term.type("hi\r")
-    term.wait_for("hi")
+    term.type("stubborn\r")
+    term.wait_for("holding on")
+    term.type("\x03")  # the model's cleanup takes 5 s after this
+    term.wait_for("stopping…")
+    started = time.monotonic()
+    term.type("\x03")
+    assert term.exit_code() == 130
+    assert time.monotonic() - started < 3
+    assert "[stopped]" not in term.screen
+
+
+def test_model_output_cannot_drive_the_terminal(clients_server: ServerProcess) -> None:
+    term = Terminal("chat", "scripted", "--url", clients_server.ws_url)
+    term.wait_for("> ")
+    term.type("escapes\r")
+    term.wait_for("title cleared bell done")  # the text, without its escape sequences
+    assert "\x1b]0;" not in term.screen and "\x1b[2J" not in term.screen
+    assert "\x07" not in term.screen
+    term.type("\x04")
+    assert term.exit_code() == 0
+
+
+def test_ctrl_d_at_the_prompt_quits_with_0(clients_server: ServerProcess) -> None:
+    term = Terminal("chat", "scripted", "--url", clients_server.ws_url)
+    term.wait_for("> ")
+    term.type("recall\r")
+    term.wait_for("You said 1 things: recall")
     term.wait_for("> ")
     term.type("\x04")
     assert term.exit_code() == 0

@@ -204,12 +204,41 @@ def test_a_model_error_is_shown_inline_without_its_secrets(
 
 def test_model_output_can_never_inject_html(page: Page, clients_server: ServerProcess) -> None:
     open_chat(page, clients_server, "scripted")
-    say(page, "html")
+    say(page, "html")  # markup in plain text, bold, inline code, links and a code fence
     body = finished_reply(page).locator(".body")
     expect(body).to_contain_text('<img src=x onerror="window.injected = true">')
     expect(body).to_contain_text("<script>window.injected = true</script>")
-    assert body.locator("img, script, b").count() == 0
+    assert body.locator("img, script, b, [onerror]").count() == 0
     assert page.evaluate("window.injected") is None
+    hrefs = [
+        body.locator("a").nth(i).get_attribute("href") for i in range(body.locator("a").count())
+    ]
+    assert hrefs == ["https://x.test/"]  # javascript: and user@host links stay text
+    expect(body).to_contain_text("http://trusted.test@evil.test/login")
+
+
+def test_links_keep_balanced_parentheses_and_leave_trailing_punctuation(
+    page: Page, clients_server: ServerProcess
+) -> None:
+    open_chat(page, clients_server, "scripted")
+    say(page, "see https://en.wikipedia.org/wiki/Eliza_(program). (or https://example.test/a),")
+    link = finished_reply(page).locator(".body a")
+    expect(link).to_have_count(2)
+    assert link.nth(0).get_attribute("href") == "https://en.wikipedia.org/wiki/Eliza_(program)"
+    assert link.nth(1).get_attribute("href") == "https://example.test/a"
+    assert link.nth(0).get_attribute("rel") == "noopener noreferrer nofollow"
+
+
+def test_a_message_over_the_frame_limit_is_refused_and_the_chat_goes_on(
+    page: Page, clients_server: ServerProcess
+) -> None:
+    open_chat(page, clients_server, "scripted")
+    say(page, "x" * (1024 * 1024 + 10))  # the server's default --max-frame-size is 1 MiB
+    error = page.locator('.inline-error[data-code="too_large"]')
+    expect(error).to_contain_text("too large")
+    expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+    say(page, "recall")  # the refused message is not part of the conversation
+    expect(finished_reply(page).locator(".body")).to_have_text("You said 1 things: recall")
 
 
 def test_code_blocks_in_replies_are_shown_as_code(

@@ -24,6 +24,7 @@ const ui = {
   input: $("input"),
   send: $("send"),
   stop: $("stop"),
+  stopLabel: $("stop-label"),
 };
 
 const MODEL_REFRESH_MS = 10000;
@@ -35,6 +36,9 @@ const app = {
   connection: null,
   history: [], // [{role, content}] as the model will see it next
   resync: false, // the server's session lacks our history (after a reconnect)
+  sessionVersion: null, // the version the open session is pinned to
+  listing: "", // the last /v1/models answer, to redraw the picker only when it changed
+  countdown: null,
   turnCount: 0,
   turn: null, // {number, text, element, body, userMessage, stopping, frame}
 };
@@ -44,15 +48,19 @@ async function loadModels() {
   try {
     const response = await fetch("/v1/models", { cache: "no-store" });
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
-    app.models = (await response.json()).data;
+    const listing = await response.text();
+    app.models = JSON.parse(listing).data;
     ui.modelsState.textContent = "";
+    if (listing !== app.listing) {
+      app.listing = listing;
+      renderModels();
+    }
   } catch {
     ui.modelsState.textContent = "offline";
     return;
   }
-  renderModels();
   if (app.model === null) {
-    const wanted = decodeURIComponent(location.hash.slice(1)) || localStorage.getItem("anything-agent.model");
+    const wanted = hashModel() || localStorage.getItem("anything-agent.model");
     const pick = app.models.find((m) => m.id === wanted && m.status === "ready")
       || app.models.find((m) => m.status === "ready");
     if (pick) selectModel(pick.id);
@@ -62,7 +70,17 @@ async function loadModels() {
   if (current) showModelHeader(current);
 }
 
+function hashModel() {
+  try {
+    return decodeURIComponent(location.hash.slice(1));
+  } catch {
+    return ""; // a malformed #… is no reason to fail
+  }
+}
+
 function renderModels() {
+  const focused = document.activeElement && document.activeElement.dataset
+    ? document.activeElement.dataset.model : undefined;
   const items = app.models.map((model) => {
     const li = document.createElement("li");
     const ready = model.status === "ready";
@@ -107,6 +125,10 @@ function renderModels() {
     return li;
   });
   ui.models.replaceChildren(...items);
+  if (focused !== undefined) {
+    const again = items.find((li) => li.dataset.model === focused);
+    if (again) again.focus();
+  }
 }
 
 function selectModel(name) {
@@ -122,7 +144,12 @@ function selectModel(name) {
 
 function showModelHeader(info) {
   ui.name.textContent = info.id;
-  ui.version.textContent = info.version ? `v${info.version}` : "";
+  // An open session stays on the version it started with (its ready frame says which).
+  const pinned = app.sessionVersion;
+  ui.version.textContent = pinned ? `v${pinned}` : `v${info.version}`;
+  if (pinned && info.status === "ready" && info.version !== pinned) {
+    ui.version.textContent += ` · v${info.version} available in a new chat`;
+  }
   document.title = `${info.id} · AnythingAgent`;
   ui.input.placeholder = `Message ${info.id}…`;
   if (!app.history.length) showEmpty(info.id, info.description || "Say something to start.");
@@ -139,6 +166,7 @@ function newChat() {
   app.turn = null;
   app.history = [];
   app.resync = false;
+  app.sessionVersion = null;
   app.turnCount = 0;
   ui.log.replaceChildren(ui.empty);
   ui.empty.hidden = false;
@@ -150,17 +178,21 @@ function newChat() {
   app.connection = connection;
   connection.addEventListener("state", (event) => connection === app.connection && onState(event.detail));
   connection.addEventListener("frame", (event) => connection === app.connection && onFrame(event.detail));
-  connection.addEventListener("closed", () => connection === app.connection && onClosed());
+  connection.addEventListener("closed", (event) => connection === app.connection && onClosed(event.detail));
   connection.open();
   ui.input.focus();
 }
 
 function onState({ state, retryIn, reason, version }) {
   ui.connection.dataset.state = state;
-  let label = { connecting: "Connecting…", connected: "Connected", stopped: "Disconnected" }[state];
-  if (state === "reconnecting") label = `Reconnecting in ${retryIn} s…`;
-  if (state === "connected" && version) ui.version.textContent = `v${version}`;
-  ui.connectionLabel.textContent = label;
+  clearInterval(app.countdown);
+  ui.connectionLabel.textContent =
+    { connecting: "Connecting…", connected: "Connected", stopped: "Disconnected" }[state] || "";
+  if (state === "reconnecting") countDown(retryIn);
+  if (state === "connected") {
+    app.sessionVersion = version;
+    ui.version.textContent = `v${version}`;
+  }
   ui.connection.title = reason || "";
   if (state === "connected") {
     app.turnCount = 0; // a new session on the server numbers its turns from 1 again
@@ -171,8 +203,29 @@ function onState({ state, retryIn, reason, version }) {
   updateComposer();
 }
 
-function onClosed() {
-  if (app.turn) endTurn("lost");
+function countDown(seconds) {
+  const until = Date.now() + seconds * 1000;
+  const show = () => {
+    const left = Math.max(0, (until - Date.now()) / 1000);
+    ui.connectionLabel.textContent = `Reconnecting in ${left < 1 ? left.toFixed(1) : Math.ceil(left)} s…`;
+  };
+  show();
+  app.countdown = setInterval(show, 250);
+}
+
+function onClosed({ code }) {
+  const turn = app.turn;
+  if (!turn) return;
+  if (code === 1009 && !turn.started) {
+    // The server's frame size limit: the message never became a turn.
+    const text = turn.resync
+      ? "The conversation is too long to send to the new session. Start a New chat."
+      : "That message is too large for this server.";
+    turnError(turn, { code: "too_large", message: text });
+    endTurn("refused");
+    return;
+  }
+  endTurn("lost");
 }
 
 function onFrame(frame) {
@@ -212,6 +265,7 @@ function sendMessage() {
     ? { type: "messages", messages: [...app.history, userMessage] }
     : { type: "message", content: text };
   if (!app.connection.send(frame)) return;
+  const resync = app.resync;
   app.resync = false;
   ui.input.value = "";
   autosize();
@@ -228,8 +282,10 @@ function sendMessage() {
     stopping: false,
     frame: 0,
     started: false,
+    resync, // this turn carries the whole history; if it is refused, the next one must
   };
   updateComposer();
+  ui.input.focus();
 }
 
 function stopTurn() {
@@ -238,6 +294,7 @@ function stopTurn() {
   turn.stopping = true;
   app.connection.send({ type: "cancel" });
   updateComposer();
+  ui.input.focus();
 }
 
 function scheduleRender() {
@@ -259,6 +316,7 @@ function endTurn(reason) {
   turn.element.dataset.reason = reason;
   if (reason === "refused") {
     turn.element.classList.add("refused");
+    if (turn.resync) app.resync = true;
   } else {
     app.turnCount = turn.number;
     app.history.push(turn.userMessage);
@@ -339,6 +397,7 @@ function updateComposer() {
   ui.send.hidden = running;
   ui.stop.hidden = !running;
   ui.stop.disabled = running && app.turn.stopping;
+  ui.stopLabel.textContent = running && app.turn.stopping ? "Stopping…" : "Stop";
   ui.send.disabled = !connected || !ui.input.value.trim();
   ui.newChat.disabled = app.model === null;
 }

@@ -29,7 +29,7 @@ export async function explain(model) {
   if (info.status === "building") return { gone: false, text: `“${model}” is building its environment.` };
   if (info.status === "failed") return { gone: false, text: `“${model}” failed to load: ${info.error}` };
   if (info.status === "draining") return { gone: false, text: `“${model}” is being replaced.` };
-  return null;
+  return null; // ready: the next attempt may well succeed
 }
 
 export class ChatConnection extends EventTarget {
@@ -71,7 +71,7 @@ export class ChatConnection extends EventTarget {
     socket.addEventListener("close", (event) => {
       if (socket !== this.socket) return;
       this.socket = null;
-      this.dispatchEvent(new CustomEvent("closed", { detail: { code: event.code, wasReady: ready } }));
+      this.dispatchEvent(new CustomEvent("closed", { detail: { code: event.code, reason: event.reason } }));
       if (this.closed) return;
       if (startError) {
         this.#setState("stopped", { reason: `The model could not start a session: ${startError.message}` });

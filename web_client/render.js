@@ -9,7 +9,7 @@
 // its line breaks and spacing kept (CSS white-space: pre-wrap).
 
 const FENCE = /^\s*```\s*([\w+#.-]*)\s*$/;
-const INLINE = /(`[^`\n]+`)|(\*\*[^*\n]+\*\*)|(https?:\/\/[^\s<>"'`)\]]+)/g;
+const INLINE = /(`[^`\n]+`)|(\*\*[^*\n]+\*\*)|(https?:\/\/[^\s<>"'`\]]+)/g;
 
 /** Split text into [{kind: "text"|"code", text, lang}] on ``` fence lines. */
 export function segments(text) {
@@ -51,14 +51,33 @@ function inline(text) {
       el.textContent = bold.slice(2, -2);
       nodes.push(el);
     } else if (url) {
-      nodes.push(link(url.replace(/[.,;:!?]+$/, "")));
-      const trailing = url.match(/[.,;:!?]+$/);
-      if (trailing) nodes.push(document.createTextNode(trailing[0]));
+      const [href, trailing] = splitTrailing(url);
+      nodes.push(link(href));
+      if (trailing) nodes.push(document.createTextNode(trailing));
     }
     last = match.index + whole.length;
   }
   if (last < text.length) nodes.push(document.createTextNode(text.slice(last)));
   return nodes;
+}
+
+/** A URL's own characters and the punctuation after it: "(see https://x.y/a_(b))." keeps
+ * the balanced ")" of the URL and leaves out the sentence's ")." */
+function splitTrailing(url) {
+  let end = url.length;
+  for (;;) {
+    const last = url[end - 1];
+    if (".,;:!?".includes(last)) {
+      end -= 1;
+    } else if (last === ")") {
+      const head = url.slice(0, end);
+      if ((head.match(/\(/g) || []).length >= (head.match(/\)/g) || []).length) break;
+      end -= 1;
+    } else {
+      break;
+    }
+  }
+  return [url.slice(0, end), url.slice(end)];
 }
 
 function link(url) {
@@ -68,7 +87,9 @@ function link(url) {
   } catch {
     return document.createTextNode(url);
   }
-  if (parsed.protocol !== "http:" && parsed.protocol !== "https:") return document.createTextNode(url);
+  const web = parsed.protocol === "http:" || parsed.protocol === "https:";
+  // "http://trusted.example@evil.example/" reads as one host and goes to another: text.
+  if (!web || parsed.username || parsed.password) return document.createTextNode(url);
   const a = document.createElement("a");
   a.href = parsed.href;
   a.textContent = url;
@@ -108,16 +129,32 @@ async function copyText(text, button) {
   setTimeout(() => (button.textContent = "Copy"), 1500);
 }
 
-/** Replace the children of `element` with the rendering of `text`. */
+const rendered = new WeakMap(); // element -> [{key, node}] of its last rendering
+
+/** Render `text` into `element`. Called again as a reply grows, it rebuilds only the parts
+ * that changed (usually the last), so a selection or a Copy click elsewhere survives. */
 export function renderReply(element, text) {
-  const nodes = segments(text).map((segment) => {
-    if (segment.kind === "code") return codeBlock(segment);
-    const p = document.createElement("div");
-    p.className = "text";
-    p.append(...inline(segment.text));
-    return p;
+  const before = rendered.get(element) || [];
+  const after = segments(text).map((segment, index) => {
+    const key = [segment.kind, segment.lang, segment.open, segment.text].join("\u0000");
+    if (before[index] && before[index].key === key) return before[index];
+    return { key, node: segment.kind === "code" ? codeBlock(segment) : textBlock(segment.text) };
   });
-  element.replaceChildren(...nodes);
+  rendered.set(element, after);
+  after.forEach(({ node }, index) => {
+    const current = element.children[index];
+    if (current === node) return;
+    if (current) current.replaceWith(node);
+    else element.append(node);
+  });
+  while (element.children.length > after.length) element.lastElementChild.remove();
+}
+
+function textBlock(text) {
+  const block = document.createElement("div");
+  block.className = "text";
+  block.append(...inline(text));
+  return block;
 }
 
 /** Plain text, as typed (user messages): no Markdown, just the characters. */

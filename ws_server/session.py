@@ -45,6 +45,7 @@ class ChatSession:
         self.debug = debug
         self.history: list[Message] = []
         self.turn = 0
+        self._ended_turn = 0  # the last turn whose done frame was sent
         self.closing = False
         self.finished = asyncio.Event()
         self._model: ModelSession | None = None
@@ -226,7 +227,7 @@ class ChatSession:
         if task.cancelled() and self._stop_reason != _DISCONNECTED:
             # Cancelled before its first step (a cancel right behind the message): the
             # turn's own code never ran, so it falls to us to end the turn for the client.
-            await self._send(protocol.encode_done(self.turn, self._stop_reason))  # type: ignore[arg-type]
+            await self._send_done(self.turn, self._stop_reason)  # type: ignore[arg-type]
 
     def _expire(self, task: asyncio.Task[None]) -> None:
         if self._turn_task is task and not task.done() and self._stop_reason is None:
@@ -281,7 +282,13 @@ class ChatSession:
         if reason == "timeout":
             message = f"the turn took longer than {self.version.timeout:g} s"
             await self._send(protocol.encode_error("timeout", message, turn))
-        await self._send(protocol.encode_done(turn, reason))  # type: ignore[arg-type]
+        await self._send_done(turn, reason)  # type: ignore[arg-type]
+
+    async def _send_done(self, turn: int, reason: protocol.DoneReason) -> None:
+        """End ``turn`` for the client, once, whoever stopped it."""
+        if self._ended_turn < turn:
+            self._ended_turn = turn
+            await self._send(protocol.encode_done(turn, reason))
 
     async def _report_model_error(self, turn: int, exc: BaseException) -> None:
         self._log_failure(f"turn={turn} on_chat_messages", exc)

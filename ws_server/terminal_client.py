@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable, Coroutine
@@ -26,6 +27,16 @@ T = TypeVar("T")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
+
+# What a model sends is shown, not obeyed: on a terminal, control characters (escape
+# sequences that move the cursor, retitle the window, set the clipboard…) are dropped,
+# as the web client never turns model output into HTML.
+CONTROL_CHARACTERS = re.compile(
+    r"\x1b(?:\[[0-?]*[ -/]*[@-~]"  # CSI: cursor moves, clearing, colours
+    r"|\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC: window title, clipboard, links
+    r"|[@-Z\\-_])?"  # other two-character escapes, or a lone ESC
+    r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]"  # any other control character but \t and \n
+)
 
 Outcome = Literal["ok", "failed", "stopped"]
 EXIT_CODES: dict[Outcome, int] = {"ok": EXIT_OK, "failed": EXIT_FAILED, "stopped": EXIT_INTERRUPTED}
@@ -47,8 +58,12 @@ class _Style:
     def __init__(self, stream: TextIO) -> None:
         self.on = stream.isatty() and "NO_COLOR" not in os.environ
 
-    def __call__(self, text: str, code: str) -> str:
-        return f"\033[{code}m{text}\033[0m" if self.on else text
+    def __call__(self, text: str, code: str, *, for_readline: bool = False) -> str:
+        if not self.on:
+            return text
+        if for_readline:  # invisible to readline's count of the prompt's width
+            return f"\001\033[{code}m\002{text}\001\033[0m\002"
+        return f"\033[{code}m{text}\033[0m"
 
 
 class _IoThread:
@@ -93,6 +108,7 @@ class TerminalChat:
         self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
         self.interactive = stdin.isatty() and options.message is None and not options.json
         self.style = _Style(stderr)
+        self.raw_output = not stdout.isatty()
         self.io = _IoThread()
         self.client: ChatClient | None = None
 
@@ -123,8 +139,11 @@ class TerminalChat:
         if self.interactive:
             return self._prompt_loop()
         worst: Outcome = "ok"
-        for line in self.stdin:  # a pipe or a file: one message per line
-            outcome = self._turn(line.rstrip("\n"))
+        for line in self.stdin:  # a pipe or a file: one message per non-blank line
+            text = line.rstrip("\r\n")
+            if not text.strip():
+                continue
+            outcome = self._turn(text)
             if outcome == "stopped":
                 return EXIT_INTERRUPTED
             if outcome == "failed":
@@ -140,7 +159,7 @@ class TerminalChat:
             f"{client.model} {client.version} · session {client.session_id} · "
             "Enter sends · Ctrl-C stops a reply · Ctrl-D quits"
         )
-        prompt = self.style("> ", "1;36") if self.style.on else "> "
+        prompt = self.style("> ", "1;36", for_readline=True)
         while True:
             try:
                 line = input(prompt)
@@ -166,6 +185,7 @@ class TerminalChat:
                 return False  # the second Ctrl-C quits
             cancelling = True
             self.io.submit(turn.cancel())
+            self._note(" stopping… (Ctrl-C again quits)")
             return True
 
         try:
@@ -176,14 +196,14 @@ class TerminalChat:
             return "failed"
         self._end_line(turn)
         if turn.reason == "cancelled":
-            self._note("[stopped]" + (" · Ctrl-C again quits" if self.interactive else ""))
+            self._note("[stopped]")
             return "stopped"
         return "ok"
 
     async def _stream(self, turn: Turn) -> None:
         async for chunk in turn:
             if not self.options.json:
-                self.stdout.write(chunk)
+                self.stdout.write(chunk if self.raw_output else CONTROL_CHARACTERS.sub("", chunk))
                 self.stdout.flush()
 
     def _end_line(self, turn: Turn) -> None:

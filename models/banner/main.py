@@ -33,6 +33,6 @@ class Banner(AnythingBaseModel):
             return
         art = pyfiglet.figlet_format(text or "hello", font=self.context["font"], width=100)
         yield "```\n"
-        for line in art.rstrip("\n").split("\n"):
+        for line in art.rstrip().split("\n"):  # no trailing blank lines
             yield line + "\n"
         yield "```"

@@ -16,11 +16,21 @@ HOSTILE_REPLY = [
     '<img src=x onerror="window.injected = true">',
     " and <script>window.injected = true</script>",
     " and <b>not bold</b>",
+    ' and **<img src=x onerror="window.injected = true">**',
+    ' and `<img src=x onerror="window.injected = true">`',
+    " and javascript:window.injected=true",
+    ' and https://x.test/"><img src=x onerror="window.injected=true">',
+    " and http://trusted.test@evil.test/login\n",
+    '```<img src=x onerror="window.injected = true">\n',
+    "<script>window.injected = true</script>\n",
+    "```\n",
 ]
+TERMINAL_TRICKS = "title\x1b]0;pwned\x07 cleared\x1b[2J\x1b[H bell\x07 done"
 
 
 class Scripted(AnythingBaseModel):
-    """`code`, `html`, `long`, `boom`, `recall`; anything else is echoed."""
+    """`code`, `html`, `escapes`, `long`, `stubborn`, `boom`, `recall`; anything else is
+    echoed."""
 
     async def on_chat_messages(self, messages):
         command = messages[-1]["content"].strip()
@@ -30,6 +40,14 @@ class Scripted(AnythingBaseModel):
         elif command == "html":
             for piece in HOSTILE_REPLY:
                 yield piece
+        elif command == "escapes":
+            yield TERMINAL_TRICKS
+        elif command == "stubborn":
+            try:
+                yield "holding on"
+                await asyncio.sleep(60)
+            finally:
+                await asyncio.sleep(5)  # a slow cleanup after a cancel
         elif command == "long":
             for number in range(1, 400):
                 yield f"word{number} "
