@@ -122,9 +122,16 @@ class _Candidate:
 class Registry:
     """Owns discovery, config, versions and reload for one models directory."""
 
-    def __init__(self, models_dir: Path, environments: EnvironmentBuilder | None = None) -> None:
+    def __init__(
+        self,
+        models_dir: Path,
+        environments: EnvironmentBuilder | None = None,
+        *,
+        sandbox: str = "auto",
+    ) -> None:
         self.models_dir = models_dir.resolve()
         self.environments = environments or EnvironmentBuilder(default_cache_dir())
+        self.sandbox = sandbox  # ServerSettings.sandbox, for isolated workers
         self._entries: dict[str, ModelEntry] = {}
         self._draining: dict[str, list[ModelVersion]] = {}
         self._lock = asyncio.Lock()
@@ -381,6 +388,8 @@ class Registry:
             memory_bytes=resources.memory_bytes(),
             cpus=math.ceil(resources.cpu) if resources.cpu else None,
             memory_text=resources.memory,
+            network=config.isolation.network,
+            sandbox=self.sandbox,
         )
         name = candidate.name
         runner = IsolatedRunner(spec, lambda reason: self._runner_failed(name, runner, reason))

@@ -30,7 +30,9 @@ class AnythingAgentServer:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.registry = Registry(
-            settings.models_dir, EnvironmentBuilder(settings.env_cache_dir or default_cache_dir())
+            settings.models_dir,
+            EnvironmentBuilder(settings.env_cache_dir or default_cache_dir()),
+            sandbox=settings.sandbox,
         )
         self.http = HttpApi(self.registry)
         self.sessions: set[ChatSession] = set()

@@ -18,6 +18,8 @@ from ws_server.exceptions import SettingsError
 
 ENV_PREFIX: Final = "ANYTHING_AGENT_"
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+SANDBOX_MODES: Final = ("auto", "on", "off")
+API_KEYS_ENV: Final = ENV_PREFIX + "API_KEYS"
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,29 @@ class ServerSettings:
     grace_period: float = 10.0
     max_frame_size: int = 1024 * 1024
     env_cache_dir: Path | None = None  # None: ~/.cache/anything-agent/envs
+    # --- access (see security.py)
+    api_keys_file: Path | None = None
+    api_keys: tuple[str, ...] = ()  # from ANYTHING_AGENT_API_KEYS only (never a flag: ps)
+    admin_key: str | None = None
+    allowed_origins: tuple[str, ...] = ()  # besides the server's own; "*" allows any
+    # --- abuse limits (see limits.py); --no-limits lifts the rate and connection ones
+    no_limits: bool = False
+    max_connections: int = 1024
+    max_connections_per_address: int = 64
+    max_messages_per_minute: int = 120
+    max_history_messages: int = 1000
+    max_history_bytes: int = 4 * 1024 * 1024
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 900.0  # 0: never
+    ping_interval: float = 20.0  # 0: no keepalive pings
+    ping_timeout: float = 20.0
+    # --- isolated models' sandbox (bubblewrap): auto uses it where it works
+    sandbox: str = "auto"
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether clients must present an API key."""
+        return bool(self.api_keys or self.api_keys_file)
 
 
 @dataclass(frozen=True)
@@ -71,6 +96,33 @@ def _frame_size(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    origins = tuple(part.strip().rstrip("/") for part in text.split(",") if part.strip())
+    for origin in origins:
+        if origin != "*" and "://" not in origin:
+            raise ValueError(f"{origin!r} is not an origin like https://chat.example.com")
+    return origins
+
+
+def _sandbox(text: str) -> str:
+    if text.lower() not in SANDBOX_MODES:
+        raise ValueError(f"must be one of {', '.join(SANDBOX_MODES)}")
+    return text.lower()
+
+
+def _secret(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
 def _log_level(text: str) -> str:
     if text.lower() not in LOG_LEVELS:
         raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
@@ -95,6 +147,24 @@ _SERVE_OPTIONS: Final = (
     _Option("--grace-period", _positive_float, "seconds running turns get at shutdown"),
     _Option("--max-frame-size", _frame_size, "largest client frame in bytes (close 1009)"),
     _Option("--env-cache-dir", Path, "where isolated models' virtualenvs are built and kept"),
+    _Option("--api-keys-file", Path, "file of API keys, one a line; clients must send one"),
+    _Option("--admin-key", _secret, "key for admin routes such as POST /v1/models/reload"),
+    _Option(
+        "--allowed-origins",
+        _origins,
+        "browser origins allowed besides the server's own, comma-separated",
+    ),
+    _Option("--no-limits", _boolean, "lift rate and connection limits (benchmarks, trusted nets)"),
+    _Option("--max-connections", _count, "open connections in total (503 beyond)"),
+    _Option("--max-connections-per-address", _count, "open connections per client address (429)"),
+    _Option("--max-messages-per-minute", _count, "frames per minute per connection (rate_limited)"),
+    _Option("--max-history-messages", _count, "messages kept per session (oldest trimmed)"),
+    _Option("--max-history-bytes", _count, "bytes of history kept per session (oldest trimmed)"),
+    _Option("--handshake-timeout", _positive_float, "seconds a client has to finish its handshake"),
+    _Option("--idle-timeout", _positive_float, "seconds without a frame before closing (0: never)"),
+    _Option("--ping-interval", _positive_float, "seconds between keepalive pings (0: none)"),
+    _Option("--ping-timeout", _positive_float, "seconds to wait for a pong before dropping"),
+    _Option("--sandbox", _sandbox, "bubblewrap for isolated models: auto, on or off"),
 )
 
 
@@ -130,6 +200,8 @@ def settings_from(
                 except ValueError as exc:
                     raise SettingsError(f"{variable}={environ[variable]!r}: {exc}") from None
                 break
+    if API_KEYS_ENV in environ:
+        values["api_keys"] = tuple(k.strip() for k in environ[API_KEYS_ENV].split(",") if k.strip())
     known = {f.name for f in fields(ServerSettings)}
     return ServerSettings(**{k: v for k, v in values.items() if k in known})
 

@@ -69,6 +69,8 @@ class WorkerSpec:
     memory_bytes: int | None = None
     cpus: int | None = None
     memory_text: str | None = None
+    network: bool = False  # isolation.network: may the sandboxed worker use the network
+    sandbox: str = "auto"  # ServerSettings.sandbox: auto, on or off
 
 
 @dataclass(frozen=True)
