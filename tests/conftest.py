@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from browser_setup import ChromiumUnavailable, ensure_chromium
+from system_packages import BWRAP, CHROMIUM, PackageUnavailable, ensure_package
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
@@ -37,18 +37,28 @@ RECV_TIMEOUT = 10.0
 # Where a test run leaves what a person may want to look at (the browser tests' screenshots).
 OUTPUT_DIR = Path(os.environ.get("ANYTHING_AGENT_TEST_OUTPUT", ROOT / "test-output"))
 CHROMIUM_PROBLEM = pytest.StashKey[str]()
+BWRAP_PROBLEM = pytest.StashKey[str]()
 BROWSER_TESTS = pytest.StashKey[bool]()
+# Tests with this marker need this program from this Debian package; why it is missing
+# (if it is, and cannot be installed) is stashed under this key.
+SYSTEM_PACKAGES = {
+    "browser": (CHROMIUM, "chromium", CHROMIUM_PROBLEM),
+    "sandbox": (BWRAP, "bubblewrap", BWRAP_PROBLEM),
+}
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """When browser tests are about to run, make sure Chromium is there (installing it if
-    it can); a failure is kept for those tests to report, so the others still run."""
-    if any(item.get_closest_marker("browser") for item in session.items):
-        session.config.stash[BROWSER_TESTS] = True
-        try:
-            ensure_chromium()
-        except (ChromiumUnavailable, OSError, subprocess.SubprocessError) as exc:
-            session.config.stash[CHROMIUM_PROBLEM] = str(exc)
+    """When browser or sandbox tests are about to run, make sure Chromium or bubblewrap
+    is there (installing it if it can); a failure is kept for those tests to report, so
+    the others still run."""
+    for marker, (binary, package, problem) in SYSTEM_PACKAGES.items():
+        if any(item.get_closest_marker(marker) for item in session.items):
+            if marker == "browser":
+                session.config.stash[BROWSER_TESTS] = True
+            try:
+                ensure_package(binary, package)
+            except (PackageUnavailable, OSError, subprocess.SubprocessError) as exc:
+                session.config.stash[problem] = str(exc)
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
@@ -117,7 +127,12 @@ def launch_server(
     models_dir: Path, events_dir: Path, *extra: str, env: dict[str, str] | None = None
 ) -> ServerProcess:
     """Start a server on a free port and wait until it listens."""
-    environment = {**os.environ, "MODEL_TEST_EVENTS": str(events_dir)}
+    # Test models record their hooks in events_dir, which sandboxed workers share.
+    environment = {
+        **os.environ,
+        "MODEL_TEST_EVENTS": str(events_dir),
+        "ANYTHING_AGENT_SANDBOX_SHARE": "MODEL_TEST_EVENTS",
+    }
     environment.update(env or {})
     command = [
         sys.executable,

@@ -180,9 +180,19 @@ async def test_the_server_going_away_mid_turn_raises_connection_lost(
         async for _ in turn:
             pass
         assert turn.reason == "cancelled"
-        with pytest.raises(ConnectionLost) as lost:
-            await chat.ask("anyone?")
-        assert lost.value.close_code == 1001
+        # Then messages are refused (no new turns while stopping) until the connection
+        # closes with 1001 (going away).
+        for _ in range(50):
+            try:
+                await chat.ask("anyone?")
+            except ServerError as refused:
+                assert refused.code == "unavailable" and "shutting down" in refused.message
+                assert chat.running is None  # the refused message never became a turn
+            except ConnectionLost as lost:
+                assert lost.close_code == 1001
+                break
+        else:
+            raise AssertionError("the connection never closed")
     assert await stopping == 0
 
 

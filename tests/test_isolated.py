@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from conftest import (
@@ -62,6 +63,61 @@ def alive(pid: int) -> bool:
     # A zombie (exited, not yet reaped by its parent) counts as gone.
     with open(f"/proc/{pid}/stat") as stat:
         return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+def _processes() -> dict[int, tuple[int, int]]:
+    """Every process on the machine: pid -> (parent pid, start time in clock ticks)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone meanwhile
+            found[int(entry)] = (int(fields[1]), int(fields[19]))
+    return found
+
+
+def descendants(pid: int, processes: dict[int, tuple[int, int]] | None = None) -> list[int]:
+    """Every process below ``pid``: a server's sandboxes (bwrap and its init) and workers."""
+    processes = _processes() if processes is None else processes
+    below: list[int] = []
+    parents = {pid}
+    while True:
+        found = [p for p, (parent, _) in processes.items() if parent in parents and p not in below]
+        if not found:
+            return below
+        below += found
+        parents = set(found)
+
+
+def worker_pids(server: ServerProcess, model: str) -> list[int]:
+    """Host pids of ``model``'s worker interpreters under ``server``, oldest first.
+
+    A sandboxed worker has a PID namespace of its own, so the pid it reports means
+    nothing here: find it by its command line (the worker's spec names the model)."""
+    processes = _processes()
+    workers = []
+    for pid in descendants(server.process.pid, processes):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                argv = cmdline.read().decode().split("\0")[:-1]
+        except OSError:
+            continue  # gone meanwhile
+        if not argv or os.path.basename(argv[0]) == "bwrap":
+            continue  # bwrap's own command line holds the worker's too
+        if any("ws_server.worker" in arg for arg in argv):
+            if json.loads(argv[-1])["name"] == model:
+                workers.append(pid)
+    return sorted(workers, key=lambda pid: processes[pid][1])
+
+
+def worker_pid(server: ServerProcess, model: str) -> int:
+    """The host pid of ``model``'s one worker interpreter."""
+    pids = worker_pids(server, model)
+    assert len(pids) == 1, f"{model} has workers {pids}"
+    return pids[0]
 
 
 async def facts(ws: Any) -> dict[str, Any]:
@@ -124,7 +180,7 @@ async def test_requested_python_version_and_limits_apply(
         found = await facts(ws)
     assert found["version"] == PROBE_PYTHON
     assert found["cpus"] == 1
-    assert found["pid"] != live.process.pid
+    assert worker_pid(live, "probe") != live.process.pid
     assert found["prefix"].startswith(str(env_cache))  # the env lives in the cache...
     assert not found["prefix"].startswith(str(live.models_dir))  # ...not in the model dir
 
@@ -146,13 +202,14 @@ async def test_memory_limit_ends_turn_with_resource_exhausted(start_isolated: An
     live = start_isolated("probe")
     async with chat(live, "probe") as ws:
         before = await facts(ws)
+        before_pid = worker_pid(live, "probe")
         turn = await run_turn(ws, "alloc 800")  # limit is 400M
         assert turn.errors[0]["code"] == "resource_exhausted"
         assert "400M" in turn.errors[0]["message"]
         assert turn.done["reason"] == "error"
         # The worker is replaced; the session carries on with its history.
         after = await facts(ws)
-    assert after["pid"] != before["pid"]
+        assert worker_pid(live, "probe") != before_pid
     # user "facts", assistant reply, user "alloc 800" (no reply: nothing streamed), "facts"
     assert after["history"] == 4
     assert after["instance"] != before["instance"]  # on_chat_start ran again
@@ -163,7 +220,8 @@ async def test_kill_9_mid_stream_is_model_crashed_and_the_session_goes_on(
 ) -> None:
     live = start_isolated("probe", "crasher")
     async with chat(live, "probe") as ws, chat(live, "crasher") as other:
-        pid = (await facts(ws))["pid"]
+        await facts(ws)
+        pid = worker_pid(live, "probe")
         await ws.send("stream 200")
         await recv_frame(ws)
         killed_at = time.monotonic()
@@ -175,7 +233,7 @@ async def test_kill_9_mid_stream_is_model_crashed_and_the_session_goes_on(
         # Another model is untouched, and the next turn runs in a new worker.
         assert (await run_turn(other, "hi")).text == "alive"
         again = await facts(ws)
-    assert again["pid"] != pid
+        assert worker_pid(live, "probe") != pid
     assert again["history"] >= 3
     live.wait_for_log(r"model probe: worker exited \(killed by signal 9 \(SIGKILL\)\)")
     assert "probe prints to stdout" in live.wait_for_log("worker.*stdout: probe prints")
@@ -211,7 +269,8 @@ async def test_reload_keeps_streaming_session_on_old_worker(start_isolated: Any)
     live = start_isolated("probe")
     main = live.models_dir / "probe" / "main.py"
     async with chat(live, "probe") as ws:
-        old_pid = (await facts(ws))["pid"]
+        instance = (await facts(ws))["instance"]
+        old_pid = worker_pid(live, "probe")
         await ws.send("stream 40")  # 2 s of chunks
         await recv_frame(ws)
         main.write_text(main.read_text() + "\n# changed code, same requirements\n")
@@ -219,11 +278,13 @@ async def test_reload_keeps_streaming_session_on_old_worker(start_isolated: Any)
         wait_until_built(live)
         live.wait_for_log("model probe: reusing environment")  # no new env for code changes
         async with chat(live, "probe") as fresh:
-            new_pid = (await facts(fresh))["pid"]
-        assert new_pid != old_pid and alive(old_pid)
+            await facts(fresh)
+            assert worker_pids(live, "probe") == [old_pid, mock.ANY]  # a new worker...
+        assert alive(old_pid)  # ...and the old one still serves
         rest = await read_turn(ws)
         assert rest.done["reason"] == "stop" and not rest.errors
-        assert (await facts(ws))["pid"] == old_pid  # still pinned to its version
+        # Still pinned to its version: the same model instance, so the same worker.
+        assert (await facts(ws))["instance"] == instance
     # The old worker stops when its last session has ended.
     for _ in range(100):
         if not alive(old_pid):
@@ -275,15 +336,11 @@ async def test_hand_made_venv_in_the_model_directory_is_used(start_isolated: Any
 async def test_no_worker_outlives_the_server(start_isolated: Any) -> None:
     live = start_isolated("probe", "crasher")
     async with chat(live, "probe") as ws:
-        pid = (await facts(ws))["pid"]
+        await facts(ws)
+        pid = worker_pid(live, "probe")
         await ws.send("stream 1000")
         await recv_frame(ws)
-        workers = [
-            int(p)
-            for p in subprocess.run(
-                ["pgrep", "-P", str(live.process.pid)], capture_output=True, text=True
-            ).stdout.split()
-        ]
+        workers = descendants(live.process.pid)  # sandboxes (bwrap, its init) and workers
         assert pid in workers
         live.send_signal(signal.SIGTERM)
         with pytest.raises(ConnectionClosed):
@@ -334,7 +391,6 @@ async def test_changed_requirements_while_a_session_streams(start_isolated: Any)
     live = start_isolated("probe")
     async with chat(live, "probe") as ws:
         old = await facts(ws)
-        old_pid = old["pid"]
         await ws.send("stream 60")  # 3 s of chunks
         await recv_frame(ws)
         (live.models_dir / "probe" / "requirements.txt").write_text(
@@ -347,16 +403,18 @@ async def test_changed_requirements_while_a_session_streams(start_isolated: Any)
             assert (await facts(fresh))["prefix"] != old["prefix"]  # the new environment
         rest = await read_turn(ws)
         assert rest.done["reason"] == "stop" and not rest.errors
-        assert (await facts(ws))["pid"] == old_pid
+        assert (await facts(ws))["instance"] == old["instance"]  # the same worker
 
 
 async def test_wedged_worker_is_replaced_after_a_cancel(start_isolated: Any) -> None:
     live = start_isolated("probe")
     async with chat(live, "probe") as ws:
-        pid = (await facts(ws))["pid"]
+        await facts(ws)
+        pid = worker_pid(live, "probe")
         await ws.send("block")  # time.sleep inside an async generator: the loop is stuck
         assert (await recv_frame(ws))["content"] == "blocking"
         await ws.send('{"type":"cancel"}')
         assert (await read_turn(ws, timeout=15)).done["reason"] == "cancelled"
-        assert (await facts(ws))["pid"] != pid  # a fresh worker serves the next turn
+        await facts(ws)
+        assert worker_pid(live, "probe") != pid  # a fresh worker serves the next turn
     live.wait_for_log("worker unresponsive after cancelling a turn; replacing it")

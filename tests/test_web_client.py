@@ -11,9 +11,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from browser_setup import CHROMIUM
 from conftest import CHROMIUM_PROBLEM, OUTPUT_DIR, ServerProcess, client_models
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from system_packages import CHROMIUM
 
 pytestmark = pytest.mark.browser
 

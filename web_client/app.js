@@ -4,7 +4,7 @@
 // comes back after a drop (a server restart), the new session knows nothing, so the next
 // turn sends the whole history as a "messages" frame and the conversation carries on.
 
-import { ChatConnection } from "./connection.js";
+import { ChatConnection, apiKey, authHeaders, setApiKey } from "./connection.js";
 import { renderPlain, renderReply } from "./render.js";
 
 const $ = (id) => document.getElementById(id);
@@ -25,6 +25,11 @@ const ui = {
   send: $("send"),
   stop: $("stop"),
   stopLabel: $("stop-label"),
+  keyDialog: $("key-dialog"),
+  keyForm: $("key-form"),
+  keyInput: $("key-input"),
+  keyError: $("key-error"),
+  forgetKey: $("forget-key"),
 };
 
 const MODEL_REFRESH_MS = 10000;
@@ -46,7 +51,12 @@ const app = {
 // ------------------------------------------------------------------ model picker
 async function loadModels() {
   try {
-    const response = await fetch("/v1/models", { cache: "no-store" });
+    const response = await fetch("/v1/models", { cache: "no-store", headers: authHeaders() });
+    if (response.status === 401) {
+      ui.modelsState.textContent = "key needed";
+      askForKey();
+      return;
+    }
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const listing = await response.text();
     app.models = JSON.parse(listing).data;
@@ -183,7 +193,7 @@ function newChat() {
   ui.input.focus();
 }
 
-function onState({ state, retryIn, reason, version }) {
+function onState({ state, retryIn, reason, version, auth }) {
   ui.connection.dataset.state = state;
   clearInterval(app.countdown);
   ui.connectionLabel.textContent =
@@ -199,7 +209,11 @@ function onState({ state, retryIn, reason, version }) {
     app.resync = app.history.length > 0;
   }
   if (state === "reconnecting" || state === "connected") loadModels();
-  if (state === "stopped" && reason) notice("error", "disconnected", `${reason} Use “New chat” to try again.`);
+  if (state === "stopped" && auth) {
+    askForKey();
+  } else if (state === "stopped" && reason) {
+    notice("error", "disconnected", `${reason} Use “New chat” to try again.`);
+  }
   updateComposer();
 }
 
@@ -389,6 +403,29 @@ function stickToBottom(force = false) {
   const near = log.scrollHeight - log.scrollTop - log.clientHeight < 120;
   if (force || near) log.scrollTop = log.scrollHeight;
 }
+
+// ------------------------------------------------------------------ API key
+function askForKey() {
+  ui.keyError.hidden = !apiKey(); // a stored key that was refused
+  ui.keyInput.value = "";
+  if (!ui.keyDialog.open) ui.keyDialog.showModal();
+  ui.keyInput.focus();
+}
+
+ui.keyForm.addEventListener("submit", () => {
+  setApiKey(ui.keyInput.value.trim());
+  ui.forgetKey.hidden = false;
+  app.listing = "";
+  loadModels().then(() => {
+    if (app.model !== null && (!app.connection || app.connection.state === "stopped")) newChat();
+  });
+});
+
+ui.forgetKey.hidden = !apiKey();
+ui.forgetKey.addEventListener("click", () => {
+  setApiKey("");
+  location.reload();
+});
 
 // ------------------------------------------------------------------ composer
 function updateComposer() {

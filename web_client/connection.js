@@ -9,6 +9,33 @@
 // the connection asks GET /v1/models/{name} why (see explain()) before retrying.
 
 const BACKOFF = [0.5, 1, 2, 4, 8];
+export const SUBPROTOCOL = "anything-agent.v1";
+
+/** The API key the page was given (kept in this browser's storage), or "". */
+export function apiKey() {
+  return localStorage.getItem("anything-agent.key") || "";
+}
+
+export function setApiKey(key) {
+  if (key) localStorage.setItem("anything-agent.key", key);
+  else localStorage.removeItem("anything-agent.key");
+}
+
+/** Headers for the HTTP API: the key as a bearer token, when there is one. */
+export function authHeaders() {
+  const key = apiKey();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+// Browsers can't set Authorization on a WebSocket: the key travels as a subprotocol entry,
+// "bearer." + base64url(UTF-8 key), beside ours (the server only ever selects ours). It is a
+// header, so it stays out of URLs, access logs and history.
+function keyProtocol(key) {
+  const bytes = new TextEncoder().encode(key);
+  let binary = "";
+  for (const byte of bytes) binary += String.fromCharCode(byte);
+  return "bearer." + btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
 
 export function chatUrl(model) {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
@@ -19,10 +46,14 @@ export function chatUrl(model) {
 export async function explain(model) {
   let response;
   try {
-    response = await fetch(`/v1/models/${encodeURIComponent(model)}`, { cache: "no-store" });
+    response = await fetch(`/v1/models/${encodeURIComponent(model)}`, {
+      cache: "no-store",
+      headers: authHeaders(),
+    });
   } catch {
     return { gone: false, text: "The server is unreachable." };
   }
+  if (response.status === 401) return { gone: true, auth: true, text: "This server needs a valid API key." };
   if (response.status === 404) return { gone: true, text: `The model “${model}” no longer exists.` };
   if (!response.ok) return { gone: false, text: `The server answered HTTP ${response.status}.` };
   const info = await response.json();
@@ -47,7 +78,8 @@ export class ChatConnection extends EventTarget {
     this.closed = false;
     clearTimeout(this.timer);
     this.#setState("connecting");
-    const socket = new WebSocket(chatUrl(this.model));
+    const key = apiKey();
+    const socket = new WebSocket(chatUrl(this.model), key ? [SUBPROTOCOL, keyProtocol(key)] : []);
     this.socket = socket;
     let ready = false;
     let startError = null;
@@ -87,7 +119,7 @@ export class ChatConnection extends EventTarget {
     const why = wasReady ? { gone: false, text: "The connection was lost." } : await explain(this.model);
     if (this.closed) return;
     if (why && why.gone) {
-      this.#setState("stopped", { reason: why.text });
+      this.#setState("stopped", { reason: why.text, auth: Boolean(why.auth) });
       return;
     }
     this.#setState("reconnecting", { retryIn: delay, reason: why ? why.text : "" });

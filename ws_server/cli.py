@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,8 @@ from ws_server.scaffold import create_model
 from ws_server.server import AnythingAgentServer, run_with_best_loop
 from ws_server.settings import add_serve_options, models_dir_from, settings_from
 from ws_server.terminal_client import ChatOptions, run_chat
+
+CHAT_KEY_ENV = "ANYTHING_AGENT_API_KEY"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--json", action="store_true", help="print every frame as received, one JSON per line"
     )
+    chat.add_argument(
+        "--api-key-file",
+        type=Path,
+        help=f"file holding the API key, for servers that require one (or env {CHAT_KEY_ENV})",
+    )
 
     check = commands.add_parser(
         "check", help="load every model without serving; exit 1 if any failed"
@@ -66,13 +74,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return serve(args)
         if args.command == "chat":
-            return run_chat(ChatOptions(args.url, args.model, args.message, args.json))
+            key = chat_api_key(args.api_key_file)
+            return run_chat(ChatOptions(args.url, args.model, args.message, args.json, key))
         if args.command == "check":
             return check(models_dir_from(args))
         return new(models_dir_from(args), args.name)
     except SettingsError as exc:
         print(f"anything-agent: error: {exc.message}", file=sys.stderr)
         return 2
+
+
+def chat_api_key(path: Path | None) -> str | None:
+    """The chat client's API key: from ``--api-key-file``, else ``ANYTHING_AGENT_API_KEY``
+    (never a flag of its own, which any user could read in the process list)."""
+    if path is not None:
+        try:
+            return path.read_text(encoding="utf-8").strip() or None
+        except OSError as exc:
+            raise SettingsError(f"--api-key-file {path}: {exc.strerror or exc}") from None
+    return os.environ.get(CHAT_KEY_ENV) or None
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
-from websockets.datastructures import HeadersLike
+from websockets.datastructures import Headers, HeadersLike
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from ws_server import protocol
@@ -148,6 +148,7 @@ class ChatClient:
         url: str,
         model: str,
         *,
+        api_key: str | None = None,
         headers: HeadersLike | None = None,
         open_timeout: float = 10.0,
         on_frame: Callable[[str], None] | None = None,
@@ -155,9 +156,13 @@ class ChatClient:
         """Connect to ``model`` on the server at ``url`` and wait for the session to be
         ready (``on_chat_start`` done). Raises ``ChatRefused`` if the server says no.
 
-        ``on_frame`` is called with every frame as received (raw JSON text), for clients
-        that log or relay them."""
+        ``api_key`` is sent as ``Authorization: Bearer`` (servers started with API keys
+        require one). ``on_frame`` is called with every frame as received (raw JSON
+        text), for clients that log or relay them."""
         endpoint = chat_url(url, model)
+        if api_key:
+            headers = Headers(headers or [])
+            headers["Authorization"] = f"Bearer {api_key}"
         try:
             connection = await ws_connect(
                 endpoint,
@@ -273,6 +278,7 @@ async def connect(
     url: str = DEFAULT_URL,
     model: str = "echo",
     *,
+    api_key: str | None = None,
     headers: HeadersLike | None = None,
     open_timeout: float = 10.0,
     on_frame: Callable[[str], None] | None = None,
@@ -280,7 +286,7 @@ async def connect(
     """A chat session for the ``async with`` block (see ``ChatClient.open``); closed when
     the block ends."""
     client = await ChatClient.open(
-        url, model, headers=headers, open_timeout=open_timeout, on_frame=on_frame
+        url, model, api_key=api_key, headers=headers, open_timeout=open_timeout, on_frame=on_frame
     )
     try:
         yield client

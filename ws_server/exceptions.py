@@ -82,6 +82,48 @@ class MethodNotAllowed(HandshakeRefused):
     http_status = 405
 
 
+class Unauthorized(HandshakeRefused):
+    """No API key, or a wrong one, where the server requires one."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
+class ForbiddenOrigin(HandshakeRefused):
+    """A browser on another site tried to use this server (cross-site hijacking, CSRF)."""
+
+    code = "forbidden_origin"
+    http_status = 403
+
+
+class AdminOnly(HandshakeRefused):
+    """An admin route was called from another machine while no admin key is set."""
+
+    code = "forbidden"
+    http_status = 403
+
+
+class TooManyConnections(HandshakeRefused):
+    """The server holds as many connections as ``--max-connections`` allows."""
+
+    code = "unavailable"
+    http_status = 503
+
+
+class TooManyFromAddress(HandshakeRefused):
+    """One client address holds as many connections as ``--max-connections-per-address``."""
+
+    code = "rate_limited"
+    http_status = 429
+
+
+class ModelAtCapacity(HandshakeRefused):
+    """The model has as many open sessions as its ``settings.max_sessions``."""
+
+    code = "unavailable"
+    http_status = 503
+
+
 # --------------------------------------------------------------------- in session
 class BadRequest(AnythingAgentError):
     """A client frame is not valid protocol v1; the session goes on."""
@@ -93,6 +135,12 @@ class Busy(AnythingAgentError):
     """A turn was requested while another one is running in the same session."""
 
     code = "busy"
+
+
+class RateLimited(AnythingAgentError):
+    """The connection sent more frames a minute than ``--max-messages-per-minute``."""
+
+    code = "rate_limited"
 
 
 class ServerUnavailable(AnythingAgentError):

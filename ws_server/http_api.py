@@ -13,7 +13,7 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Final
+from typing import Any, Final, Literal
 from urllib.parse import unquote, urlsplit
 
 from websockets.datastructures import Headers
@@ -25,9 +25,12 @@ from ws_server.exceptions import (
     MethodNotAllowed,
     ModelUnavailable,
     RouteNotFound,
+    Unauthorized,
     UpgradeRequired,
 )
+from ws_server.limits import ConnectionCounter
 from ws_server.registry import Registry
+from ws_server.security import SAFE_METHODS, AccessPolicy
 from ws_server.static_files import content_type, resolve_static
 
 log = logging.getLogger("anything_agent.http")
@@ -35,6 +38,8 @@ log = logging.getLogger("anything_agent.http")
 CHAT_PATH: Final = re.compile(r"^/v1/chat/([^/]*)$")
 
 Handler = Callable[[Request, dict[str, str]], Awaitable[Response | None]]
+# Who may call a route: anyone (the page, health checks), API-key holders, or admins.
+Access = Literal["public", "client", "admin"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class Route:
     method: str
     pattern: re.Pattern[str]
     handler: Handler
+    access: Access
 
 
 def chat_model_name(request_path: str) -> str | None:
@@ -51,21 +57,29 @@ def chat_model_name(request_path: str) -> str | None:
 
 
 class HttpApi:
-    """Answers the HTTP routes of design.md for one registry."""
+    """Answers the HTTP routes of design.md for one registry, under one access policy."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        access: AccessPolicy,
+        connections: ConnectionCounter | None = None,
+    ) -> None:
         self.registry = registry
+        self.access = access
+        self.connections = connections or ConnectionCounter(None, None)
         self.routes: tuple[Route, ...] = (
-            Route("GET", CHAT_PATH, self.open_chat),
-            Route("GET", re.compile(r"^/v1/models$"), self.list_models),
-            Route("POST", re.compile(r"^/v1/models/reload$"), self.reload),
-            Route("GET", re.compile(r"^/v1/models/([^/]+)$"), self.get_model),
-            Route("GET", re.compile(r"^/healthz$"), self.healthz),
-            Route("GET", re.compile(r"^/(.*)$"), self.static),
+            Route("GET", CHAT_PATH, self.open_chat, "client"),
+            Route("GET", re.compile(r"^/v1/models$"), self.list_models, "client"),
+            Route("POST", re.compile(r"^/v1/models/reload$"), self.reload, "admin"),
+            Route("GET", re.compile(r"^/v1/models/([^/]+)$"), self.get_model, "client"),
+            Route("GET", re.compile(r"^/healthz$"), self.healthz, "public"),
+            Route("GET", re.compile(r"^/(.*)$"), self.static, "public"),
         )
 
-    async def respond(self, request: Request) -> Response | None:
-        """Route one request; ``None`` means: go on with the WebSocket handshake."""
+    async def respond(self, request: Request, peer: str = "") -> Response | None:
+        """Route one request from ``peer`` (the client's address); ``None`` means: go on
+        with the WebSocket handshake."""
         path = urlsplit(request.path).path
         try:
             allowed = []
@@ -76,7 +90,10 @@ class HttpApi:
                 if route.method != request.method:
                     allowed.append(route.method)
                     continue
+                self._admit(request, route, peer)
                 params = {str(i): unquote(g) for i, g in enumerate(match.groups(), 1)}
+                if route.handler == self.open_chat:
+                    self.connections.check(peer)
                 return await route.handler(request, params)
             if allowed:
                 raise MethodNotAllowed(f"{request.method} is not allowed on {path}")
@@ -89,6 +106,16 @@ class HttpApi:
                 {"error": {"code": "internal", "message": "internal server error"}},
                 HTTPStatus.INTERNAL_SERVER_ERROR,
             )
+
+    def _admit(self, request: Request, route: Route, peer: str) -> None:
+        """Origin first (a browser on another site gets nowhere), then the key."""
+        upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
+        if upgrade or request.method not in SAFE_METHODS:
+            self.access.check_origin(request.headers)
+        if route.access == "client":
+            self.access.check_client(request.headers)
+        elif route.access == "admin":
+            self.access.check_admin(request.headers, peer)
 
     # ------------------------------------------------------------------ routes
     async def open_chat(self, request: Request, params: dict[str, str]) -> Response | None:
@@ -149,4 +176,6 @@ def error_response(exc: HandshakeRefused) -> Response:
         result.headers["Upgrade"] = "websocket"
     if isinstance(exc, ModelUnavailable) and exc.retry_after is not None:
         result.headers["Retry-After"] = str(exc.retry_after)
+    if isinstance(exc, Unauthorized):
+        result.headers["WWW-Authenticate"] = 'Bearer realm="anything-agent"'
     return result

@@ -6,13 +6,16 @@ know are checked, and any problem becomes a ``ModelLoadError`` naming the file a
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ws_server import redaction
 from ws_server.exceptions import ModelLoadError
 
 CONFIG_FILE: Final = "config.yaml"
@@ -83,6 +86,8 @@ class ModelSettings(BaseModel):
 
     timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0)
     """Seconds one turn (and ``on_chat_start``) may take before it ends with ``timeout``."""
+    max_sessions: int | None = Field(default=None, ge=1)
+    """Sessions open at once; more are refused at the handshake with 503. None: no limit."""
 
 
 class ModelConfig(BaseModel):
@@ -124,11 +129,41 @@ class ModelConfig(BaseModel):
         return self.isolation.enabled
 
 
+def resolve_secrets(raw: dict[str, Any], environ: Mapping[str, str] | None = None) -> None:
+    """Replace config.yaml's ``secrets:`` entries by their values, in place, and register
+    them for redaction.
+
+    An entry is a value (``db_password: "..."``) or ``{env: VARIABLE}``, read from the
+    server's environment when the model loads, so the key never sits in the model's
+    directory. The model reads ``self.config["secrets"]["NAME"]``; no listing, log line or
+    error message shows the values.
+    """
+    if "secrets" not in raw:
+        return
+    entries = raw["secrets"]
+    if not isinstance(entries, dict):
+        raise ModelLoadError(f"{CONFIG_FILE}: secrets: must be a mapping of names to values")
+    environ = os.environ if environ is None else environ
+    values: dict[str, str] = {}
+    for name, entry in entries.items():
+        where = f"{CONFIG_FILE}: secrets.{name}"
+        if isinstance(entry, dict) and set(entry) == {"env"} and isinstance(entry["env"], str):
+            if entry["env"] not in environ:
+                raise ModelLoadError(f"{where}: the environment variable {entry['env']} is not set")
+            values[str(name)] = environ[entry["env"]]
+        elif isinstance(entry, (str, int, float)) and not isinstance(entry, bool):
+            values[str(name)] = str(entry)
+        else:
+            raise ModelLoadError(f"{where}: must be a value or {{env: VARIABLE}}")
+    redaction.register(*values.values())
+    raw["secrets"] = values
+
+
 def read_config(model_dir: Path) -> tuple[ModelConfig, dict[str, Any]]:
     """Read and validate ``model_dir/config.yaml``; a missing file means all defaults.
 
     Returns the validated config and the raw mapping handed to the model as
-    ``self.config`` (what the author wrote, unknown keys included).
+    ``self.config`` (what the author wrote, unknown keys included, secrets resolved).
     """
     path = model_dir / CONFIG_FILE
     if not path.is_file():
@@ -138,6 +173,7 @@ def read_config(model_dir: Path) -> tuple[ModelConfig, dict[str, Any]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{CONFIG_FILE}: cannot be read: {exc}") from None
     raw = _load_yaml(text)
+    resolve_secrets(raw)
     try:
         config = ModelConfig.model_validate(raw)
     except ValidationError as exc:

@@ -17,9 +17,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ws_server.environments import EnvironmentBuilder, default_cache_dir
-from ws_server.exceptions import ModelLoadError, ModelNotFound, ModelUnavailable
+from ws_server.exceptions import (
+    ModelAtCapacity,
+    ModelLoadError,
+    ModelNotFound,
+    ModelUnavailable,
+)
 from ws_server.model_config import NAME_PATTERN, NAME_RULE, ModelConfig, read_config
 from ws_server.model_loader import MAIN_FILE, load_model, unload_package
+from ws_server.redaction import redact
 from ws_server.revision import compute_revision
 from ws_server.runners import Runner, SharedRunner
 from ws_server.runners.isolated import IsolatedRunner, WorkerSpec
@@ -128,10 +134,12 @@ class Registry:
         environments: EnvironmentBuilder | None = None,
         *,
         sandbox: str = "auto",
+        sandbox_share: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.models_dir = models_dir.resolve()
         self.environments = environments or EnvironmentBuilder(default_cache_dir())
         self.sandbox = sandbox  # ServerSettings.sandbox, for isolated workers
+        self.sandbox_share = sandbox_share
         self._entries: dict[str, ModelEntry] = {}
         self._draining: dict[str, list[ModelVersion]] = {}
         self._lock = asyncio.Lock()
@@ -159,8 +167,15 @@ class Registry:
                     f"model {name!r} is building its environment; try again shortly",
                     retry_after=BUILDING_RETRY_AFTER,
                 )
-            raise ModelUnavailable(f"model {name!r} failed to load: {entry.error}")
-        return entry.serving
+            raise ModelUnavailable(f"model {name!r} failed to load: {redact(entry.error or '')}")
+        serving = entry.serving
+        limit = serving.config.settings.max_sessions
+        if limit is not None and serving.sessions >= limit:
+            raise ModelAtCapacity(
+                f"model {name!r} has {limit} open sessions, its settings.max_sessions; "
+                "try again later"
+            )
+        return serving
 
     def release(self, version: ModelVersion) -> None:
         """A session on ``version`` ended; a retired version with none left is dropped."""
@@ -207,7 +222,7 @@ class Registry:
 
     def failure_details(self) -> dict[str, str]:
         """The full text of each model's own load-time exception (not for clients)."""
-        return {n: e.error_detail for n, e in self._entries.items() if e.error_detail}
+        return {n: redact(e.error_detail) for n, e in self._entries.items() if e.error_detail}
 
     def status_counts(self) -> dict[str, int]:
         """How many models are in each status, for /healthz."""
@@ -390,6 +405,7 @@ class Registry:
             memory_text=resources.memory,
             network=config.isolation.network,
             sandbox=self.sandbox,
+            sandbox_share=self.sandbox_share,
         )
         name = candidate.name
         runner = IsolatedRunner(spec, lambda reason: self._runner_failed(name, runner, reason))
@@ -501,10 +517,10 @@ def _row(
         "owned_by": "anything-agent",
         "version": version.version if version else None,
         "revision": version.revision if version else None,
-        "description": version.description if version else "",
+        "description": redact(version.description) if version else "",
         "mode": version.mode if version else None,
         "status": status,
-        "error": error,
+        "error": redact(error) if error else None,
         "sessions": sessions,
         "pending_revision": pending_revision,
     }

@@ -17,8 +17,10 @@ from ws_server import protocol
 from ws_server.environments import EnvironmentBuilder, default_cache_dir
 from ws_server.exceptions import HandshakeRefused
 from ws_server.http_api import HttpApi, chat_model_name
+from ws_server.limits import ConnectionCounter
 from ws_server.registry import Registry
-from ws_server.session import ChatSession
+from ws_server.security import AccessPolicy, keys_source, select_subprotocol
+from ws_server.session import ChatSession, SessionLimits
 from ws_server.settings import ServerSettings
 
 log = logging.getLogger("anything_agent.server")
@@ -33,8 +35,16 @@ class AnythingAgentServer:
             settings.models_dir,
             EnvironmentBuilder(settings.env_cache_dir or default_cache_dir()),
             sandbox=settings.sandbox,
+            sandbox_share=settings.sandbox_share,
         )
-        self.http = HttpApi(self.registry)
+        self.access = AccessPolicy(settings)  # reads the keys file: a bad one stops the start
+        limited = not settings.no_limits
+        self.connections = ConnectionCounter(
+            settings.max_connections if limited else None,
+            settings.max_connections_per_address if limited else None,
+        )
+        self.session_limits = SessionLimits.from_settings(settings)
+        self.http = HttpApi(self.registry, self.access, self.connections)
         self.sessions: set[ChatSession] = set()
         self._ws_server: Server | None = None
         self._stopping = asyncio.Event()
@@ -52,15 +62,43 @@ class AnythingAgentServer:
             self.settings.host,
             self.settings.port,
             process_request=self._process_request,
+            select_subprotocol=select_subprotocol,
             max_size=self.settings.max_frame_size,
+            open_timeout=self.settings.handshake_timeout,
+            ping_interval=self.settings.ping_interval or None,
+            ping_timeout=self.settings.ping_timeout or None,
+            # A peer that missed its pong won't answer a close frame either: give up on it
+            # as fast as on the pong, so dead peers' sessions end promptly.
+            close_timeout=min(10.0, self.settings.ping_timeout or 10.0),
             server_header="anything-agent",
+            # No permessage-deflate: chat chunks are small, so it buys little and costs a
+            # zlib context per connection; and a stream that compresses well would get past
+            # backpressure (a paused reader's TCP window would hold gigabytes of it).
+            compression=None,
         )
+        self._log_protections()
         log.info(
             "listening on ws://%s:%d (models dir %s)",
             self.settings.host,
             self.port,
             self.settings.models_dir.resolve(),
         )
+
+    def _log_protections(self) -> None:
+        settings = self.settings
+        if settings.auth_enabled:
+            log.info("API keys required (%s)", keys_source(settings))
+        else:
+            log.info("no API keys configured: any client that reaches this port may chat")
+        if settings.admin_key:
+            log.info("admin routes require the admin key")
+        else:
+            log.info("admin routes accepted from this machine only (no --admin-key)")
+        if settings.no_limits:
+            log.warning(
+                "--no-limits: message rate and connection limits are off; for benchmarks and "
+                "trusted networks only"
+            )
 
     async def run(self) -> None:
         """Start, serve until SIGINT or SIGTERM, then shut down gracefully."""
@@ -104,7 +142,7 @@ class AnythingAgentServer:
     async def _process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
-        return await self.http.respond(request)
+        return await self.http.respond(request, _peer_address(connection))
 
     async def _handle_connection(self, connection: ServerConnection) -> None:
         assert connection.request is not None
@@ -115,13 +153,26 @@ class AnythingAgentServer:
         except HandshakeRefused as exc:  # changed between handshake and now
             await _refuse_open(connection, exc)
             return
-        session = ChatSession(connection, version, debug=self.settings.debug)
+        peer = _peer_address(connection)
+        session = ChatSession(
+            connection, version, debug=self.settings.debug, limits=self.session_limits
+        )
         self.sessions.add(session)
+        self.connections.opened(peer)
         try:
             await session.run()
         finally:
+            self.connections.closed(peer)
             self.sessions.discard(session)
             self.registry.release(version)
+
+
+def _peer_address(connection: ServerConnection) -> str:
+    """The client's IP address (what per-address limits and loopback checks use)."""
+    address = connection.remote_address
+    if isinstance(address, tuple) and address:
+        return str(address[0])
+    return str(address or "")
 
 
 async def _refuse_open(connection: ServerConnection, exc: HandshakeRefused) -> None:

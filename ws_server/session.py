@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Final
 
 from websockets.asyncio.server import ServerConnection
@@ -18,10 +19,20 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from ws_server import protocol
-from ws_server.exceptions import AnythingAgentError, Busy, ModelFailed, ServerUnavailable
+from ws_server.exceptions import (
+    AnythingAgentError,
+    BadRequest,
+    Busy,
+    ModelFailed,
+    RateLimited,
+    ServerUnavailable,
+)
+from ws_server.limits import FrameRate, trim_history
+from ws_server.redaction import redact
 from ws_server.registry import ModelVersion
 from ws_server.runners import ModelSession
 from ws_server.sdk import Message
+from ws_server.settings import ServerSettings
 
 log = logging.getLogger("anything_agent.session")
 
@@ -31,18 +42,46 @@ _DISCONNECTED: Final = "disconnected"
 # before they are interrupted, so one model's hung cleanup cannot hold a session or a
 # shutdown forever.
 CLEANUP_LIMIT: Final = 10.0
+IDLE_CLOSE_REASON: Final = "idle timeout"
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """The per-session limits of the server's settings (None: no limit)."""
+
+    frames_per_minute: int | None = None
+    history_messages: int = 1000
+    history_bytes: int = 4 * 1024 * 1024
+    idle_timeout: float | None = None
+
+    @classmethod
+    def from_settings(cls, settings: ServerSettings) -> SessionLimits:
+        return cls(
+            frames_per_minute=None if settings.no_limits else settings.max_messages_per_minute,
+            history_messages=settings.max_history_messages,
+            history_bytes=settings.max_history_bytes,
+            idle_timeout=settings.idle_timeout or None,
+        )
 
 
 class ChatSession:
     """A conversation: reads frames, runs turns one at a time, streams chunks back."""
 
     def __init__(
-        self, connection: ServerConnection, version: ModelVersion, *, debug: bool = False
+        self,
+        connection: ServerConnection,
+        version: ModelVersion,
+        *,
+        debug: bool = False,
+        limits: SessionLimits | None = None,
     ) -> None:
         self.id = uuid.uuid4().hex[:16]
         self.connection = connection
         self.version = version
         self.debug = debug
+        self.limits = limits or SessionLimits()
+        self._rate = FrameRate(self.limits.frames_per_minute)
+        self._last_activity = time.monotonic()
         self.history: list[Message] = []
         self.turn = 0
         self._ended_turn = 0  # the last turn whose done frame was sent
@@ -73,10 +112,17 @@ class ChatSession:
     async def run(self) -> None:
         """The whole conversation, from ``on_chat_start`` to ``on_chat_end``."""
         self._log(logging.INFO, "opened from %s", _peer(self.connection))
+        idle: asyncio.Task[None] | None = None
         try:
             if await self._start():
+                if self.limits.idle_timeout is not None:
+                    idle = asyncio.get_running_loop().create_task(
+                        self._close_when_idle(self.limits.idle_timeout)
+                    )
                 await self._read_frames()
         finally:
+            if idle is not None:
+                idle.cancel()
             await self._stop_turn(_DISCONNECTED)
             await self._end()
             self.finished.set()
@@ -176,24 +222,57 @@ class ChatSession:
         except ConnectionClosed:
             pass
 
+    async def _close_when_idle(self, limit: float) -> None:
+        """Close the session after ``limit`` seconds without a frame or a running turn."""
+        while True:
+            remaining = self._last_activity + limit - time.monotonic()
+            if remaining > 0 or self.turn_running:
+                await asyncio.sleep(remaining if remaining > 0 else 1.0)
+                continue
+            self._log(logging.INFO, "idle for %g s; closing", limit)
+            message = f"no message for {limit:g} s; the session is closed (reconnect to go on)"
+            await self._send(protocol.encode_error("timeout", message))
+            await self.connection.close(CloseCode.NORMAL_CLOSURE, IDLE_CLOSE_REASON)
+            return
+
     async def _handle(self, data: str | bytes) -> None:
+        self._last_activity = time.monotonic()
         try:
+            over_rate: RateLimited | None = None
+            try:
+                self._rate.take()
+            except RateLimited as exc:
+                over_rate = exc
             frame = protocol.parse_client_frame(data)
-            if isinstance(frame, protocol.CancelTurn):
+            if isinstance(frame, protocol.CancelTurn):  # honoured even over the rate
                 await self._stop_turn("cancelled")
                 return
+            if over_rate is not None:
+                raise over_rate
             if self.closing:
                 raise ServerUnavailable("the server is shutting down; no new turns start")
             if self.turn_running:
                 raise Busy(f"turn {self.turn} is still running; send cancel to stop it")
+            newest = frame.content if isinstance(frame, protocol.UserMessage) else None
+            if newest is None:
+                assert isinstance(frame, protocol.ReplaceHistory)
+                newest = frame.messages[-1]["content"]
+            size = len(newest.encode())
+            if size > self.limits.history_bytes:
+                raise BadRequest(
+                    f"the message is {size} bytes, over this server's history limit of "
+                    f"{self.limits.history_bytes} bytes"
+                )
         except AnythingAgentError as exc:
-            self._log(logging.INFO, "refused a frame: %s: %s", exc.code, exc.message)
+            level = logging.DEBUG if isinstance(exc, RateLimited) else logging.INFO  # floods
+            self._log(level, "refused a frame: %s: %s", exc.code, exc.message)
             await self._send(protocol.encode_error(exc.code, exc.message))  # type: ignore[arg-type]
             return
         if isinstance(frame, protocol.UserMessage):
             self.history.append({"role": "user", "content": frame.content})
         else:
             self.history = frame.messages
+        self._trim_history()
         self.turn += 1
         self._stop_reason = None
         self._turn_task = asyncio.get_running_loop().create_task(
@@ -241,12 +320,17 @@ class ChatSession:
         timer = asyncio.get_running_loop().call_later(self.version.timeout, self._expire, task)
         started = time.perf_counter()
         parts: list[str] = []
+        kept = 0  # characters of the reply kept for the history: never more than it holds
+        chunks = 0
         reason = "stop"
         stream = self._model.stream(messages)
         try:
             try:
                 async for chunk in stream:
-                    parts.append(chunk)
+                    chunks += 1
+                    if kept < self.limits.history_bytes:
+                        parts.append(chunk)
+                        kept += len(chunk)
                     await self.connection.send(protocol.encode_chunk(turn, chunk))
             finally:
                 await stream.aclose()  # type: ignore[attr-defined]
@@ -268,13 +352,18 @@ class ChatSession:
         finally:
             timer.cancel()
         if parts:
-            self.history.append({"role": "assistant", "content": "".join(parts)})
+            reply = "".join(parts)
+            while len(reply.encode()) > self.limits.history_bytes:  # rare: a huge reply
+                reply = reply[: len(reply) * 3 // 4]
+            self.history.append({"role": "assistant", "content": reply})
+            self._trim_history()
+        self._last_activity = time.monotonic()
         self._log(
             logging.INFO,
             "turn=%d done reason=%s chunks=%d in %.1f ms",
             turn,
             reason,
-            len(parts),
+            chunks,
             (time.perf_counter() - started) * 1000,
         )
         if reason == _DISCONNECTED:
@@ -289,6 +378,12 @@ class ChatSession:
         if self._ended_turn < turn:
             self._ended_turn = turn
             await self._send(protocol.encode_done(turn, reason))
+
+    def _trim_history(self) -> None:
+        """Keep the history within the server's limits, dropping the oldest messages."""
+        self.history = trim_history(
+            self.history, self.limits.history_messages, self.limits.history_bytes
+        )
 
     async def _report_model_error(self, turn: int, exc: BaseException) -> None:
         self._log_failure(f"turn={turn} on_chat_messages", exc)
@@ -320,7 +415,7 @@ class ChatSession:
     def _model_error_text(self, exc: BaseException) -> str:
         text = f"the model raised an error; the server log has the details (session {self.id})"
         if self.debug:
-            text += f": {type(exc).__name__}: {exc}"
+            text += redact(f": {type(exc).__name__}: {exc}")
         return text
 
 

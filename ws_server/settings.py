@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -52,6 +53,9 @@ class ServerSettings:
     ping_timeout: float = 20.0
     # --- isolated models' sandbox (bubblewrap): auto uses it where it works
     sandbox: str = "auto"
+    # Server variables naming directories every sandboxed worker shares read-write (a
+    # model cache, test instrumentation), with their values: set from --sandbox-share.
+    sandbox_share: tuple[tuple[str, str], ...] = ()
 
     @property
     def auth_enabled(self) -> bool:
@@ -117,6 +121,14 @@ def _sandbox(text: str) -> str:
     return text.lower()
 
 
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError(f"{name!r} is not an environment variable name")
+    return names
+
+
 def _secret(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
@@ -165,6 +177,11 @@ _SERVE_OPTIONS: Final = (
     _Option("--ping-interval", _positive_float, "seconds between keepalive pings (0: none)"),
     _Option("--ping-timeout", _positive_float, "seconds to wait for a pong before dropping"),
     _Option("--sandbox", _sandbox, "bubblewrap for isolated models: auto, on or off"),
+    _Option(
+        "--sandbox-share",
+        _names,
+        "variables naming directories sandboxed models share read-write, comma-separated",
+    ),
 )
 
 
@@ -200,6 +217,10 @@ def settings_from(
                 except ValueError as exc:
                     raise SettingsError(f"{variable}={environ[variable]!r}: {exc}") from None
                 break
+    if "sandbox_share" in values:  # the variables' values, read here like every setting
+        values["sandbox_share"] = tuple(
+            (name, environ.get(name, "")) for name in values["sandbox_share"]
+        )
     if API_KEYS_ENV in environ:
         values["api_keys"] = tuple(k.strip() for k in environ[API_KEYS_ENV].split(",") if k.strip())
     known = {f.name for f in fields(ServerSettings)}

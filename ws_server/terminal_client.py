@@ -50,6 +50,7 @@ class ChatOptions:
     model: str
     message: str | None = None  # -m: one message, then exit
     json: bool = False  # --json: raw frames on stdout
+    api_key: str | None = None
 
 
 class _Style:
@@ -132,7 +133,12 @@ class TerminalChat:
     def _run(self) -> int:
         on_frame = self._print_frame if self.options.json else None
         self.client = self.io.run(
-            ChatClient.open(self.options.url, self.options.model, on_frame=on_frame)
+            ChatClient.open(
+                self.options.url,
+                self.options.model,
+                api_key=self.options.api_key,
+                on_frame=on_frame,
+            )
         )
         if self.options.message is not None:
             return EXIT_CODES[self._turn(self.options.message)]

@@ -204,7 +204,7 @@ async def serve(spec: dict[str, Any]) -> None:
     server closes the channel."""
     from ws_server.model_loader import load_model
 
-    die_with_parent()
+    die_with_parent(sandboxed=bool(spec.get("sandboxed")))
     apply_limits(spec.get("memory_bytes"), spec.get("cpus"), spec.get("cpu_offset", 0))
     loop = asyncio.get_running_loop()
     worker = Worker()
@@ -240,9 +240,16 @@ def apply_limits(memory_bytes: int | None, cpus: int | None, offset: int = 0) ->
         os.sched_setaffinity(0, chosen)
 
 
-def die_with_parent() -> None:
+def die_with_parent(sandboxed: bool = False) -> None:
     """Linux: be killed if the server dies without stopping us (kill -9), so no worker is
-    ever orphaned, even one stuck in a blocking step that never reads the channel."""
+    ever orphaned, even one stuck in a blocking step that never reads the channel.
+
+    In the sandbox our parent is bwrap's init, PID 1 of the sandbox's PID namespace,
+    which bwrap's --die-with-parent ties to the server in turn; elsewhere, a parent with
+    PID 1 means the server is already gone."""
+    parent = os.getppid()
+    if parent == 1 and not sandboxed:
+        os._exit(1)
     try:
         import ctypes
 
@@ -250,7 +257,7 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # the server died before prctl took effect
+    if os.getppid() != parent:  # our parent died before prctl took effect
         os._exit(1)
 
 

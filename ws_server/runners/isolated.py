@@ -24,16 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, cast
 
-from ws_server import ipc
+from ws_server import ipc, sandbox
 from ws_server.exceptions import ModelFailed, ModelLoadError, ResourceExhausted, WorkerCrashed
 from ws_server.sdk import Message
 
 log = logging.getLogger("anything_agent.isolated")
 
-PACKAGE_PARENT: Final = Path(__file__).resolve().parent.parent.parent
+PACKAGE_DIR: Final = Path(__file__).resolve().parent.parent
+PACKAGE_PARENT: Final = PACKAGE_DIR.parent
 # The worker's interpreter gets only the standard library, its virtualenv and the
 # directory holding ``ws_server`` on its path: -s and -E keep user site-packages and
-# PYTHON* variables out, -u keeps its prints in order with the log.
+# PYTHON* variables out, -u keeps its prints in order with the log. In the sandbox, that
+# directory holds nothing but ``ws_server``.
 _BOOT: Final = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); from ws_server.worker import main; main()"
 )
@@ -71,6 +73,7 @@ class WorkerSpec:
     memory_text: str | None = None
     network: bool = False  # isolation.network: may the sandboxed worker use the network
     sandbox: str = "auto"  # ServerSettings.sandbox: auto, on or off
+    sandbox_share: tuple[tuple[str, str], ...] = ()  # ServerSettings.sandbox_share
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,7 @@ class IsolatedRunner:
         if self._ready is None or self._ready.done():  # else requests already wait on it
             self._ready = self._new_ready()
         self._loading = generation
+        bwrap = await sandbox.choose(self.spec.sandbox)
         parent, child = socket.socketpair()
         spec = {
             "fd": child.fileno(),
@@ -165,21 +169,18 @@ class IsolatedRunner:
             "memory_bytes": self.spec.memory_bytes,
             "cpus": self.spec.cpus,
             "cpu_offset": self._cpu_offset,
+            "sandboxed": bwrap is not None,
         }
-        environment = {
-            k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_ENV_PREFIXES)
-        }
+        command = [
+            str(self.spec.python),
+            *("-s", "-E", "-u", "-c", _BOOT, str(PACKAGE_PARENT)),
+            json.dumps(spec, default=str),
+        ]
         try:
+            command, environment = self._contain(command, bwrap)
             process = await asyncio.create_subprocess_exec(
-                str(self.spec.python),
-                "-s",
-                "-E",
-                "-u",
-                "-c",
-                _BOOT,
-                str(PACKAGE_PARENT),
-                json.dumps(spec, default=str),
-                pass_fds=(child.fileno(),),
+                *command,
+                pass_fds=(child.fileno(),),  # bwrap hands inherited descriptors on
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -190,6 +191,9 @@ class IsolatedRunner:
         except (OSError, ValueError) as exc:
             parent.close()
             raise ModelLoadError(f"isolation: cannot start {self.spec.python}: {exc}") from None
+        except ModelLoadError:
+            parent.close()
+            raise
         finally:
             child.close()
         self._process = process
@@ -200,7 +204,7 @@ class IsolatedRunner:
         assert process.stdout is not None and process.stderr is not None
         self._track(self._pump(process.stdout, "stdout", process.pid))
         self._track(self._pump(process.stderr, "stderr", process.pid))
-        self._track(self._watch(process, generation))
+        self._track(self._watch(process, generation, sandboxed=bwrap is not None))
         if self._closing:  # close() ran while we were starting it
             self.kill_worker()
             return
@@ -213,8 +217,35 @@ class IsolatedRunner:
                 f"main.py: the worker did not load within {LOAD_TIMEOUT:g} s"
             ) from None
         log.info(
-            "model %s: worker pid %d ready (generation %d)", self.name, process.pid, generation
+            "model %s: worker pid %d ready (generation %d, %s)",
+            self.name,
+            process.pid,
+            generation,
+            "sandboxed" if bwrap is not None else "not sandboxed",
         )
+
+    def _contain(
+        self, command: list[str], bwrap: sandbox.Bubblewrap | None
+    ) -> tuple[list[str], dict[str, str]]:
+        """The worker's command and environment: inside bubblewrap with a minimal
+        environment (bwrap's own, which it hands on), or (no sandbox) as it is, with the
+        server's environment minus its own settings."""
+        if bwrap is None:
+            environment = {
+                k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_ENV_PREFIXES)
+            }
+            return command, environment
+        shared = sandbox.shared_variables(self.spec.sandbox_share)
+        environment = sandbox.worker_environment(os.environ, self.spec.python, shared)
+        box = sandbox.SandboxSpec(
+            python=self.spec.python,
+            package_dir=PACKAGE_DIR,
+            model_dir=self.spec.model_dir,
+            network=self.spec.network,
+            shared=tuple(Path(path) for path in shared.values()),
+            tmp_bytes=self.spec.memory_bytes,
+        )
+        return [*sandbox.command(bwrap, box), *command], environment
 
     @staticmethod
     def _new_ready() -> asyncio.Future[None]:
@@ -250,11 +281,13 @@ class IsolatedRunner:
                 pending[:LOG_LINE_LIMIT].decode(errors="replace").rstrip(),
             )
 
-    async def _watch(self, process: asyncio.subprocess.Process, generation: int) -> None:
+    async def _watch(
+        self, process: asyncio.subprocess.Process, generation: int, sandboxed: bool
+    ) -> None:
         code = await process.wait()
         if self._closing or generation != self.generation:
             return
-        reason = describe_exit(code)
+        reason = describe_exit(code, sandboxed)
         ready = self._ready
         if self._loading == generation and ready is not None and not ready.done():
             ready.set_exception(
@@ -515,8 +548,13 @@ class IsolatedSession:
             )
 
 
-def describe_exit(code: int) -> str:
-    """``exit code 3`` or ``killed by signal 9 (SIGKILL)``."""
+def describe_exit(code: int, sandboxed: bool = False) -> str:
+    """``exit code 3`` or ``killed by signal 9 (SIGKILL)``.
+
+    bwrap exits with its command's status, and with 128 + N when a signal N killed it
+    (as shells do); a signal that killed bwrap itself shows as usual (``-N``)."""
+    if sandboxed and 128 < code < 128 + signal.NSIG:
+        code = 128 - code
     if code < 0:
         try:
             name = signal.Signals(-code).name

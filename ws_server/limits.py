@@ -1,0 +1,105 @@
+"""Abuse limits: connections per server and per client address, frames per minute per
+connection, and how much history a session keeps. Pure bookkeeping, no I/O; the server
+and the session apply them."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from ws_server.exceptions import RateLimited, TooManyConnections, TooManyFromAddress
+from ws_server.sdk import Message
+
+
+class ConnectionCounter:
+    """Open WebSocket connections, in total and per client address."""
+
+    def __init__(self, max_total: int | None, max_per_address: int | None) -> None:
+        self.max_total = max_total
+        self.max_per_address = max_per_address
+        self.total = 0
+        self._per_address: Counter[str] = Counter()
+
+    def check(self, address: str) -> None:
+        """Raise if one more connection from ``address`` would go over a limit."""
+        if self.max_total is not None and self.total >= self.max_total:
+            raise TooManyConnections(
+                f"the server is at its limit of {self.max_total} connections; try again later"
+            )
+        if self.max_per_address is not None and self._per_address[address] >= self.max_per_address:
+            raise TooManyFromAddress(
+                f"{address} already has {self.max_per_address} open connections, the most "
+                "one address may hold"
+            )
+
+    def opened(self, address: str) -> None:
+        self.total += 1
+        self._per_address[address] += 1
+
+    def closed(self, address: str) -> None:
+        self.total -= 1
+        self._per_address[address] -= 1
+        if self._per_address[address] <= 0:
+            del self._per_address[address]
+
+
+class FrameRate:
+    """A token bucket: ``per_minute`` frames a minute, with bursts up to that many."""
+
+    def __init__(self, per_minute: int | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_minute = per_minute
+        self._clock = clock
+        self._tokens = float(per_minute or 0)
+        self._updated = clock()
+
+    def take(self) -> None:
+        """Count one frame; raise ``RateLimited`` (saying when to retry) if over."""
+        if self.per_minute is None:
+            return
+        now = self._clock()
+        rate = self.per_minute / 60.0
+        self._tokens = min(float(self.per_minute), self._tokens + (now - self._updated) * rate)
+        self._updated = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return
+        wait = (1.0 - self._tokens) / rate
+        raise RateLimited(
+            f"more than {self.per_minute} frames a minute; this one was dropped, "
+            f"send again in {wait:.1f} s"
+        )
+
+
+def history_bytes(messages: list[Message]) -> int:
+    """The size the history limit counts: the UTF-8 bytes of every message's content."""
+    return sum(len(m["content"].encode()) for m in messages)
+
+
+def trim_history(messages: list[Message], max_messages: int, max_bytes: int) -> list[Message]:
+    """The most recent messages that fit both limits, oldest dropped first.
+
+    A leading ``system`` message (the model's instructions) is kept as long as it fits
+    with the newest message. The newest message is always kept: a frame bigger than the
+    history limit is refused before it gets here.
+    """
+    if len(messages) <= max_messages and history_bytes(messages) <= max_bytes:
+        return messages
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    rest = messages[len(system) :]
+    if not rest:
+        return messages[-1:]
+    kept: list[Message] = []
+    size = 0
+    budget_messages = max_messages - len(system)
+    budget_bytes = max_bytes - history_bytes(system)
+    if budget_messages < 1 or budget_bytes < len(rest[-1]["content"].encode()):
+        system, budget_messages, budget_bytes = [], max_messages, max_bytes
+    for message in reversed(rest):
+        cost = len(message["content"].encode())
+        if kept and (len(kept) >= budget_messages or size + cost > budget_bytes):
+            break
+        kept.append(message)
+        size += cost
+    kept.reverse()
+    return [*system, *kept]

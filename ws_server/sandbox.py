@@ -1,0 +1,312 @@
+"""The bubblewrap sandbox isolated workers run in.
+
+A sandboxed worker runs as ``nobody`` in its own user, PID, IPC, UTS (and, unless its
+model asks for ``isolation: {network: true}``, network) namespaces, over a filesystem
+built from read-only binds of only what its interpreter needs: the system directories,
+a short list of ``/etc`` files, its virtualenv and base Python, the ``ws_server``
+package it imports and its own model directory. ``/tmp`` is a private tmpfs, which is
+also its ``HOME``. Its environment is rebuilt from scratch (``worker_environment``), so
+none of the server's variables (API keys among them) reach it; it is handed to bwrap as
+bwrap's own environment, never as ``--setenv`` arguments any local user could read in
+``ps``, and bwrap passes it on as it is.
+
+``command`` builds the ``bwrap`` argv from a ``SandboxSpec`` (pure, apart from looking at
+which system directories exist); ``choose`` applies the server's ``--sandbox`` setting,
+probing once per process whether bubblewrap works here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from ws_server.exceptions import ModelLoadError
+from ws_server.settings import SANDBOX_MODES
+
+log = logging.getLogger("anything_agent.sandbox")
+
+BWRAP: Final = "bwrap"  # looked up on the server's PATH
+# ``nobody``: inside its user namespace the worker is no one in particular. The kernel
+# still checks files against the server's own uid, so it reads what the server can read,
+# but only through the read-only binds below, and it holds no capabilities anywhere.
+SANDBOX_UID: Final = 65534
+# Used from bubblewrap 0.8.0 on (--disable-userns is new there); older ones still
+# sandbox, just without these two.
+DISABLE_USERNS_SINCE: Final = (0, 8, 0)  # no nested user namespaces inside the sandbox
+TMPFS_SIZE_SINCE: Final = (0, 8, 0)  # /tmp bounded by the model's memory limit
+SYSTEM_DIRECTORIES: Final = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+# What the C library, Python's ssl/socket/time modules and pwd need from /etc.
+ETC_ENTRIES: Final = (
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "alternatives",
+    "localtime",
+    "timezone",
+    "ssl",
+    "ca-certificates",
+    "pki",
+    "resolv.conf",
+    "hosts",
+    "host.conf",
+    "gai.conf",
+    "nsswitch.conf",
+    "protocols",
+    "services",
+    "passwd",
+    "group",
+)
+SANDBOX_TMP: Final = "/tmp"
+SANDBOX_PATH: Final = "/usr/local/bin:/usr/bin:/bin"
+# Server variables worth keeping: they change how text and time are shown, nothing else.
+LOCALE_VARIABLES: Final = ("LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ")
+PROBE_TIMEOUT: Final = 30.0
+
+
+@dataclass(frozen=True)
+class Bubblewrap:
+    """A bwrap binary that was seen to work here, and its version."""
+
+    path: str
+    version: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """What one worker's sandbox is made of."""
+
+    python: Path  # the worker's interpreter, normally a virtualenv's bin/python
+    package_dir: Path  # the ws_server package the worker imports
+    model_dir: Path
+    network: bool = False
+    shared: tuple[Path, ...] = ()  # directories bound read-write
+    tmp_bytes: int | None = None  # size of the private /tmp (None: the kernel's default)
+
+
+def command(bwrap: Bubblewrap, spec: SandboxSpec) -> list[str]:
+    """The ``bwrap ... --`` prefix that runs a worker command inside the sandbox."""
+    return [
+        bwrap.path,
+        *_namespaces(bwrap, spec.network),
+        *system_mounts(),
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        *_private_tmp(bwrap, spec.tmp_bytes),
+        *_pairs("--ro-bind", ((p, p) for p in read_only_paths(spec))),
+        *_pairs("--bind", ((p, p) for p in spec.shared)),
+        "--chdir",
+        str(spec.model_dir),
+        "--",
+    ]
+
+
+def _namespaces(bwrap: Bubblewrap, network: bool) -> list[str]:
+    """Every namespace bwrap can give, but the network one when the model may use it.
+
+    A new PID namespace hides the server's /proc/<pid>/environ; --die-with-parent and
+    bwrap's own init (PID 1 inside) make sure no process outlives the sandbox."""
+    arguments = ["--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID)]
+    if bwrap.version >= DISABLE_USERNS_SINCE:
+        arguments.append("--disable-userns")
+    arguments += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+    if not network:
+        arguments.append("--unshare-net")  # a loopback interface of its own, nothing else
+    arguments += ["--hostname", "sandbox", "--die-with-parent", "--new-session"]
+    return [*arguments, "--cap-drop", "ALL"]  # said outright: bwrap run by root may keep some
+
+
+def system_mounts() -> list[str]:
+    """Read-only system directories (merged-/usr symlinks kept as symlinks) and the few
+    /etc entries that exist here."""
+    arguments: list[str] = []
+    for directory in SYSTEM_DIRECTORIES:
+        path = Path(directory)
+        if path.is_symlink():
+            arguments += ["--symlink", os.readlink(path), directory]
+        elif path.is_dir():
+            arguments += ["--ro-bind", directory, directory]
+    for entry in ETC_ENTRIES:
+        arguments += ["--ro-bind-try", f"/etc/{entry}", f"/etc/{entry}"]
+    return arguments
+
+
+def _private_tmp(bwrap: Bubblewrap, size: int | None) -> list[str]:
+    sized = ["--size", str(size)] if size and bwrap.version >= TMPFS_SIZE_SINCE else []
+    return [*sized, "--tmpfs", SANDBOX_TMP]
+
+
+def read_only_paths(spec: SandboxSpec) -> list[Path]:
+    """The worker's virtualenv and base interpreter, the ``ws_server`` package and the
+    model directory, minus any already visible through another bind."""
+    wanted = [*interpreter_paths(spec.python), spec.package_dir, spec.model_dir]
+    covered = [Path(d) for d in SYSTEM_DIRECTORIES]
+    chosen: list[Path] = []
+    for path in wanted:
+        if not any(path.is_relative_to(root) for root in (*covered, *chosen)):
+            chosen.append(path)
+    return chosen
+
+
+def interpreter_paths(python: Path) -> list[Path]:
+    """What running ``python`` reads: its virtualenv (the directory holding
+    ``pyvenv.cfg``) and the base installation it points to (``home``'s parent, and the
+    prefix its symlinks end in; pyenv's live under ~/.pyenv/versions/X)."""
+    python = Path(os.path.abspath(python))
+    virtualenv = python.parent.parent
+    paths = [virtualenv]
+    home = _home(virtualenv / "pyvenv.cfg")
+    if home is not None:
+        paths += [home.parent, home.resolve().parent]
+    paths.append(python.resolve().parent.parent)
+    return list(dict.fromkeys(paths))
+
+
+def _home(config: Path) -> Path | None:
+    """``home`` of a virtualenv's ``pyvenv.cfg``: the base interpreter's bin directory."""
+    try:
+        text = config.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "home" and value.strip():
+            return Path(value.strip())
+    return None
+
+
+def worker_environment(
+    host: Mapping[str, str], python: Path, shared: Mapping[str, str]
+) -> dict[str, str]:
+    """The worker's whole environment: a PATH starting with its virtualenv, a private
+    HOME and TMPDIR, the server's locale settings, and the shared variables."""
+    values = {
+        "PATH": f"{Path(python).parent}:{SANDBOX_PATH}",
+        "HOME": SANDBOX_TMP,
+        "TMPDIR": SANDBOX_TMP,
+        "PYTHONUNBUFFERED": "1",  # for the model's own subprocesses (the worker runs -u)
+    }
+    values.update({name: host[name] for name in LOCALE_VARIABLES if name in host})
+    values.update(shared)
+    return values
+
+
+def shared_variables(share: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """``--sandbox-share``'s variables and values; each must be an existing directory,
+    which the sandbox binds read-write and whose variable the worker gets."""
+    shared: dict[str, str] = {}
+    for name, value in share:
+        if not value or not os.path.isabs(value) or not os.path.isdir(value):
+            raise ModelLoadError(
+                f"isolation: --sandbox-share names {name}, which is not set to a directory"
+            )
+        shared[name] = value
+    return shared
+
+
+def _pairs(option: str, pairs: Iterable[tuple[object, object]]) -> list[str]:
+    arguments: list[str] = []
+    for first, second in pairs:
+        arguments += [option, str(first), str(second)]
+    return arguments
+
+
+# --------------------------------------------------------------------- availability
+_probed: dict[str, Bubblewrap | str] = {}  # bwrap path -> what the probe found
+_probe_lock: asyncio.Lock | None = None
+_warned = False
+
+
+async def choose(mode: str) -> Bubblewrap | None:
+    """The bubblewrap to sandbox a worker with under ``--sandbox MODE``; None to run it
+    unsandboxed (``off``, or ``auto`` where bubblewrap does not work, said once in the
+    log). Under ``on``, a sandbox that cannot be set up fails the model, naming why."""
+    global _warned
+    if mode not in SANDBOX_MODES:
+        raise ModelLoadError(f"isolation: unknown sandbox mode {mode!r}")
+    if mode == "off":
+        return None
+    found = await probe()
+    if isinstance(found, Bubblewrap):
+        return found
+    if mode == "on":
+        raise ModelLoadError(f"isolation: the sandbox is required (--sandbox on) but {found}")
+    if not _warned:
+        _warned = True
+        log.warning(
+            "isolated models run WITHOUT a sandbox: %s (install bubblewrap, or pass "
+            "--sandbox off to silence this)",
+            found,
+        )
+    return None
+
+
+async def probe() -> Bubblewrap | str:
+    """Whether bubblewrap works here: a ``Bubblewrap``, or why not. Tried once per
+    process (per bwrap found on PATH) with the namespaces every worker gets."""
+    global _probe_lock
+    path = shutil.which(BWRAP)
+    if path is None:
+        return f"{BWRAP} is not installed (not found on PATH)"
+    if _probe_lock is None:
+        _probe_lock = asyncio.Lock()
+    async with _probe_lock:
+        if path not in _probed:
+            _probed[path] = await _try(path)
+        return _probed[path]
+
+
+async def _try(path: str) -> Bubblewrap | str:
+    """Ask bwrap its version, then run ``true`` in a minimal sandbox."""
+    code, output = await _run([path, "--version"])
+    match = re.search(r"(\d+)\.(\d+)\.(\d+)", output)
+    if code != 0 or match is None:
+        return f"{path} --version failed: {output.strip()[-300:] or f'exit code {code}'}"
+    bwrap = Bubblewrap(path, tuple(int(part) for part in match.groups()))
+    code, output = await _run(_probe_command(bwrap))
+    if code != 0:
+        return f"{path} cannot create a sandbox here: {output.strip()[-300:] or code}"
+    return bwrap
+
+
+def _probe_command(bwrap: Bubblewrap) -> list[str]:
+    """``true`` in a sandbox with every worker's namespaces and system mounts."""
+    true = next((t for t in ("/usr/bin/true", "/bin/true") if os.path.exists(t)), "true")
+    return [
+        bwrap.path,
+        *_namespaces(bwrap, network=False),
+        *system_mounts(),
+        *("--proc", "/proc", "--dev", "/dev"),
+        *_private_tmp(bwrap, 1024 * 1024),
+        "--",
+        true,
+    ]
+
+
+async def _run(arguments: list[str]) -> tuple[int, str]:
+    """Exit code and combined output of a short command; never raises."""
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *arguments,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env={"PATH": SANDBOX_PATH},
+        )
+    except OSError as exc:
+        return 127, str(exc)
+    try:
+        stdout, _ = await asyncio.wait_for(process.communicate(), PROBE_TIMEOUT)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        return 124, f"timed out after {PROBE_TIMEOUT:g} s"
+    return process.returncode or 0, stdout.decode(errors="replace")
