@@ -161,3 +161,21 @@ def test_a_server_frame_that_is_not_v1_is_a_protocol_violation(
 ) -> None:
     with pytest.raises(ProtocolViolation, match=complaint):
         protocol.parse_server_frame(data)
+
+
+def test_lone_surrogates_in_client_text_are_bad_requests() -> None:
+    for frame in (
+        '{"type":"message","content":"a\\ud800"}',
+        '{"type":"messages","messages":[{"role":"user","content":"\\udfff"}]}',
+    ):
+        with pytest.raises(BadRequest, match="lone surrogate"):
+            parse_client_frame(frame)
+    with pytest.raises(BadRequest, match="unknown frame type") as refused:
+        parse_client_frame('{"type":"\\ud800x"}')
+    refused.value.message.encode()  # quoting it back is always valid UTF-8
+
+
+def test_a_chunk_with_a_lone_surrogate_is_repaired_not_refused() -> None:
+    assert protocol.clean_text("ok \ud800!") == "ok \ufffd!"
+    assert protocol.clean_text("plain") == "plain"
+    protocol.encode_chunk(1, protocol.clean_text("\udfff")).encode()

@@ -551,3 +551,41 @@ def test_a_secret_from_an_unset_variable_fails_the_model_naming_the_variable(
 
 def test_os_environ_of_the_test_does_not_hold_the_secret() -> None:
     assert "SECRETIVE_TEST_KEY" not in os.environ  # so the unset-variable test means it
+
+
+# ---------------------------------------------------------------------- clients with keys
+async def test_the_python_client_sends_its_api_key(guarded: ServerProcess) -> None:
+    from ws_server.client import ChatClient
+    from ws_server.client import connect as chat_connect
+    from ws_server.exceptions import ChatRefused
+
+    async with chat_connect(guarded.ws_url, "echo", api_key=KEYS[1]) as client:
+        assert await client.ask("keyed") == "keyed"
+    with pytest.raises(ChatRefused) as refused:
+        await ChatClient.open(guarded.ws_url, "echo")
+    assert (refused.value.status, refused.value.code) == (401, "unauthorized")
+
+
+def test_the_terminal_client_reads_its_key_from_a_file_or_the_environment(
+    guarded: ServerProcess, tmp_path: Path
+) -> None:
+    cli = [sys.executable, "-m", "ws_server", "chat", "echo", "--url", guarded.ws_url]
+    key_file = tmp_path / "key"
+    key_file.write_text(KEYS[0] + "\n")
+    from_file = subprocess.run(
+        [*cli, "-m", "hi", "--api-key-file", str(key_file)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (from_file.returncode, from_file.stdout) == (0, "hi\n"), from_file.stderr
+    from_env = subprocess.run(
+        [*cli, "-m", "hey"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "ANYTHING_AGENT_API_KEY": KEYS[1]},
+    )
+    assert (from_env.returncode, from_env.stdout) == (0, "hey\n"), from_env.stderr
+    without = subprocess.run([*cli, "-m", "no"], capture_output=True, text=True, timeout=30)
+    assert without.returncode == 1 and "requires an API key" in without.stderr

@@ -288,3 +288,28 @@ def test_the_page_recovers_after_a_server_restart_and_the_conversation_goes_on(
         "You said 2 things: before the restart | recall"
     )
     assert second.stop() == 0
+
+
+# ---------------------------------------------------------------------- API keys
+def test_the_page_asks_for_the_key_a_server_requires_and_then_chats(
+    page: Page, start_server: object, tmp_path: Path
+) -> None:
+    models = client_models(tmp_path / "models")
+    guarded = start_server(models, env={"ANYTHING_AGENT_API_KEYS": "page-key-5d2f"})  # type: ignore[operator]
+    page.goto(f"{guarded.http_url}/#echo")
+    dialog = page.locator("#key-dialog")
+    expect(dialog).to_be_visible()
+    expect(page.locator("#key-error")).to_be_hidden()
+    page.locator("#key-input").fill("not-the-key")
+    page.locator("#key-input").press("Enter")
+    expect(dialog).to_be_visible()
+    expect(page.locator("#key-error")).to_be_visible()  # that key was refused
+    screenshot(page, "api_key-refused")
+    page.locator("#key-input").fill("page-key-5d2f")
+    page.locator("#key-input").press("Enter")
+    expect(dialog).to_be_hidden()
+    expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+    say(page, "hello with a key")
+    expect(finished_reply(page).locator(".body")).to_have_text("hello with a key")
+    assert "page-key-5d2f" not in guarded.log
+    assert page.evaluate("location.href").find("page-key") == -1  # never in a URL

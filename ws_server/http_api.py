@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Final, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
@@ -50,9 +50,15 @@ class Route:
     access: Access
 
 
+def path_of(target: str) -> str:
+    """The path of a request target (origin form, as a handshake has it), without its
+    query; never raises, whatever the client sent."""
+    return target.partition("?")[0].partition("#")[0]
+
+
 def chat_model_name(request_path: str) -> str | None:
     """The model named by a ``/v1/chat/{model}`` path, or ``None`` for other paths."""
-    match = CHAT_PATH.match(urlsplit(request_path).path)
+    match = CHAT_PATH.match(path_of(request_path))
     return unquote(match.group(1)) if match else None
 
 
@@ -80,7 +86,7 @@ class HttpApi:
     async def respond(self, request: Request, peer: str = "") -> Response | None:
         """Route one request from ``peer`` (the client's address); ``None`` means: go on
         with the WebSocket handshake."""
-        path = urlsplit(request.path).path
+        path = path_of(request.path)
         try:
             allowed = []
             for route in self.routes:

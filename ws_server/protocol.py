@@ -8,6 +8,7 @@ agree by construction. See design.md ("The wire protocol, v1") for the contract.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -28,6 +29,9 @@ ErrorCode = Literal[
     "internal",
 ]
 ROLES: Final = ("user", "assistant", "system")
+# JSON's \ud800-style escapes can spell lone surrogates, which are not text: they can't be
+# encoded as UTF-8, so they can't be sent or counted. Found where strings enter.
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 FRAME_TYPES: Final = ("message", "messages", "cancel")
 DONE_REASONS: Final = ("stop", "cancelled", "timeout", "error")
 
@@ -85,6 +89,22 @@ def parse_client_frame(data: str | bytes) -> ClientFrame:
     return _frame_from_object(frame)
 
 
+def clean_text(text: str) -> str:
+    """``text`` with any lone surrogate replaced by U+FFFD, so it can be sent as UTF-8.
+
+    For what a model yields: a chunk is never refused for this, just repaired. ASCII text
+    (most chunks) is returned at once."""
+    if text.isascii():
+        return text
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def _checked_text(value: str, where: str) -> str:
+    if not value.isascii() and _SURROGATE.search(value):
+        raise BadRequest(f"{where} holds a lone surrogate (an escape like \\ud800): not text")
+    return value
+
+
 def _frame_from_object(frame: dict[str, Any]) -> ClientFrame:
     if "type" not in frame:
         raise BadRequest('missing field "type"; expected one of: message, messages, cancel')
@@ -95,7 +115,7 @@ def _frame_from_object(frame: dict[str, Any]) -> ClientFrame:
             raise BadRequest('"message" frame is missing field "content"')
         if not isinstance(content, str):
             raise BadRequest(f'"content" must be a string, not {_json_type(content)}')
-        return UserMessage(content)
+        return UserMessage(_checked_text(content, '"content"'))
     if kind == "messages":
         if "messages" not in frame:
             raise BadRequest('"messages" frame is missing field "messages"')
@@ -104,6 +124,7 @@ def _frame_from_object(frame: dict[str, Any]) -> ClientFrame:
         return _CANCEL
     if not isinstance(kind, str):
         raise BadRequest(f'"type" must be a string, not {_json_type(kind)}')
+    kind = clean_text(kind)  # it is quoted back in the error
     raise BadRequest(
         f'unknown frame type "{kind[:64]}"; expected one of: message, messages, cancel'
     )
@@ -124,7 +145,7 @@ def _validate_history(messages: Any) -> list[dict[str, str]]:
             raise BadRequest(f'{where}.role must be one of "user", "assistant", "system"')
         if not isinstance(content, str):
             raise BadRequest(f"{where}.content must be a string, not {_json_type(content)}")
-        history.append({"role": role, "content": content})
+        history.append({"role": role, "content": _checked_text(content, f"{where}.content")})
     return history
 
 

@@ -189,7 +189,10 @@ class AccessPolicy:
         )
 
     def _is_own_origin(self, origin: str, host: str) -> bool:
-        parts = urlsplit(origin)
+        try:
+            parts = urlsplit(origin)
+        except ValueError:  # "http://[" and the like: not an origin at all
+            return False
         if parts.scheme not in ("http", "https") or not host:
             return False
         if parts.netloc != host.strip().lower():

@@ -326,7 +326,8 @@ class ChatSession:
         stream = self._model.stream(messages)
         try:
             try:
-                async for chunk in stream:
+                async for piece in stream:
+                    chunk = protocol.clean_text(piece)
                     chunks += 1
                     if kept < self.limits.history_bytes:
                         parts.append(chunk)

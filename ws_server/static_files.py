@@ -5,7 +5,6 @@ from __future__ import annotations
 import mimetypes
 from pathlib import Path
 from typing import Final
-from urllib.parse import unquote
 
 WEB_CLIENT_DIR: Final = Path(__file__).resolve().parent.parent / "web_client"
 _TYPES: Final = {
@@ -17,10 +16,11 @@ _TYPES: Final = {
 }
 
 
-def resolve_static(url_path: str, root: Path = WEB_CLIENT_DIR) -> Path | None:
-    """The file under ``root`` that ``url_path`` names, or ``None`` if it leaves ``root``,
-    names a hidden file, holds a NUL, or does not exist. ``/`` is ``index.html``."""
-    relative = unquote(url_path).lstrip("/") or "index.html"
+def resolve_static(path: str, root: Path = WEB_CLIENT_DIR) -> Path | None:
+    """The file under ``root`` that ``path`` (already percent-decoded, once) names, or
+    ``None`` if it leaves ``root``, names a hidden file, holds a NUL, or does not exist.
+    ``/`` is ``index.html``."""
+    relative = path.lstrip("/") or "index.html"
     if "\0" in relative or any(part.startswith(".") for part in relative.split("/") if part):
         return None
     root = root.resolve()
