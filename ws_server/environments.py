@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Final, TextIO
 
+from ws_server import metrics
 from ws_server.exceptions import ModelLoadError
 from ws_server.model_config import Isolation
 from ws_server.sdk import __version__ as SDK_VERSION
@@ -113,6 +114,7 @@ class EnvironmentBuilder:
             install = [str(python), "-m", "pip", "install", "--disable-pip-version-check"]
         if requirements.strip():
             steps.append([*install, "-r", str(requirements_file)])
+        outcome = "failed"
         try:
             with log_path.open("a", encoding="utf-8") as build_log:
                 build_log.write(
@@ -134,8 +136,13 @@ class EnvironmentBuilder:
                 if not (env_dir / COMPLETE_MARKER).exists():
                     shutil.rmtree(env_dir, ignore_errors=True)
                     scratch.rename(env_dir)
+            outcome = "built"
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+            metrics.ENV_BUILDS.labels(outcome=outcome).observe(time.monotonic() - started)
         log.info(
             "model %s: environment %s built in %.1f s", model, env_dir, time.monotonic() - started
         )

@@ -19,7 +19,7 @@ from urllib.parse import unquote
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from ws_server import protocol
+from ws_server import metrics, protocol
 from ws_server.exceptions import (
     HandshakeRefused,
     MethodNotAllowed,
@@ -80,6 +80,7 @@ class HttpApi:
             Route("POST", re.compile(r"^/v1/models/reload$"), self.reload, "admin"),
             Route("GET", re.compile(r"^/v1/models/([^/]+)$"), self.get_model, "client"),
             Route("GET", re.compile(r"^/healthz$"), self.healthz, "public"),
+            Route("GET", re.compile(r"^/metrics$"), self.metrics, "client"),
             Route("GET", re.compile(r"^/(.*)$"), self.static, "public"),
         )
 
@@ -105,6 +106,8 @@ class HttpApi:
                 raise MethodNotAllowed(f"{request.method} is not allowed on {path}")
             raise RouteNotFound(f"nothing at {path}")
         except HandshakeRefused as exc:
+            if "websocket" in request.headers.get("Upgrade", "").lower():
+                metrics.HANDSHAKE_REFUSALS.labels(status=str(exc.http_status)).inc()
             return error_response(exc)
         except Exception:
             log.exception("%s %s failed", request.method, path[:200])
@@ -148,6 +151,10 @@ class HttpApi:
 
     async def healthz(self, request: Request, params: dict[str, str]) -> Response:
         return json_response({"status": "ok", "models": self.registry.status_counts()})
+
+    async def metrics(self, request: Request, params: dict[str, str]) -> Response:
+        body, media_type = metrics.exposition()
+        return response(HTTPStatus.OK, body, media_type)
 
     async def static(self, request: Request, params: dict[str, str]) -> Response:
         path = resolve_static(params["1"])

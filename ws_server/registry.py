@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ws_server import metrics
 from ws_server.environments import EnvironmentBuilder, default_cache_dir
 from ws_server.exceptions import (
     ModelAtCapacity,
@@ -238,6 +239,7 @@ class Registry:
             started = time.perf_counter()
             candidates = await asyncio.to_thread(self._scan)
             report = ReloadReport()
+            metrics.RELOADS.inc()
             for candidate in candidates.values():
                 await self._apply(candidate, report)
             for name in sorted(set(self._entries) - set(candidates)):

@@ -13,7 +13,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from ws_server import protocol
+from ws_server import metrics, protocol
 from ws_server.environments import EnvironmentBuilder, default_cache_dir
 from ws_server.exceptions import HandshakeRefused
 from ws_server.http_api import HttpApi, chat_model_name
@@ -56,6 +56,7 @@ class AnythingAgentServer:
 
     async def start(self) -> None:
         """Load the models, then listen; one broken model never stops the start."""
+        metrics.mark_process()
         await self.registry.reload()
         self._ws_server = await serve(
             self._handle_connection,
@@ -154,14 +155,19 @@ class AnythingAgentServer:
             await _refuse_open(connection, exc)
             return
         peer = _peer_address(connection)
+        sessions = metrics.SESSIONS.labels(model=version.name)
         session = ChatSession(
             connection, version, debug=self.settings.debug, limits=self.session_limits
         )
         self.sessions.add(session)
         self.connections.opened(peer)
+        metrics.CONNECTIONS.inc()
+        sessions.inc()
         try:
             await session.run()
         finally:
+            sessions.dec()
+            metrics.CONNECTIONS.dec()
             self.connections.closed(peer)
             self.sessions.discard(session)
             self.registry.release(version)
@@ -177,6 +183,7 @@ def _peer_address(connection: ServerConnection) -> str:
 
 async def _refuse_open(connection: ServerConnection, exc: HandshakeRefused) -> None:
     try:
+        metrics.ERRORS.labels(code="unavailable").inc()
         await connection.send(protocol.encode_error("unavailable", exc.message))
         await connection.close(CloseCode.TRY_AGAIN_LATER, "model unavailable")
     except ConnectionClosed:

@@ -18,7 +18,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
-from ws_server import protocol
+from ws_server import metrics, protocol
 from ws_server.exceptions import (
     AnythingAgentError,
     BadRequest,
@@ -174,6 +174,7 @@ class ChatSession:
 
     async def _fail_start(self, code: protocol.ErrorCode, message: str) -> None:
         try:
+            metrics.ERRORS.labels(code=code).inc()
             await self.connection.send(protocol.encode_error(code, message))
             await self.connection.close(CloseCode.INTERNAL_ERROR, "the model could not start")
         except ConnectionClosed:
@@ -231,7 +232,7 @@ class ChatSession:
                 continue
             self._log(logging.INFO, "idle for %g s; closing", limit)
             message = f"no message for {limit:g} s; the session is closed (reconnect to go on)"
-            await self._send(protocol.encode_error("timeout", message))
+            await self._send_error("timeout", message)
             await self.connection.close(CloseCode.NORMAL_CLOSURE, IDLE_CLOSE_REASON)
             return
 
@@ -266,7 +267,7 @@ class ChatSession:
         except AnythingAgentError as exc:
             level = logging.DEBUG if isinstance(exc, RateLimited) else logging.INFO  # floods
             self._log(level, "refused a frame: %s: %s", exc.code, exc.message)
-            await self._send(protocol.encode_error(exc.code, exc.message))  # type: ignore[arg-type]
+            await self._send_error(exc.code, exc.message)  # type: ignore[arg-type]
             return
         if isinstance(frame, protocol.UserMessage):
             self.history.append({"role": "user", "content": frame.content})
@@ -322,6 +323,8 @@ class ChatSession:
         parts: list[str] = []
         kept = 0  # characters of the reply kept for the history: never more than it holds
         chunks = 0
+        sent = 0  # characters of chunk frames written
+        first_chunk: float | None = None
         reason = "stop"
         stream = self._model.stream(messages)
         try:
@@ -332,7 +335,11 @@ class ChatSession:
                     if kept < self.limits.history_bytes:
                         parts.append(chunk)
                         kept += len(chunk)
-                    await self.connection.send(protocol.encode_chunk(turn, chunk))
+                    frame = protocol.encode_chunk(turn, chunk)
+                    await self.connection.send(frame)
+                    sent += len(frame)
+                    if first_chunk is None:
+                        first_chunk = time.perf_counter() - started
             finally:
                 await stream.aclose()  # type: ignore[attr-defined]
         except asyncio.CancelledError as exc:
@@ -359,6 +366,7 @@ class ChatSession:
             self.history.append({"role": "assistant", "content": reply})
             self._trim_history()
         self._last_activity = time.monotonic()
+        self._record(reason, chunks, sent, first_chunk, time.perf_counter() - started)
         self._log(
             logging.INFO,
             "turn=%d done reason=%s chunks=%d in %.1f ms",
@@ -371,7 +379,7 @@ class ChatSession:
             return
         if reason == "timeout":
             message = f"the turn took longer than {self.version.timeout:g} s"
-            await self._send(protocol.encode_error("timeout", message, turn))
+            await self._send_error("timeout", message, turn)
         await self._send_done(turn, reason)  # type: ignore[arg-type]
 
     async def _send_done(self, turn: int, reason: protocol.DoneReason) -> None:
@@ -379,6 +387,19 @@ class ChatSession:
         if self._ended_turn < turn:
             self._ended_turn = turn
             await self._send(protocol.encode_done(turn, reason))
+
+    def _record(
+        self, reason: str, chunks: int, sent: int, first_chunk: float | None, duration: float
+    ) -> None:
+        """The turn's figures for /metrics, recorded once rather than per chunk."""
+        model = self.version.name
+        metrics.TURNS.labels(model=model, reason=reason).inc()
+        metrics.TURN_DURATION.labels(model=model).observe(duration)
+        if chunks:
+            metrics.CHUNKS.labels(model=model).inc(chunks)
+            metrics.CHUNK_BYTES.labels(model=model).inc(sent)
+        if first_chunk is not None:
+            metrics.FIRST_CHUNK.labels(model=model).observe(first_chunk)
 
     def _trim_history(self) -> None:
         """Keep the history within the server's limits, dropping the oldest messages."""
@@ -389,7 +410,7 @@ class ChatSession:
     async def _report_model_error(self, turn: int, exc: BaseException) -> None:
         self._log_failure(f"turn={turn} on_chat_messages", exc)
         code, message = self._client_error(exc)
-        await self._send(protocol.encode_error(code, message, turn))
+        await self._send_error(code, message, turn)
 
     def _log_failure(self, what: str, exc: BaseException) -> None:
         """Our own errors are a line; the model's exceptions come with their traceback."""
@@ -407,6 +428,12 @@ class ChatSession:
         return "model_error", self._model_error_text(exc)
 
     # ------------------------------------------------------------------ helpers
+    async def _send_error(
+        self, code: protocol.ErrorCode, message: str, turn: int | None = None
+    ) -> None:
+        metrics.ERRORS.labels(code=code).inc()
+        await self._send(protocol.encode_error(code, message, turn))
+
     async def _send(self, frame: str) -> None:
         try:
             await self.connection.send(frame)

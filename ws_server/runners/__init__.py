@@ -1,4 +1,6 @@
-"""Where model code executes: ``shared`` (in the server process) or, later, ``isolated``."""
+"""Where model code executes: ``shared`` (in the server process) or ``isolated`` (a worker
+process per model, ``runners.isolated``; not imported here, as workers import this package
+and have none of the server's dependencies)."""
 
 from ws_server.runners.base import ModelSession, Runner
 from ws_server.runners.shared import SharedRunner

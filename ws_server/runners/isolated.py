@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, cast
 
-from ws_server import ipc, sandbox
+from ws_server import ipc, metrics, sandbox
 from ws_server.exceptions import ModelFailed, ModelLoadError, ResourceExhausted, WorkerCrashed
 from ws_server.sdk import Message
 
@@ -324,6 +324,7 @@ class IsolatedRunner:
         await asyncio.sleep(delay)
         if self._closing:
             return
+        metrics.WORKER_RESTARTS.labels(model=self.name).inc()
         try:
             await self._spawn()
         except ModelLoadError as exc:

@@ -1,0 +1,89 @@
+"""Prometheus metrics (``GET /metrics``), named ``anything_agent_*`` as design.md fixes.
+
+Each server process keeps its own; with ``serve --workers N`` a scrape reaches one of them,
+and ``anything_agent_process_info`` says which (its ``pid`` and ``worker`` labels). The hot
+path stays cheap: a turn counts its chunks and bytes locally and records them once, at
+its end.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+LATENCY_BUCKETS: Final = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+DURATION_BUCKETS: Final = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+BUILD_BUCKETS: Final = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+PROCESS_INFO = Gauge(
+    "anything_agent_process_info",
+    "The server process this scrape reached (1): its pid and, under --workers, its index",
+    ["pid", "worker"],
+)
+CONNECTIONS = Gauge("anything_agent_connections", "Open WebSocket connections")
+SESSIONS = Gauge("anything_agent_sessions", "Open chat sessions", ["model"])
+TURNS = Counter("anything_agent_turns", "Turns ended", ["model", "reason"])
+CHUNKS = Counter("anything_agent_chunks", "Chunk frames sent", ["model"])
+CHUNK_BYTES = Counter(
+    "anything_agent_chunk_bytes", "Size of the chunk frames sent (characters of JSON)", ["model"]
+)
+FIRST_CHUNK = Histogram(
+    "anything_agent_first_chunk_seconds",
+    "From a turn's start to its first chunk frame being written",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+TURN_DURATION = Histogram(
+    "anything_agent_turn_seconds", "Turn duration", ["model"], buckets=DURATION_BUCKETS
+)
+ERRORS = Counter("anything_agent_errors", "Error frames sent", ["code"])
+HANDSHAKE_REFUSALS = Counter(
+    "anything_agent_handshake_refusals", "WebSocket handshakes refused", ["status"]
+)
+WORKER_RESTARTS = Counter(
+    "anything_agent_worker_restarts", "Isolated workers restarted after a crash", ["model"]
+)
+RELOADS = Counter("anything_agent_reloads", "Model directory reloads done")
+ENV_BUILDS = Histogram(
+    "anything_agent_env_build_seconds",
+    "Isolated models' virtualenv builds",
+    ["outcome"],
+    buckets=BUILD_BUCKETS,
+)
+
+
+def mark_process(worker: int | None = None) -> None:
+    """Label this process's metrics (called once at start-up)."""
+    PROCESS_INFO.labels(pid=str(os.getpid()), worker="" if worker is None else str(worker)).set(1)
+
+
+def exposition() -> tuple[bytes, str]:
+    """The current metrics in Prometheus' text format, and its content type."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
