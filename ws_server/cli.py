@@ -17,6 +17,7 @@ from ws_server.registry import Registry
 from ws_server.scaffold import create_model
 from ws_server.server import AnythingAgentServer, run_with_best_loop
 from ws_server.settings import add_serve_options, models_dir_from, settings_from
+from ws_server.supervisor import Supervisor
 from ws_server.terminal_client import ChatOptions, run_chat
 
 CHAT_KEY_ENV = "ANYTHING_AGENT_API_KEY"
@@ -69,10 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
-            return serve(args)
+            return serve(args, argv[argv.index("serve") + 1 :])
         if args.command == "chat":
             key = chat_api_key(args.api_key_file)
             return run_chat(ChatOptions(args.url, args.model, args.message, args.json, key))
@@ -95,9 +97,20 @@ def chat_api_key(path: Path | None) -> str | None:
     return os.environ.get(CHAT_KEY_ENV) or None
 
 
-def serve(args: argparse.Namespace) -> int:
+def serve(args: argparse.Namespace, options: list[str]) -> int:
+    """``options``: the serve options as typed, which ``--workers`` passes on."""
     settings = settings_from(args)
     configure_logging(settings.log_level)
+    if settings.workers > 1 and settings.worker_index is None:
+        try:
+            return Supervisor(settings, options).run()
+        except OSError as exc:
+            print(
+                f"anything-agent: error: cannot listen on {settings.host}:{settings.port}: "
+                f"{exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            return 1
     server = AnythingAgentServer(settings)
     try:
         run_with_best_loop(server.run())

@@ -70,8 +70,10 @@ class HttpApi:
         registry: Registry,
         access: AccessPolicy,
         connections: ConnectionCounter | None = None,
+        on_reload: Callable[[], None] | None = None,
     ) -> None:
         self.registry = registry
+        self.on_reload = on_reload  # after a reload through this API (--workers relays it)
         self.access = access
         self.connections = connections or ConnectionCounter(None, None)
         self.routes: tuple[Route, ...] = (
@@ -147,6 +149,8 @@ class HttpApi:
 
     async def reload(self, request: Request, params: dict[str, str]) -> Response:
         report = await self.registry.reload()
+        if self.on_reload is not None:
+            self.on_reload()
         return json_response(report.as_dict())
 
     async def healthz(self, request: Request, params: dict[str, str]) -> Response:

@@ -22,6 +22,7 @@ from ws_server.registry import Registry
 from ws_server.security import AccessPolicy, keys_source, select_subprotocol
 from ws_server.session import ChatSession, SessionLimits
 from ws_server.settings import ServerSettings
+from ws_server.supervisor import die_with_supervisor, notify_reloaded
 
 log = logging.getLogger("anything_agent.server")
 
@@ -44,10 +45,13 @@ class AnythingAgentServer:
             settings.max_connections_per_address if limited else None,
         )
         self.session_limits = SessionLimits.from_settings(settings)
-        self.http = HttpApi(self.registry, self.access, self.connections)
+        self.http = HttpApi(
+            self.registry, self.access, self.connections, on_reload=self._reloaded_here
+        )
         self.sessions: set[ChatSession] = set()
         self._ws_server: Server | None = None
         self._stopping = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def port(self) -> int:
@@ -56,7 +60,9 @@ class AnythingAgentServer:
 
     async def start(self) -> None:
         """Load the models, then listen; one broken model never stops the start."""
-        metrics.mark_process()
+        metrics.mark_process(self.settings.worker_index)
+        if self.settings.worker_index is not None:
+            die_with_supervisor()
         await self.registry.reload()
         self._ws_server = await serve(
             self._handle_connection,
@@ -72,6 +78,7 @@ class AnythingAgentServer:
             # as fast as on the pong, so dead peers' sessions end promptly.
             close_timeout=min(10.0, self.settings.ping_timeout or 10.0),
             server_header="anything-agent",
+            reuse_port=self.settings.worker_index is not None,  # --workers: share the port
             # No permessage-deflate: chat chunks are small, so it buys little and costs a
             # zlib context per connection; and a stream that compresses well would get past
             # backpressure (a paused reader's TCP window would hold gigabytes of it).
@@ -79,7 +86,8 @@ class AnythingAgentServer:
         )
         self._log_protections()
         log.info(
-            "listening on ws://%s:%d (models dir %s)",
+            "%slistening on ws://%s:%d (models dir %s)",
+            "" if self.settings.worker_index is None else f"process {self.settings.worker_index} ",
             self.settings.host,
             self.port,
             self.settings.models_dir.resolve(),
@@ -106,6 +114,7 @@ class AnythingAgentServer:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self._on_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         await self.start()
         await self._stopping.wait()
         await self.shutdown()
@@ -113,6 +122,21 @@ class AnythingAgentServer:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
             signal.signal(signum, signal.SIG_IGN)
+
+    def _reload_on_signal(self) -> None:
+        """SIGHUP: reload the models directory (how the supervisor relays a reload)."""
+        if self._stopping.is_set():
+            return
+        task = asyncio.get_running_loop().create_task(self._reload_from_signal())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _reload_from_signal(self) -> None:
+        report = await self.registry.reload()
+        log.info("SIGHUP: reloaded %s", report.as_dict())
+
+    def _reloaded_here(self) -> None:
+        notify_reloaded(self.settings)
 
     def _on_signal(self, signum: int) -> None:
         if self._stopping.is_set():

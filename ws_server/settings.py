@@ -56,6 +56,11 @@ class ServerSettings:
     # Server variables naming directories every sandboxed worker shares read-write (a
     # model cache, test instrumentation), with their values: set from --sandbox-share.
     sandbox_share: tuple[tuple[str, str], ...] = ()
+    # --- processes (see supervisor.py)
+    workers: int = 1
+    # Set by the supervisor for each server process it runs, never by hand.
+    worker_index: int | None = None
+    supervisor_fd: int | None = None  # where a process tells the supervisor it reloaded
 
     @property
     def auth_enabled(self) -> bool:
@@ -177,6 +182,7 @@ _SERVE_OPTIONS: Final = (
     _Option("--ping-interval", _positive_float, "seconds between keepalive pings (0: none)"),
     _Option("--ping-timeout", _positive_float, "seconds to wait for a pong before dropping"),
     _Option("--sandbox", _sandbox, "bubblewrap for isolated models: auto, on or off"),
+    _Option("--workers", _count, "server processes sharing the port (SO_REUSEPORT)"),
     _Option(
         "--sandbox-share",
         _names,
@@ -187,6 +193,9 @@ _SERVE_OPTIONS: Final = (
 
 def add_serve_options(parser: argparse.ArgumentParser) -> None:
     """Declare every serve option on ``parser``, documenting its variable and default."""
+    # The supervisor's hand-off to each server process it starts (not for people).
+    parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--supervisor-fd", type=int, default=None, help=argparse.SUPPRESS)
     defaults = ServerSettings()
     for option in _SERVE_OPTIONS:
         default = getattr(defaults, option.field)
@@ -217,6 +226,9 @@ def settings_from(
                 except ValueError as exc:
                     raise SettingsError(f"{variable}={environ[variable]!r}: {exc}") from None
                 break
+    for internal in ("worker_index", "supervisor_fd"):
+        if getattr(args, internal, None) is not None:
+            values[internal] = getattr(args, internal)
     if "sandbox_share" in values:  # the variables' values, read here like every setting
         values["sandbox_share"] = tuple(
             (name, environ.get(name, "")) for name in values["sandbox_share"]
