@@ -124,9 +124,14 @@ class ServerProcess:
 
 
 def launch_server(
-    models_dir: Path, events_dir: Path, *extra: str, env: dict[str, str] | None = None
+    models_dir: Path,
+    events_dir: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    pass_fds: tuple[int, ...] = (),
 ) -> ServerProcess:
-    """Start a server on a free port and wait until it listens."""
+    """Start a server on a free port and wait until it listens (``pass_fds``: descriptors
+    it inherits, as a careless parent process might leave it)."""
     # Test models record their hooks in events_dir, which sandboxed workers share.
     environment = {
         **os.environ,
@@ -152,6 +157,7 @@ def launch_server(
         text=True,
         env=environment,
         cwd=ROOT,
+        pass_fds=pass_fds,
     )
     server = ServerProcess(process, models_dir, events_dir)
     assert process.stderr is not None

@@ -34,6 +34,7 @@ from conftest import (
 from test_isolated import ISOLATED_MODELS, worker_pid
 
 from ws_server import sandbox
+from ws_server.exceptions import ModelLoadError
 from ws_server.runners.isolated import describe_exit
 
 pytestmark = pytest.mark.sandbox
@@ -235,6 +236,7 @@ def test_exit_statuses_seen_through_bwrap_are_described_as_the_workers() -> None
 
 
 def test_the_sandbox_binds_only_what_the_worker_needs(tmp_path: Path) -> None:
+    (tmp_path / "model").mkdir()
     spec = sandbox.SandboxSpec(
         python=Path(sys.executable),
         package_dir=ROOT / "ws_server",
@@ -250,3 +252,25 @@ def test_the_sandbox_binds_only_what_the_worker_needs(tmp_path: Path) -> None:
         sandbox.SandboxSpec(spec.python, spec.package_dir, spec.model_dir, network=True),
     )
     assert "--unshare-net" not in networked
+
+
+def test_a_hand_made_venv_cannot_make_the_sandbox_bind_the_filesystem(tmp_path: Path) -> None:
+    """A model ships venv/ itself, so its pyvenv.cfg and symlinks are the model's to forge."""
+    model = tmp_path / "model"
+    (model / "venv" / "bin").mkdir(parents=True)
+    (model / "venv" / "pyvenv.cfg").write_text("home = /bin\n")  # "home's parent" is /
+    (model / "venv" / "bin" / "python").symlink_to(sys.executable)
+    bwrap = sandbox.Bubblewrap("/usr/bin/bwrap", (0, 8, 0))
+    argv = sandbox.command(
+        bwrap, sandbox.SandboxSpec(model / "venv" / "bin" / "python", ROOT / "ws_server", model)
+    )
+    binds = [argv[i + 1] for i, arg in enumerate(argv) if arg in ("--bind", "--ro-bind")]
+    assert "/" not in binds and "/bin" not in binds
+    escape = tmp_path / "escape"
+    escape.mkdir()
+    (escape / "venv").symlink_to("/")  # venv/ itself a link to the root
+    with pytest.raises(ModelLoadError, match="will not bind /"):
+        sandbox.command(
+            bwrap,
+            sandbox.SandboxSpec(escape / "venv" / "bin" / "python3", ROOT / "ws_server", escape),
+        )

@@ -589,3 +589,167 @@ def test_the_terminal_client_reads_its_key_from_a_file_or_the_environment(
     assert (from_env.returncode, from_env.stdout) == (0, "hey\n"), from_env.stderr
     without = subprocess.run([*cli, "-m", "no"], capture_output=True, text=True, timeout=30)
     assert without.returncode == 1 and "requires an API key" in without.stderr
+
+
+# ---------------------------------------------------------------------- hostile isolated models
+def isolated_models(target: Path, *names: str) -> Path:
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        _copy(SECURITY_MODELS / name, target / name)
+    return target
+
+
+async def test_an_isolated_models_secrets_and_the_servers_descriptors_stay_out_of_reach(
+    tmp_path: Path, env_cache: Path
+) -> None:
+    """Secrets travel over the worker's channel, never on a command line (which `ps` shows
+    every local user); descriptors the server inherited never reach the model."""
+    outside = tmp_path / "outside.txt"
+    outside.write_text("the server's file")
+    fd = os.open(outside, os.O_RDWR)
+    server = launch_server(
+        isolated_models(tmp_path / "models", "peek"),
+        tmp_path,
+        "--env-cache-dir",
+        str(env_cache),
+        env={"PEEK_TEST_TOKEN": "peek-secret-8d1e0f"},
+        pass_fds=(fd,),
+    )
+    try:
+        for _ in range(600):
+            if http(server, "/v1/models/peek")[2]["status"] == "ready":
+                break
+            await asyncio.sleep(0.1)
+        async with chat(server, "peek") as ws:
+            seen = json.loads((await run_turn(ws, "look")).text)
+            for cmdline in Path("/proc").glob("[0-9]*/cmdline"):  # noqa: ASYNC240
+                try:
+                    assert b"peek-secret-8d1e0f" not in cmdline.read_bytes(), cmdline
+                except OSError:
+                    continue  # gone meanwhile
+    finally:
+        server.stop()
+        os.close(fd)
+    assert seen["secret_length"] == len("peek-secret-8d1e0f")  # the model has it
+    targets = set(seen["fds"].values())
+    assert str(outside) not in targets
+    allowed = ("pipe:", "socket:", "anon_inode:", "/dev/null", "/proc")
+    assert all(t.startswith(allowed) for t in targets), targets
+
+
+async def test_a_worker_writing_past_flow_control_is_stopped_and_memory_stays_bounded(
+    start_server: Any, tmp_path: Path, env_cache: Path
+) -> None:
+    server = start_server(
+        isolated_models(tmp_path / "models", "hog"), "--env-cache-dir", str(env_cache)
+    )
+    for _ in range(600):
+        if http(server, "/v1/models/hog")[2]["status"] == "ready":
+            break
+        await asyncio.sleep(0.1)
+    before = rss_kib(server.process.pid)
+    async with connect(server.chat_url("hog"), max_size=None) as ws:
+        await ws.recv()
+        ws.transport.pause_reading()  # a slow reader: the server's queue for it must fill
+        await ws.send("400")  # 400 MiB of chunk frames, written past every "pause"
+        await asyncio.sleep(3)
+        ws.transport.resume_reading()
+        frames = []
+        while True:
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            if frame["type"] == "chunk":
+                continue
+            frames.append(frame)
+            if frame["type"] == "done":
+                break
+    assert frames[-1]["reason"] == "error"
+    assert any(f.get("code") == "model_crashed" for f in frames), frames
+    assert rss_kib(server.process.pid) - before < 128 * 1024
+    server.wait_for_log("ignored flow control")
+
+
+@pytest.mark.parametrize(
+    ("requirements", "complaint"),
+    [
+        ("-e .\n", "editable installs build from source"),
+        ("git+https://example.invalid/pkg.git\n", "VCS requirements"),
+        ("-r /etc/hostname\n", "/etc/hostname is outside the model directory"),
+        ("--no-binary :all:\nsix\n", "the option --no-binary is not allowed"),
+    ],
+)
+def test_requirements_that_would_run_code_or_read_outside_the_model_are_refused(
+    tmp_path: Path, requirements: str, complaint: str
+) -> None:
+    from ws_server.environments import check_requirements
+    from ws_server.exceptions import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=complaint):
+        check_requirements(requirements, tmp_path)
+
+
+def test_isolated_installs_take_wheels_only() -> None:
+    from ws_server.environments import WHEELS_ONLY
+
+    assert WHEELS_ONLY == ("--only-binary", ":all:")  # no build backend ever runs
+
+
+async def test_emptying_or_deleting_the_keys_file_revokes_its_keys(
+    start_server: Any, tmp_path: Path
+) -> None:
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text("revocable-key-1\n")
+    server = start_server(models_dir(tmp_path / "models"), "--api-keys-file", str(keys_file))
+    async with chat(server, "echo", additional_headers=bearer("revocable-key-1")):
+        pass
+    keys_file.write_text("  # nothing but a comment now\n")
+    assert (
+        await refusal(server.chat_url("echo"), additional_headers=bearer("revocable-key-1"))
+    ).status_code == 401
+    assert (
+        await refusal(
+            server.chat_url("echo"), additional_headers=bearer("# nothing but a comment now")
+        )
+    ).status_code == 401
+    keys_file.write_text("revocable-key-2\n")
+    async with chat(server, "echo", additional_headers=bearer("revocable-key-2")):
+        pass
+    keys_file.unlink()
+    assert (
+        await refusal(server.chat_url("echo"), additional_headers=bearer("revocable-key-2"))
+    ).status_code == 401
+
+
+def test_api_keys_set_but_empty_refuse_to_start(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ws_server", "serve", "--port", "0", "--models-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "ANYTHING_AGENT_API_KEYS": " , "},
+    )
+    assert result.returncode == 2 and "holds no key" in result.stderr
+
+
+def test_duplicate_authorization_or_origin_headers_are_refused_not_a_500(
+    guarded: ServerProcess,
+) -> None:
+    status, _, body = raw_http(
+        guarded,
+        f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS[0]}\r\n"
+        f"Authorization: Bearer {KEYS[1]}\r\n\r\n",
+    )
+    assert status == 401 and "more than one Authorization" in body
+    status, _, body = raw_http(
+        guarded,
+        "POST /v1/models/reload HTTP/1.1\r\nHost: x\r\nOrigin: http://a.example\r\n"
+        f"Origin: {ALLOWED}\r\nAuthorization: Bearer {ADMIN_KEY}\r\nContent-Length: 0\r\n\r\n",
+    )
+    assert status == 403 and "more than one Origin" in body
+
+
+def test_a_secret_is_masked_in_worker_output_however_it_is_cut_or_escaped() -> None:
+    from ws_server import redaction
+
+    redaction.register('quote"and\\slash-secret')
+    assert "quote" not in redaction.redact(repr({"k": 'quote"and\\slash-secret'}))
+    assert "quote" not in redaction.redact(json.dumps('quote"and\\slash-secret'))

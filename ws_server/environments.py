@@ -61,6 +61,7 @@ class EnvironmentBuilder:
         requirements = (
             requirements_file.read_text(encoding="utf-8") if requirements_file.is_file() else ""
         )
+        check_requirements(requirements, model_dir)
         base_version = await _version_of(base)
         parts = [requirements, base_version, SDK_VERSION]
         if _refers_to_paths(requirements):  # "-r base.txt", "./vendor/pkg": model-specific
@@ -108,10 +109,13 @@ class EnvironmentBuilder:
         python = scratch / "bin" / "python"
         if uv is not None:
             steps = [[uv, "venv", "--quiet", "--python", str(base), str(scratch)]]
-            install = [uv, "pip", "install", "--python", str(python)]
+            install = [uv, "pip", "install", "--python", str(python), *WHEELS_ONLY]
         else:
             steps = [[str(base), "-m", "venv", str(scratch)]]
-            install = [str(python), "-m", "pip", "install", "--disable-pip-version-check"]
+            install = [
+                *(str(python), "-m", "pip", "install", "--disable-pip-version-check"),
+                *WHEELS_ONLY,
+            ]
         if requirements.strip():
             steps.append([*install, "-r", str(requirements_file)])
         outcome = "failed"
@@ -171,6 +175,62 @@ async def _run(command: list[str], cwd: Path, build_log: TextIO) -> str | None:
     output = stdout.decode(errors="replace")
     build_log.write(output)
     return None if process.returncode == 0 else output
+
+
+# Wheels install without running any of their code; a source distribution runs its build
+# backend (setup.py and the like), which would be a model's code running on the server,
+# outside its sandbox. So isolated models install wheels only.
+WHEELS_ONLY: Final = ("--only-binary", ":all:")
+# Options a requirements file may hold (anything else could change how packages build).
+_ALLOWED_OPTIONS: Final = (
+    "-r",
+    "--requirement",
+    "-c",
+    "--constraint",
+    "-i",
+    "--index-url",
+    "--extra-index-url",
+    "-f",
+    "--find-links",
+    "--pre",
+    "--prefer-binary",
+    "--only-binary",
+)
+_VCS: Final = re.compile(r"^(git|hg|svn|bzr)\+", re.IGNORECASE)
+
+
+def check_requirements(requirements: str, model_dir: Path, depth: int = 0) -> None:
+    """Refuse what would run the model's own code at install time or read files outside
+    its directory: editable installs, VCS URLs, options outside a short list, and
+    ``-r``/``-c`` or local paths that leave the model directory."""
+    root = model_dir.resolve()
+    for number, raw in enumerate(requirements.splitlines(), 1):
+        line = raw.split(" #")[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{REQUIREMENTS}: line {number}"
+        option = line.split()[0].split("=")[0]
+        if option.startswith("-"):
+            if option in ("-e", "--editable"):
+                raise ModelLoadError(f"{where}: editable installs build from source; not allowed")
+            if option not in _ALLOWED_OPTIONS:
+                raise ModelLoadError(f"{where}: the option {option} is not allowed here")
+            if option in ("-r", "--requirement", "-c", "--constraint"):
+                target = _inside(line.split(maxsplit=1)[-1].split("=", 1)[-1], root, where)
+                if depth < 3 and target.is_file():
+                    check_requirements(target.read_text(encoding="utf-8"), model_dir, depth + 1)
+            continue
+        if _VCS.match(line):
+            raise ModelLoadError(f"{where}: VCS requirements build from source; not allowed")
+        if line.startswith(("./", "../", "/", "file:")):
+            _inside(line.removeprefix("file:").removeprefix("//"), root, where)
+
+
+def _inside(path: str, root: Path, where: str) -> Path:
+    target = (root / path.strip()).resolve()
+    if not target.is_relative_to(root):
+        raise ModelLoadError(f"{where}: {path.strip()} is outside the model directory")
+    return target
 
 
 def _refers_to_paths(requirements: str) -> bool:

@@ -5,9 +5,10 @@ length and the UTF-8 JSON. The channel is a socket pair handed to the worker as 
 descriptor, never its stdout, so a model's ``print()`` cannot corrupt it. Standard
 library only: the worker imports this from inside the model's virtualenv.
 
-Server → worker: ``["start", sid]``, ``["turn", sid, messages, turn_id]``,
-``["cancel", sid]``, ``["pause", sid]``, ``["resume", sid]``, ``["ping", sid]``,
-``["end", sid]``.
+Server → worker: ``["config", "", config]`` (first, once: the model's config, secrets
+included, which must never be a command-line argument), ``["start", sid]``,
+``["turn", sid, messages, turn_id]``, ``["cancel", sid]``, ``["pause", sid]``,
+``["resume", sid]``, ``["ping", sid]``, ``["end", sid]``.
 Worker → server: ``["ready", description]``, ``["load_failed", message, detail]``,
 ``["started", sid, error]``, ``["chunk", sid, turn_id, text]``,
 ``["turn_end", sid, turn_id, outcome, detail]`` (outcome ``stop``, ``cancelled``,
@@ -21,7 +22,9 @@ import struct
 from typing import Any, Final
 
 HEADER: Final = struct.Struct(">I")
-MAX_MESSAGE: Final = 256 * 1024 * 1024
+# One chunk (or config) at most; a worker sending more is stopped, so a model can't make
+# the server buffer without bound.
+MAX_MESSAGE: Final = 32 * 1024 * 1024
 
 
 class ChannelError(Exception):
@@ -30,7 +33,9 @@ class ChannelError(Exception):
 
 def encode(message: list[Any]) -> bytes:
     """One message as a length-prefixed frame."""
-    payload = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
+    # default=str: a config.yaml date (YAML has them) travels as its text.
+    # ASCII with escapes: a lone surrogate a model yields travels (and is repaired later).
+    payload = json.dumps(message, separators=(",", ":"), default=str).encode()
     return HEADER.pack(len(payload)) + payload
 
 

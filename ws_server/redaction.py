@@ -8,6 +8,7 @@ misconfigured value, is shown as ``[secret]``.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import Final
@@ -23,7 +24,10 @@ _pattern: re.Pattern[str] | None = None
 def register(*values: str) -> None:
     """Treat each value (of ``MIN_LENGTH`` or more characters) as a secret from now on."""
     global _pattern
-    new = {v for v in values if len(v) >= MIN_LENGTH} - _values
+    forms = set()
+    for value in values:  # as written, and as repr() and JSON would escape it
+        forms |= {value, repr(value)[1:-1], json.dumps(value)[1:-1]}
+    new = {v for v in forms if len(v) >= MIN_LENGTH} - _values
     if new:
         _values.update(new)
         ordered = sorted(_values, key=len, reverse=True)  # longest first: no partial leaks

@@ -68,6 +68,8 @@ SANDBOX_PATH: Final = "/usr/local/bin:/usr/bin:/bin"
 # Server variables worth keeping: they change how text and time are shown, nothing else.
 LOCALE_VARIABLES: Final = ("LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ")
 PROBE_TIMEOUT: Final = 30.0
+# A bind's source must be at least this deep ("/a/b"): never "/" or a top-level directory.
+MIN_BIND_DEPTH: Final = 3
 
 
 @dataclass(frozen=True)
@@ -146,13 +148,24 @@ def _private_tmp(bwrap: Bubblewrap, size: int | None) -> list[str]:
 
 def read_only_paths(spec: SandboxSpec) -> list[Path]:
     """The worker's virtualenv and base interpreter, the ``ws_server`` package and the
-    model directory, minus any already visible through another bind."""
+    model directory, minus any already visible through another bind.
+
+    Each is resolved (symlinks followed, as bwrap would) and must be a real, specific
+    directory: a model's hand-made venv whose ``pyvenv.cfg`` or symlinks point at ``/``
+    (or any top-level directory) would otherwise bind the whole filesystem."""
     wanted = [*interpreter_paths(spec.python), spec.package_dir, spec.model_dir]
     covered = [Path(d) for d in SYSTEM_DIRECTORIES]
     chosen: list[Path] = []
     for path in wanted:
-        if not any(path.is_relative_to(root) for root in (*covered, *chosen)):
-            chosen.append(path)
+        real = path.resolve()
+        if any(real.is_relative_to(root) for root in (*covered, *chosen)):
+            continue
+        if len(real.parts) < MIN_BIND_DEPTH or not real.is_dir():
+            raise ModelLoadError(
+                f"isolation: the sandbox will not bind {real} (from {path}): too broad or "
+                "not a directory"
+            )
+        chosen.append(real)
     return chosen
 
 
@@ -165,9 +178,22 @@ def interpreter_paths(python: Path) -> list[Path]:
     paths = [virtualenv]
     home = _home(virtualenv / "pyvenv.cfg")
     if home is not None:
-        paths += [home.parent, home.resolve().parent]
-    paths.append(python.resolve().parent.parent)
+        paths += [p for p in (home.parent, home.resolve().parent) if _is_python_prefix(p)]
+    base = python.resolve().parent.parent
+    if _is_python_prefix(base):
+        paths.append(base)
     return list(dict.fromkeys(paths))
+
+
+def _is_python_prefix(prefix: Path) -> bool:
+    """Whether ``prefix`` is a Python installation (it has ``lib/python3.*/os.py``), so a
+    made-up ``home`` can't name some other directory to bind."""
+    try:
+        if len(prefix.resolve().parts) < MIN_BIND_DEPTH:  # "/": /usr's Python is bound anyway
+            return False
+        return any(prefix.glob("lib/python3*/os.py"))
+    except OSError:
+        return False
 
 
 def _home(config: Path) -> Path | None:

@@ -47,8 +47,12 @@ def key_protocol(key: str) -> str:
 
 
 def presented_key(headers: Headers) -> str | None:
-    """The key a request carries: ``Authorization: Bearer``, else a ``bearer.`` subprotocol."""
-    authorization = headers.get("Authorization", "")
+    """The key a request carries: ``Authorization: Bearer``, else a ``bearer.`` subprotocol.
+    Two ``Authorization`` headers are refused rather than guessed between."""
+    found = headers.get_all("Authorization")
+    if len(found) > 1:
+        raise Unauthorized("more than one Authorization header")
+    authorization = found[0] if found else ""
     scheme, _, value = authorization.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
@@ -122,11 +126,17 @@ class AccessPolicy:
         except (OSError, UnicodeDecodeError) as exc:
             if self._file_stamp is None:
                 raise SettingsError(f"--api-keys-file {self._keys_file}: {exc}") from None
-            log.error("cannot re-read %s (%s); keeping the keys read before", self._keys_file, exc)
+            if self._file_digests:  # fail closed: a deleted file revokes its keys
+                log.error(
+                    "cannot read %s (%s): its keys are no longer accepted", self._keys_file, exc
+                )
+            self._file_digests, self._file_stamp = [], (0.0, -1)
             return
-        keys = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-        if not keys:
+        keys = [k for k in (line.strip() for line in lines) if k and not k.startswith("#")]
+        if not keys and self._file_stamp is None:
             raise SettingsError(f"--api-keys-file {self._keys_file}: holds no keys")
+        if not keys:
+            log.warning("%s holds no keys now: no key of it is accepted", self._keys_file)
         redaction.register(*keys)
         self._file_digests = [_digest(k) for k in keys]
         self._file_stamp = stamp
@@ -134,10 +144,7 @@ class AccessPolicy:
 
     def _client_digests(self) -> list[bytes]:
         if self._keys_file is not None:
-            try:
-                self._read_keys_file()
-            except SettingsError as exc:
-                log.error("%s; keeping the keys read before", exc.message)
+            self._read_keys_file()
         return [*self._env_digests, *self._file_digests, *self._admin_digest]
 
     # ------------------------------------------------------------------ checks
@@ -175,13 +182,17 @@ class AccessPolicy:
         ``--allowed-origins``. When the server listens on loopback, its own origin must name
         a loopback host too, which defeats DNS rebinding.
         """
-        origin = headers.get("Origin")
-        if origin is None:
+        origins = headers.get_all("Origin")
+        if not origins:
             return
+        if len(origins) > 1:
+            raise ForbiddenOrigin("more than one Origin header")
+        origin = origins[0]
         normalised = origin.strip().rstrip("/").lower()
         if "*" in self._origins or normalised in self._origins:
             return
-        if self._is_own_origin(normalised, headers.get("Host", "")):
+        hosts = headers.get_all("Host")
+        if len(hosts) == 1 and self._is_own_origin(normalised, hosts[0]):
             return
         raise ForbiddenOrigin(
             f"origin {origin[:200]!r} is not allowed; the server's operator can add it with "

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Final
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -25,6 +25,8 @@ from ws_server.settings import ServerSettings
 from ws_server.supervisor import die_with_supervisor, notify_reloaded
 
 log = logging.getLogger("anything_agent.server")
+# At shutdown, how long a peer gets to answer the close before its connection is dropped.
+CLOSE_LIMIT: Final = 2.0
 
 
 class AnythingAgentServer:
@@ -93,6 +95,10 @@ class AnythingAgentServer:
             self.settings.models_dir.resolve(),
         )
 
+    def _release(self, peer: str) -> None:
+        metrics.CONNECTIONS.dec()
+        self.connections.closed(peer)
+
     def _log_protections(self) -> None:
         settings = self.settings
         if settings.auth_enabled:
@@ -159,7 +165,12 @@ class AnythingAgentServer:
         self._ws_server.close(close_connections=False)
         log.info("stopping: %d open sessions, grace period %g s", len(self.sessions), grace)
         await asyncio.gather(*(s.shutdown(grace) for s in list(self.sessions)))
-        await self._ws_server.wait_closed()
+        try:  # handshakes still in progress, peers that never answer the close
+            await asyncio.wait_for(self._ws_server.wait_closed(), CLOSE_LIMIT)
+        except TimeoutError:
+            for connection in list(self._ws_server.connections):
+                connection.transport.abort()
+            await self._ws_server.wait_closed()
         await self.registry.close()
         log.info("stopped")
 
@@ -187,12 +198,16 @@ class AnythingAgentServer:
         self.connections.opened(peer)
         metrics.CONNECTIONS.inc()
         sessions.inc()
+        # The connection's slot frees when the connection closes, not when the session
+        # has wound up (on_chat_end may take a while): a client reconnecting at once is
+        # not refused for a connection it no longer has.
+        closed = asyncio.ensure_future(connection.wait_closed())
+        closed.add_done_callback(lambda _: self._release(peer))
         try:
             await session.run()
         finally:
+            closed.cancel()
             sessions.dec()
-            metrics.CONNECTIONS.dec()
-            self.connections.closed(peer)
             self.sessions.discard(session)
             self.registry.release(version)
 

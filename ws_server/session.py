@@ -43,6 +43,7 @@ _DISCONNECTED: Final = "disconnected"
 # shutdown forever.
 CLEANUP_LIMIT: Final = 10.0
 IDLE_CLOSE_REASON: Final = "idle timeout"
+SHUTDOWN_CLOSE: Final = 2.0  # seconds a peer gets to answer the server's 1001
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,12 @@ class ChatSession:
         if self._starting is not None and not self._starting.done():
             self._starting.cancel()
         await self._stop_turn("cancelled")
-        await self.connection.close(CloseCode.GOING_AWAY, "server shutting down")
+        try:  # a peer that doesn't answer the close frame doesn't hold the shutdown
+            await asyncio.wait_for(
+                self.connection.close(CloseCode.GOING_AWAY, "server shutting down"), SHUTDOWN_CLOSE
+            )
+        except TimeoutError:
+            self.connection.transport.abort()
         await self.finished.wait()
 
     def cancel_now(self) -> None:

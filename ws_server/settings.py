@@ -234,7 +234,10 @@ def settings_from(
             (name, environ.get(name, "")) for name in values["sandbox_share"]
         )
     if API_KEYS_ENV in environ:
-        values["api_keys"] = tuple(k.strip() for k in environ[API_KEYS_ENV].split(",") if k.strip())
+        keys = tuple(k.strip() for k in environ[API_KEYS_ENV].split(",") if k.strip())
+        if not keys:  # set but empty: a mistake that must not turn authentication off
+            raise SettingsError(f"{API_KEYS_ENV} is set but holds no key")
+        values["api_keys"] = keys
     known = {f.name for f in fields(ServerSettings)}
     return ServerSettings(**{k: v for k, v in values.items() if k in known})
 

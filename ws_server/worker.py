@@ -82,6 +82,8 @@ class Worker:
         self.channel = Channel(self)
         self.sessions: dict[str, WorkerSession] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        # The model's config, secrets included: the server's first message, never argv.
+        self.config: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
 
     def spawn(self, coroutine: Any) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -117,6 +119,8 @@ class Worker:
             session.flowing.set()
         elif kind == "end":
             self.spawn(self.end(sid))
+        elif kind == "config" and not self.config.done():
+            self.config.set_result(message[2])
 
     async def start(self, sid: str, session: WorkerSession) -> None:
         try:
@@ -211,13 +215,14 @@ async def serve(spec: dict[str, Any]) -> None:
     sock = socket.socket(fileno=int(spec["fd"]))
     _, channel = await loop.create_unix_connection(lambda: worker.channel, sock=sock)
     model_dir = Path(spec["model_dir"])
+    config = await worker.config
     try:
-        loaded = await load_model(model_dir, spec["name"], spec["revision"], spec["config"])
+        loaded = await load_model(model_dir, spec["name"], spec["revision"], config)
     except ModelLoadError as exc:
         channel.send(["load_failed", exc.message, exc.detail])
         await _drain(channel)
         return
-    worker.runner = SharedRunner(loaded.model_class, spec["config"], model_dir, loaded.resources)
+    worker.runner = SharedRunner(loaded.model_class, config, model_dir, loaded.resources)
     channel.send(["ready", loaded.model_class.description()])
     await channel.closed.wait()
 
@@ -273,7 +278,18 @@ async def _drain(channel: Channel) -> None:
 def main() -> None:
     """Entry point: ``python -c 'from ws_server.worker import main; main()' SPEC_JSON``."""
     spec = json.loads(sys.argv[1])
+    close_inherited_fds(keep=int(spec["fd"]))
     asyncio.run(serve(spec))
+
+
+def close_inherited_fds(keep: int) -> None:
+    """Close every descriptor but stdio and the channel before any model code runs: the
+    server's (and bwrap's) others must not reach the model (uvloop can't close them at
+    spawn)."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    limit = limit if 0 < limit < 1 << 20 else 1 << 20
+    os.closerange(3, keep)
+    os.closerange(keep + 1, limit)
 
 
 if __name__ == "__main__":

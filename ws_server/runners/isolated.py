@@ -26,6 +26,7 @@ from typing import Any, Final, cast
 
 from ws_server import ipc, metrics, sandbox
 from ws_server.exceptions import ModelFailed, ModelLoadError, ResourceExhausted, WorkerCrashed
+from ws_server.redaction import redact
 from ws_server.sdk import Message
 
 log = logging.getLogger("anything_agent.isolated")
@@ -54,6 +55,10 @@ PING_TIMEOUT: Final = 2.0
 QUEUE_HIGH: Final = 1024 * 1024
 QUEUE_LOW: Final = 256 * 1024
 LOG_LINE_LIMIT: Final = 8192
+LOG_LINE_BUFFER: Final = 1024 * 1024  # a line without an end is logged past this
+# A worker that keeps sending after "pause" ignores flow control (a hostile model writing
+# to the channel itself): past this much queued for one session, it is stopped.
+QUEUE_HARD_LIMIT: Final = 16 * 1024 * 1024
 # Server settings (API keys, admin key) are not the model's business.
 _PRIVATE_ENV_PREFIXES: Final = ("ANYTHING_AGENT_",)
 _cpu_offset = itertools.count()
@@ -165,7 +170,6 @@ class IsolatedRunner:
             "model_dir": str(self.spec.model_dir),
             "name": self.spec.name,
             "revision": self.spec.revision,
-            "config": self.spec.config,
             "memory_bytes": self.spec.memory_bytes,
             "cpus": self.spec.cpus,
             "cpu_offset": self._cpu_offset,
@@ -201,6 +205,9 @@ class IsolatedRunner:
             lambda: _ServerChannel(self, generation), sock=parent
         )
         self._channel = channel
+        # The config (secrets included) goes over the channel: an argument would be in
+        # every local user's `ps` and the sandbox's /proc/*/cmdline.
+        channel.send(["config", "", self.spec.config])
         assert process.stdout is not None and process.stderr is not None
         self._track(self._pump(process.stdout, "stdout", process.pid))
         self._track(self._pump(process.stderr, "stderr", process.pid))
@@ -266,20 +273,19 @@ class IsolatedRunner:
         while data := await stream.read(65536):
             lines = (pending + data).split(b"\n")
             pending = lines.pop()
-            if len(pending) > LOG_LINE_LIMIT:
+            if len(pending) > LOG_LINE_BUFFER:  # a huge line without an end: log it anyway
                 lines.append(pending)
                 pending = b""
             for line in lines:
-                text = line[:LOG_LINE_LIMIT].decode(errors="replace").rstrip()
-                log.info("model %s worker[%d] %s: %s", self.name, pid, label, text)
+                self._log_output(line, label, pid)
         if pending:
-            log.info(
-                "model %s worker[%d] %s: %s",
-                self.name,
-                pid,
-                label,
-                pending[:LOG_LINE_LIMIT].decode(errors="replace").rstrip(),
-            )
+            self._log_output(pending, label, pid)
+
+    def _log_output(self, line: bytes, label: str, pid: int) -> None:
+        # Secrets are masked in the whole line before it is cut to length, so a cut never
+        # leaves half a secret unmasked (the log formatter masks whole ones again).
+        text = redact(line.decode(errors="replace")).rstrip()[:LOG_LINE_LIMIT]
+        log.info("model %s worker[%d] %s: %s", self.name, pid, label, text)
 
     async def _watch(
         self, process: asyncio.subprocess.Process, generation: int, sandboxed: bool
@@ -421,6 +427,7 @@ class IsolatedSession:
         self._queue: asyncio.Queue[str | _TurnEnd | _Crash] | None = None
         self._queued_bytes = 0
         self._paused = False
+        self._overrun = False
         self._turn_id = 0  # numbers this session's turns on the channel
 
     # ------------------------------------------------------------------ from the worker
@@ -429,12 +436,20 @@ class IsolatedSession:
             return  # from a turn already given up on (it was wedged, then replaced)
         if kind == "chunk":
             queue = self._queue
-            if queue is not None:
+            if queue is not None and not self._overrun:
                 queue.put_nowait(args[1])
                 self._queued_bytes += len(args[1])
                 if not self._paused and self._queued_bytes > QUEUE_HIGH:
                     self._paused = True
                     self.runner.send(["pause", self.sid])
+                elif self._queued_bytes > QUEUE_HARD_LIMIT:
+                    log.error(
+                        "model %s: the worker ignored flow control (%d bytes queued); stopping it",
+                        self.runner.name,
+                        self._queued_bytes,
+                    )
+                    self._overrun = True  # what else it sends is dropped; its death ends
+                    self.runner.kill_worker()  # the turn with model_crashed
         elif kind == "turn_end":
             if self._queue is not None:
                 self._queue.put_nowait(_TurnEnd(args[1], args[2]))
@@ -482,6 +497,7 @@ class IsolatedSession:
             await self.start()  # a new worker: on_chat_start runs again there
         queue: asyncio.Queue[str | _TurnEnd | _Crash] = asyncio.Queue()
         self._queue, self._queued_bytes, self._paused = queue, 0, False
+        self._overrun = False
         self._turn_id += 1
         self.runner.send(["turn", self.sid, messages, self._turn_id])
         finished = False
