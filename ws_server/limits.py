@@ -1,6 +1,6 @@
-"""Abuse limits: connections per server and per client address, frames per minute per
-connection, and how much history a session keeps. Pure bookkeeping, no I/O; the server
-and the session apply them."""
+"""Abuse limits: connections per server and per client address, and frames per minute per
+connection (the history's limits live in ``history.py``). Pure bookkeeping, no I/O; the
+server and the session apply them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from collections import Counter
 from collections.abc import Callable
 
 from ws_server.exceptions import RateLimited, TooManyConnections, TooManyFromAddress
-from ws_server.sdk import Message
 
 
 class ConnectionCounter:
@@ -69,37 +68,3 @@ class FrameRate:
             f"more than {self.per_minute} frames a minute; this one was dropped, "
             f"send again in {wait:.1f} s"
         )
-
-
-def history_bytes(messages: list[Message]) -> int:
-    """The size the history limit counts: the UTF-8 bytes of every message's content."""
-    return sum(len(m["content"].encode()) for m in messages)
-
-
-def trim_history(messages: list[Message], max_messages: int, max_bytes: int) -> list[Message]:
-    """The most recent messages that fit both limits, oldest dropped first.
-
-    A leading ``system`` message (the model's instructions) is kept as long as it fits
-    with the newest message. The newest message is always kept: a frame bigger than the
-    history limit is refused before it gets here.
-    """
-    if len(messages) <= max_messages and history_bytes(messages) <= max_bytes:
-        return messages
-    system = messages[:1] if messages and messages[0]["role"] == "system" else []
-    rest = messages[len(system) :]
-    if not rest:
-        return messages[-1:]
-    kept: list[Message] = []
-    size = 0
-    budget_messages = max_messages - len(system)
-    budget_bytes = max_bytes - history_bytes(system)
-    if budget_messages < 1 or budget_bytes < len(rest[-1]["content"].encode()):
-        system, budget_messages, budget_bytes = [], max_messages, max_bytes
-    for message in reversed(rest):
-        cost = len(message["content"].encode())
-        if kept and (len(kept) >= budget_messages or size + cost > budget_bytes):
-            break
-        kept.append(message)
-        size += cost
-    kept.reverse()
-    return [*system, *kept]

@@ -79,6 +79,44 @@ ENV_BUILDS = Histogram(
 )
 
 
+class ModelMetrics:
+    """One model's labelled series, looked up once (a label lookup per turn showed up in
+    profiles of short turns)."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.chunks = CHUNKS.labels(model=model)
+        self.chunk_bytes = CHUNK_BYTES.labels(model=model)
+        self.first_chunk = FIRST_CHUNK.labels(model=model)
+        self.turn_duration = TURN_DURATION.labels(model=model)
+        self._turns: dict[str, Counter] = {}
+
+    def turn_ended(
+        self, reason: str, chunks: int, sent: int, first_chunk: float | None, duration: float
+    ) -> None:
+        turns = self._turns.get(reason)
+        if turns is None:
+            turns = self._turns[reason] = TURNS.labels(model=self.model, reason=reason)
+        turns.inc()
+        self.turn_duration.observe(duration)
+        if chunks:
+            self.chunks.inc(chunks)
+            self.chunk_bytes.inc(sent)
+        if first_chunk is not None:
+            self.first_chunk.observe(first_chunk)
+
+
+_models: dict[str, ModelMetrics] = {}
+
+
+def for_model(model: str) -> ModelMetrics:
+    """The labelled series of ``model`` (made once per model name)."""
+    found = _models.get(model)
+    if found is None:
+        found = _models[model] = ModelMetrics(model)
+    return found
+
+
 def mark_process(worker: int | None = None) -> None:
     """Label this process's metrics (called once at start-up)."""
     PROCESS_INFO.labels(pid=str(os.getpid()), worker="" if worker is None else str(worker)).set(1)

@@ -27,7 +27,8 @@ from ws_server.exceptions import (
     RateLimited,
     ServerUnavailable,
 )
-from ws_server.limits import FrameRate, trim_history
+from ws_server.history import History
+from ws_server.limits import FrameRate
 from ws_server.redaction import redact
 from ws_server.registry import ModelVersion
 from ws_server.runners import ModelSession
@@ -82,8 +83,9 @@ class ChatSession:
         self.debug = debug
         self.limits = limits or SessionLimits()
         self._rate = FrameRate(self.limits.frames_per_minute)
+        self._metrics = metrics.for_model(version.name)
         self._last_activity = time.monotonic()
-        self.history: list[Message] = []
+        self.history = History(self.limits.history_messages, self.limits.history_bytes)
         self.turn = 0
         self._ended_turn = 0  # the last turn whose done frame was sent
         self.closing = False
@@ -278,12 +280,11 @@ class ChatSession:
         if isinstance(frame, protocol.UserMessage):
             self.history.append({"role": "user", "content": frame.content})
         else:
-            self.history = frame.messages
-        self._trim_history()
+            self.history.replace(frame.messages)
         self.turn += 1
         self._stop_reason = None
         self._turn_task = asyncio.get_running_loop().create_task(
-            self._run_turn(self.turn, list(self.history))
+            self._run_turn(self.turn, self.history.messages())
         )
 
     # ------------------------------------------------------------------ turns
@@ -370,11 +371,10 @@ class ChatSession:
             while len(reply.encode()) > self.limits.history_bytes:  # rare: a huge reply
                 reply = reply[: len(reply) * 3 // 4]
             self.history.append({"role": "assistant", "content": reply})
-            self._trim_history()
         self._last_activity = time.monotonic()
         self._record(reason, chunks, sent, first_chunk, time.perf_counter() - started)
         self._log(
-            logging.INFO,
+            logging.DEBUG,  # per turn: /metrics has the figures; --log-level debug shows each
             "turn=%d done reason=%s chunks=%d in %.1f ms",
             turn,
             reason,
@@ -398,20 +398,7 @@ class ChatSession:
         self, reason: str, chunks: int, sent: int, first_chunk: float | None, duration: float
     ) -> None:
         """The turn's figures for /metrics, recorded once rather than per chunk."""
-        model = self.version.name
-        metrics.TURNS.labels(model=model, reason=reason).inc()
-        metrics.TURN_DURATION.labels(model=model).observe(duration)
-        if chunks:
-            metrics.CHUNKS.labels(model=model).inc(chunks)
-            metrics.CHUNK_BYTES.labels(model=model).inc(sent)
-        if first_chunk is not None:
-            metrics.FIRST_CHUNK.labels(model=model).observe(first_chunk)
-
-    def _trim_history(self) -> None:
-        """Keep the history within the server's limits, dropping the oldest messages."""
-        self.history = trim_history(
-            self.history, self.limits.history_messages, self.limits.history_bytes
-        )
+        self._metrics.turn_ended(reason, chunks, sent, first_chunk, duration)
 
     async def _report_model_error(self, turn: int, exc: BaseException) -> None:
         self._log_failure(f"turn={turn} on_chat_messages", exc)
