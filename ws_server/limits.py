@@ -46,6 +46,8 @@ class ConnectionCounter:
 class FrameRate:
     """A token bucket: ``per_minute`` frames a minute, with bursts up to that many."""
 
+    __slots__ = ("_clock", "_tokens", "_updated", "per_minute")
+
     def __init__(self, per_minute: int | None, clock: Callable[[], float] = time.monotonic) -> None:
         self.per_minute = per_minute
         self._clock = clock

@@ -192,21 +192,22 @@ class AnythingAgentServer:
         peer = _peer_address(connection)
         sessions = metrics.SESSIONS.labels(model=version.name)
         session = ChatSession(
-            connection, version, debug=self.settings.debug, limits=self.session_limits
+            connection,
+            version,
+            debug=self.settings.debug,
+            limits=self.session_limits,
+            # The slot frees when the connection goes, not when the session has wound up
+            # (on_chat_end may take a while): a client reconnecting at once is not refused
+            # for a connection it no longer has.
+            on_disconnect=lambda: self._release(peer),
         )
         self.sessions.add(session)
         self.connections.opened(peer)
         metrics.CONNECTIONS.inc()
         sessions.inc()
-        # The connection's slot frees when the connection closes, not when the session
-        # has wound up (on_chat_end may take a while): a client reconnecting at once is
-        # not refused for a connection it no longer has.
-        closed = asyncio.ensure_future(connection.wait_closed())
-        closed.add_done_callback(lambda _: self._release(peer))
         try:
             await session.run()
         finally:
-            closed.cancel()
             sessions.dec()
             self.sessions.discard(session)
             self.registry.release(version)

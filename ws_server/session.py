@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -19,6 +20,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from ws_server import metrics, protocol
+from ws_server.chunk_writer import ChunkWriter
 from ws_server.exceptions import (
     AnythingAgentError,
     BadRequest,
@@ -69,6 +71,30 @@ class SessionLimits:
 class ChatSession:
     """A conversation: reads frames, runs turns one at a time, streams chunks back."""
 
+    # Slots: an idle session is mostly this object, and there may be tens of thousands.
+    __slots__ = (
+        "_background",
+        "_ended_turn",
+        "_idle_timer",
+        "_last_activity",
+        "_metrics",
+        "_model",
+        "_on_disconnect",
+        "_rate",
+        "_starting",
+        "_stop_reason",
+        "_turn_task",
+        "closing",
+        "connection",
+        "debug",
+        "finished",
+        "history",
+        "id",
+        "limits",
+        "turn",
+        "version",
+    )
+
     def __init__(
         self,
         connection: ServerConnection,
@@ -76,25 +102,29 @@ class ChatSession:
         *,
         debug: bool = False,
         limits: SessionLimits | None = None,
+        on_disconnect: Callable[[], None] | None = None,
     ) -> None:
         self.id = uuid.uuid4().hex[:16]
         self.connection = connection
         self.version = version
         self.debug = debug
         self.limits = limits or SessionLimits()
+        # Called once, as soon as the connection is gone (before on_chat_end has run).
+        self._on_disconnect = on_disconnect
         self._rate = FrameRate(self.limits.frames_per_minute)
         self._metrics = metrics.for_model(version.name)
         self._last_activity = time.monotonic()
+        self._idle_timer: asyncio.TimerHandle | None = None
         self.history = History(self.limits.history_messages, self.limits.history_bytes)
         self.turn = 0
         self._ended_turn = 0  # the last turn whose done frame was sent
         self.closing = False
-        self.finished = asyncio.Event()
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._model: ModelSession | None = None
         self._starting: asyncio.Task[None] | None = None
         self._turn_task: asyncio.Task[None] | None = None
         self._stop_reason: str | None = None
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] | None = None  # made when first needed
 
     @property
     def turn_running(self) -> bool:
@@ -115,20 +145,18 @@ class ChatSession:
     async def run(self) -> None:
         """The whole conversation, from ``on_chat_start`` to ``on_chat_end``."""
         self._log(logging.INFO, "opened from %s", _peer(self.connection))
-        idle: asyncio.Task[None] | None = None
         try:
             if await self._start():
-                if self.limits.idle_timeout is not None:
-                    idle = asyncio.get_running_loop().create_task(
-                        self._close_when_idle(self.limits.idle_timeout)
-                    )
+                self._arm_idle_timer()
                 await self._read_frames()
         finally:
-            if idle is not None:
-                idle.cancel()
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+            if self._on_disconnect is not None:
+                self._on_disconnect()
             await self._stop_turn(_DISCONNECTED)
             await self._end()
-            self.finished.set()
+            self.finished.set_result(None)
 
     async def _start(self) -> bool:
         """Run ``on_chat_start`` and send ``ready``; False if the session cannot go on.
@@ -212,7 +240,7 @@ class ChatSession:
             )
         except TimeoutError:
             self.connection.transport.abort()
-        await self.finished.wait()
+        await asyncio.shield(self.finished)
 
     def cancel_now(self) -> None:
         """Cancel a running start or turn without waiting (shutdown, second Ctrl-C)."""
@@ -220,8 +248,7 @@ class ChatSession:
             self._starting.cancel()
         if self.turn_running:
             task = asyncio.get_running_loop().create_task(self._stop_turn("cancelled"))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._keep(task)
 
     # ------------------------------------------------------------------ frames
     async def _read_frames(self) -> None:
@@ -231,18 +258,40 @@ class ChatSession:
         except ConnectionClosed:
             pass
 
-    async def _close_when_idle(self, limit: float) -> None:
-        """Close the session after ``limit`` seconds without a frame or a running turn."""
-        while True:
-            remaining = self._last_activity + limit - time.monotonic()
-            if remaining > 0 or self.turn_running:
-                await asyncio.sleep(remaining if remaining > 0 else 1.0)
-                continue
-            self._log(logging.INFO, "idle for %g s; closing", limit)
-            message = f"no message for {limit:g} s; the session is closed (reconnect to go on)"
-            await self._send_error("timeout", message)
-            await self.connection.close(CloseCode.NORMAL_CLOSURE, IDLE_CLOSE_REASON)
+    def _keep(self, task: asyncio.Task[None]) -> None:
+        """Hold a reference to a task of ours until it is done."""
+        if self._background is None:
+            self._background = set()
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _arm_idle_timer(self) -> None:
+        """Check for idleness when ``idle_timeout`` may next have passed. A timer rather than
+        a task per session: idle sessions are the many, and a timer costs a fraction."""
+        limit = self.limits.idle_timeout
+        if limit is None or self.closing:
             return
+        remaining = self._last_activity + limit - time.monotonic()
+        loop = asyncio.get_running_loop()
+        self._idle_timer = loop.call_later(max(remaining, 0.0), self._idle_check)
+
+    def _idle_check(self) -> None:
+        limit = self.limits.idle_timeout
+        assert limit is not None
+        if self.turn_running or time.monotonic() - self._last_activity < limit:
+            if self.turn_running:  # a running turn is not idleness: look again later
+                self._last_activity = max(self._last_activity, time.monotonic() - limit + 1.0)
+            self._arm_idle_timer()
+            return
+        self._idle_timer = None
+        task = asyncio.get_running_loop().create_task(self._close_idle(limit))
+        self._keep(task)
+
+    async def _close_idle(self, limit: float) -> None:
+        self._log(logging.INFO, "idle for %g s; closing", limit)
+        message = f"no message for {limit:g} s; the session is closed (reconnect to go on)"
+        await self._send_error("timeout", message)
+        await self.connection.close(CloseCode.NORMAL_CLOSURE, IDLE_CLOSE_REASON)
 
     async def _handle(self, data: str | bytes) -> None:
         self._last_activity = time.monotonic()
@@ -334,6 +383,7 @@ class ChatSession:
         first_chunk: float | None = None
         reason = "stop"
         stream = self._model.stream(messages)
+        writer = ChunkWriter(self.connection)
         try:
             try:
                 async for piece in stream:
@@ -343,7 +393,7 @@ class ChatSession:
                         parts.append(chunk)
                         kept += len(chunk)
                     frame = protocol.encode_chunk(turn, chunk)
-                    await self.connection.send(frame)
+                    await writer.write(frame)
                     sent += len(frame)
                     if first_chunk is None:
                         first_chunk = time.perf_counter() - started

@@ -27,6 +27,7 @@ from ws_server.runners.shared import SharedRunner, SharedSession
 # afterwards (its heap may be in any state) and the server starts a new one.
 RESOURCE_EXHAUSTED = "resource_exhausted"
 EXIT_MEMORY = 70
+BATCH = 64 * 1024  # bytes of channel messages written in one go
 
 
 class Channel(asyncio.Protocol):
@@ -39,6 +40,9 @@ class Channel(asyncio.Protocol):
         self.writable = asyncio.Event()
         self.writable.set()
         self.closed = asyncio.Event()
+        self._batch: list[bytes] = []
+        self._batched = 0
+        self._scheduled = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -57,8 +61,31 @@ class Channel(asyncio.Protocol):
         self.writable.set()
 
     def send(self, message: list[Any]) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(ipc.encode(message))
+        """Queue a message for the server. One that finds nothing waiting is written at
+        once; those that follow within the same turn of the loop are written together
+        (one system call for many chunks), on the loop's next turn or at BATCH bytes."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        data = ipc.encode(message)
+        if not self._batch and not self._scheduled:
+            self.transport.write(data)
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_soon)
+            return
+        self._batch.append(data)
+        self._batched += len(data)
+        if self._batched >= BATCH:
+            self.flush()
+
+    def _flush_soon(self) -> None:
+        self._scheduled = False
+        self.flush()
+
+    def flush(self) -> None:
+        if self._batch and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(self._batch))
+        self._batch.clear()
+        self._batched = 0
 
 
 class WorkerSession:
@@ -268,6 +295,7 @@ def die_with_parent(sandboxed: bool = False) -> None:
 
 async def _drain(channel: Channel) -> None:
     """Give what was written up to a second to reach the server before the worker exits."""
+    channel.flush()
     transport = channel.transport
     for _ in range(100):
         if transport is None or transport.get_write_buffer_size() == 0:
