@@ -247,6 +247,9 @@ def test_the_sandbox_binds_only_what_the_worker_needs(tmp_path: Path) -> None:
     assert "/" not in binds and str(ROOT) not in binds
     assert {str(ROOT / "ws_server"), str(tmp_path / "model")} <= set(binds)
     assert "--unshare-net" in argv and argv[-1] == "--"
+    for flag in ("--disable-userns", "--die-with-parent", "--new-session", "--unshare-pid"):
+        assert flag in argv, flag
+    assert argv[argv.index("--cap-drop") + 1] == "ALL"
     networked = sandbox.command(
         sandbox.Bubblewrap("/usr/bin/bwrap", (0, 8, 0)),
         sandbox.SandboxSpec(spec.python, spec.package_dir, spec.model_dir, network=True),

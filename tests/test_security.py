@@ -753,3 +753,16 @@ def test_a_secret_is_masked_in_worker_output_however_it_is_cut_or_escaped() -> N
     redaction.register('quote"and\\slash-secret')
     assert "quote" not in redaction.redact(repr({"k": 'quote"and\\slash-secret'}))
     assert "quote" not in redaction.redact(json.dumps('quote"and\\slash-secret'))
+
+
+def test_a_secret_in_a_model_description_or_load_error_is_masked_in_the_listing(
+    guarded: ServerProcess,
+) -> None:
+    status, _, body = raw_http(
+        guarded,
+        f"GET /v1/models/secretive HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS[0]}\r\n\r\n",
+    )
+    assert status == 200
+    row = json.loads(body)
+    assert "inline-secret-value-42" not in row["description"] + str(row["error"])
+    assert "[secret]" in row["description"]
