@@ -1,12 +1,15 @@
-"""Chunk throughput and first-chunk latency, every figure a ratio to bare websockets
-measured in the same run.
+"""AnythingAgent against bare websockets and its peers: throughput, first-chunk latency and
+idle-session capacity, every figure a ratio to bare websockets measured in the same run.
 
-    .venv/bin/python bench/run.py [--connections 8] [--chunks 2000] [--size 16]
+    .venv/bin/python bench/run.py [--servers KEYS] [--modes MODES] [--json PATH] ...
 
-Servers, each a subprocess pinned to CPU 1 (the client to CPU 0) where there are 2 cores:
-bare websockets + uvloop (our stack's ceiling), AnythingAgent with the bench model shared,
-the same model isolated (a worker in its own virtualenv), and the seed's
-spawn-a-process-per-request approach.
+Every server (bench/lineup.py) is started on CPU 1 while the load generator
+(bench/loadgen.py, picows) runs here on CPU 0. Capacity is measured first, on each fresh
+server (so RSS growth is the sessions' own); then ``--rounds`` rounds in which each server
+in turn takes the throughput load, then latency with 1 and with ``--crowd`` connections:
+each figure is the median of its rounds, and drift of the machine falls on all servers
+alike. Prints one table and issue 7's targets; writes the raw figures as JSON and a PNG
+chart (default bench/results/bench-<time>.json and .png beside it).
 """
 
 from __future__ import annotations
@@ -15,175 +18,306 @@ import argparse
 import asyncio
 import json
 import os
-import re
+import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import loadgen
+import procs
+import profiling
+import report
 import uvloop
-from websockets.asyncio.client import connect
+from lineup import KEYS, REFERENCE, ServerSpec, lineup, prepare
 
 HERE = Path(__file__).resolve().parent
-LISTENING = re.compile(r"listening on ws://[\d.]+:(\d+)")
+MODES = ("capacity", "throughput", "latency")
+READY_TIMEOUT = 600.0  # an isolated model's environment is built on first start
 
 
-def start(command: list[str]) -> tuple[subprocess.Popen[str], int]:
-    """Start a server and return it with its port, once it listens."""
-    process = subprocess.Popen(
-        command,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        preexec_fn=lambda: _pin(1),
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    assert process.stderr is not None
-    for line in process.stderr:
-        match = LISTENING.search(line)
-        if match:
-            # Keep draining the log so a full pipe never stalls the server.
-            threading.Thread(target=process.stderr.read, daemon=True).start()
-            return process, int(match.group(1))
-    raise RuntimeError(f"{command} did not start")
+    add = parser.add_argument
+    add("--connections", type=int, default=32, help="throughput: concurrent connections (C)")
+    add("--chunks", type=int, default=2000, help="throughput: chunks per turn (N)")
+    add("--size", type=int, default=16, help="chunk size in characters (S), every mode")
+    add(
+        "--duration",
+        type=float,
+        default=5.0,
+        help="seconds each throughput/latency window lasts (D)",
+    )
+    add("--warmup", type=float, default=1.0, help="seconds of load before each window, not counted")
+    add("--rounds", type=int, default=3, help="throughput/latency windows per server (median)")
+    add("--crowd", type=int, default=100, help="latency: the concurrent run's connections")
+    add("--sessions", type=int, default=10_000, help="capacity: idle sessions opened (K)")
+    add("--concurrency", type=int, default=64, help="capacity: handshakes in flight at once")
+    add("--servers", default=",".join(KEYS), help=f"comma-separated, from {','.join(KEYS)}")
+    add("--modes", default=",".join(MODES), help=f"comma-separated, from {','.join(MODES)}")
+    add("--json", type=Path, help="raw figures (default bench/results/bench-<time>.json)")
+    add("--chart", type=Path, help="PNG chart (default: the JSON path with .png)")
+    add("--profile", type=Path, metavar="DIR", help="also sample each server with py-spy into DIR")
+    args = parser.parse_args(argv)
+    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [s for s in args.servers if s not in KEYS] + [m for m in args.modes if m not in MODES]
+    if unknown:
+        parser.error(f"unknown server or mode: {', '.join(unknown)}")
+    if REFERENCE not in args.servers:
+        args.servers.insert(0, REFERENCE)  # every figure is a ratio to it
+    if args.json is None:
+        args.json = HERE / "results" / time.strftime("bench-%Y%m%d-%H%M%S.json")
+    if args.chart is None:
+        args.chart = args.json.with_suffix(".png")
+    return args
 
 
-def _pin(cpu: int) -> None:
-    if hasattr(os, "sched_setaffinity") and os.cpu_count() and os.cpu_count() > 1:  # type: ignore[operator]
-        os.sched_setaffinity(0, {cpu})
-
-
-def message(chunks: int, size: int) -> str:
-    """A protocol v1 message frame whose content asks the bench model for N chunks of S."""
-    content = json.dumps({"chunks": chunks, "size": size})
-    return json.dumps({"type": "message", "content": content})
-
-
-async def throughput(url: str, connections: int, chunks: int, size: int, turns: int) -> float:
-    request = message(chunks, size)
-
-    async def one() -> int:
-        received = 0
-        async with connect(url, max_queue=None) as ws:
-            await ws.recv()
-            for _ in range(turns):
-                await ws.send(request)
-                while True:
-                    frame = await ws.recv()
-                    if frame.startswith('{"type":"done"'):
-                        break
-                    received += 1
-        return received
-
-    started = time.perf_counter()
-    total = sum(await asyncio.gather(*(one() for _ in range(connections))))
-    return total / (time.perf_counter() - started)
-
-
-async def first_chunk(url: str, samples: int) -> list[float]:
-    request = message(1, 16)
-    latencies = []
-    async with connect(url) as ws:
-        await ws.recv()
-        for _ in range(samples):
-            started = time.perf_counter()
-            await ws.send(request)
-            await ws.recv()
-            latencies.append((time.perf_counter() - started) * 1e6)
-            await ws.recv()  # done
-    return latencies
-
-
-async def measure(url: str, args: argparse.Namespace, spawn: bool = False) -> dict[str, float]:
-    await throughput(url, 2, 200, args.size, 1)  # warm up
-    if spawn:  # a process per turn: keep it short, it is slow
-        rate = await throughput(url, 2, args.chunks, args.size, 2)
-        latencies = sorted(await first_chunk(url, 20))
-    else:
-        rate = await throughput(url, args.connections, args.chunks, args.size, args.turns)
-        latencies = sorted(await first_chunk(url, args.samples))
-    return {
-        "chunks_per_s": rate,
-        "first_chunk_p50_us": statistics.median(latencies),
-        "first_chunk_p99_us": latencies[max(0, int(len(latencies) * 0.99) - 1)],
-    }
-
-
-def wait_ready(port: int, model: str, timeout: float = 300) -> None:
-    """Isolated models build in the background: wait until the model is ready."""
-    deadline = time.monotonic() + timeout
+def wait_ready(port: int, model: str) -> None:
+    """Isolated models build in the background: wait until ``model`` says ready."""
+    deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models/{model}") as answer:
-            if json.load(answer)["status"] == "ready":
-                return
+            status = json.load(answer)["status"]
+        if status == "ready":
+            return
+        if status == "failed":
+            raise RuntimeError(f"model {model} failed to build")
         time.sleep(0.2)
-    raise RuntimeError(f"{model} not ready after {timeout}s")
+    raise RuntimeError(f"model {model} not ready after {READY_TIMEOUT:g} s")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--connections", type=int, default=8)
-    parser.add_argument("--chunks", type=int, default=2000)
-    parser.add_argument("--size", type=int, default=16)
-    parser.add_argument("--turns", type=int, default=3)
-    parser.add_argument("--samples", type=int, default=500)
-    parser.add_argument("--json", type=Path, help="also write the raw figures here")
-    args = parser.parse_args()
-    _pin(0)
-    scratch = Path(tempfile.mkdtemp(prefix="aa-bench-"))
-    isolated = scratch / "models"
-    shutil.copytree(HERE / "models" / "bench", isolated / "bench")
-    (isolated / "bench" / "config.yaml").write_text("isolation: true\n")
-    serve = [sys.executable, "-m", "ws_server", "serve", "--port", "0", "--log-level", "info"]
-    servers = {
-        "bare websockets": [sys.executable, str(HERE / "reference_server.py")],
-        "anything-agent shared": [*serve, "--models-dir", str(HERE / "models")],
-        "anything-agent isolated": [
-            *serve,
-            "--models-dir",
-            str(isolated),
-            "--env-cache-dir",
-            str(scratch / "envs"),
-        ],
-        "spawn per request (seed)": [sys.executable, str(HERE / "spawn_per_request_server.py")],
-    }
-    results = {}
-    try:
-        for name, command in servers.items():
-            process, port = start(command)
+@dataclass
+class Entry:
+    """One server of the run: its spec, its process while it runs, what it measured."""
+
+    spec: ServerSpec
+    server: procs.Server | None = None
+    result: dict[str, Any] = field(default_factory=dict)
+    rounds: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"ws://127.0.0.1:{self.server.port}/v1/chat/bench"
+
+    @property
+    def ok(self) -> bool:
+        return self.server is not None and "error" not in self.result
+
+    def fail(self, exc: BaseException) -> None:
+        """Report, don't raise: one broken server leaves the rest of the table."""
+        self.result["error"] = f"{type(exc).__name__}: {exc}"
+        if self.server is not None:
+            self.result["log_tail"] = self.server.log_tail()
+        print(f"  {self.spec.label} failed: {self.result['error']}", file=sys.stderr)
+
+
+def start_all(entries: list[Entry], scratch: Path) -> None:
+    for entry in entries:
+        entry.result = {"label": entry.spec.label, "command": list(entry.spec.command)}
+        try:
+            entry.server = procs.start(
+                entry.spec.command, scratch / "logs" / f"{entry.spec.key}.log"
+            )
+            if entry.spec.builds_model:
+                wait_ready(entry.server.port, "bench")
+        except Exception as exc:
+            entry.fail(exc)
+
+
+def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One mode's rounds as one set of figures: the median of each (the worst ``max``,
+    the sum of ``samples`` and ``seconds``), every round kept under ``rounds``."""
+    figures: dict[str, Any] = {}
+    for name, first in rounds[0].items():
+        values = [r[name] for r in rounds if name in r]
+        if name == "errors":
+            figures[name] = [e for v in values for e in v][: loadgen.ERRORS_KEPT]
+        elif not isinstance(first, (int, float)) or isinstance(first, bool):
+            figures[name] = first
+        elif name == "max_us":
+            figures[name] = max(values)
+        elif name in ("samples", "seconds"):
+            figures[name] = sum(values)
+        else:
+            figures[name] = statistics.median(values)
+    if len(rounds) > 1:
+        figures["rounds"] = rounds
+    return figures
+
+
+async def measure_all(entries: list[Entry], args: argparse.Namespace) -> None:
+    """Capacity on each fresh server, then ``--rounds`` rounds in which every server takes
+    each load in turn: slow drift of the machine falls on all servers alike, and each
+    figure is the median of its rounds."""
+    if "capacity" in args.modes:
+        for entry in [e for e in entries if e.ok]:
+            assert entry.server is not None
+            print(f"capacity: {entry.spec.label}", file=sys.stderr, flush=True)
             try:
-                if "isolated" in name:
-                    wait_ready(port, "bench")
-                url = f"ws://127.0.0.1:{port}/v1/chat/bench"
-                print(f"measuring {name}...", file=sys.stderr, flush=True)
-                results[name] = uvloop.run(measure(url, args, spawn="spawn" in name))
-            finally:
-                process.terminate()
-                process.wait(30)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    reference = results["bare websockets"]
-    print(
-        f"{args.connections} connections, turns of {args.chunks} chunks of {args.size} B; "
-        f"first chunk over {args.samples} turns on 1 connection"
-    )
-    print(
-        f"{'server':<27}{'chunks/s':>11}{'ratio':>7}{'p50 µs':>10}{'p99 µs':>10}{'p50 vs ref':>12}"
-    )
-    for name, figures in results.items():
-        print(
-            f"{name:<27}{figures['chunks_per_s']:>11,.0f}"
-            f"{figures['chunks_per_s'] / reference['chunks_per_s']:>7.2f}"
-            f"{figures['first_chunk_p50_us']:>10.0f}{figures['first_chunk_p99_us']:>10.0f}"
-            f"{figures['first_chunk_p50_us'] / reference['first_chunk_p50_us']:>11.1f}x"
+                entry.result["capacity"] = await loadgen.capacity(
+                    entry.url,
+                    args.sessions,
+                    entry.server.rss_kib,
+                    entry.server.settle,
+                    args.concurrency,
+                )
+            except Exception as exc:
+                entry.fail(exc)
+    loads: dict[str, Callable[[str, procs.Server], Awaitable[dict[str, Any]]]] = {}
+    if "throughput" in args.modes:
+        loads["throughput"] = lambda url, server: loadgen.throughput(
+            url,
+            *(args.connections, args.chunks, args.size, args.duration, args.warmup),
+            write_calls=server.write_calls,
         )
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    if "latency" in args.modes:
+        loads["latency_1"] = lambda url, _: loadgen.latency(
+            url, 1, args.size, args.duration, args.warmup
+        )
+        loads["latency_crowd"] = lambda url, _: loadgen.latency(
+            url, args.crowd, args.size, args.duration, args.warmup
+        )
+    for number in range(1, args.rounds + 1):
+        for mode, load in loads.items():
+            print(f"round {number}/{args.rounds}: {mode}", file=sys.stderr, flush=True)
+            for entry in [e for e in entries if e.ok]:
+                assert entry.server is not None
+                try:
+                    await entry.server.settle()
+                    entry.rounds.setdefault(mode, []).append(await load(entry.url, entry.server))
+                except Exception as exc:
+                    entry.fail(exc)
+    for entry in entries:
+        for mode, rounds in entry.rounds.items():
+            entry.result[mode] = combine(rounds)
+    if args.profile is not None:
+        for entry in [e for e in entries if e.ok]:
+            try:
+                await profile(entry, args)
+            except Exception as exc:  # the figures stand without it
+                print(f"  profiling {entry.spec.label} failed: {exc}", file=sys.stderr)
+    for entry in [e for e in entries if e.ok]:
+        assert entry.server is not None
+        await entry.server.settle()  # let it finish closing before it is stopped
+
+
+async def profile(entry: Entry, args: argparse.Namespace) -> None:
+    """Run each selected mode once more under py-spy (latency with one connection); write
+    the raw stacks and a summary per mode into ``--profile``."""
+    server = entry.server
+    assert server is not None
+    url = entry.url
+    runs: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = {}
+    if "throughput" in args.modes:
+        runs["throughput"] = lambda: loadgen.throughput(
+            url, args.connections, args.chunks, args.size, args.duration, args.warmup
+        )
+    if "latency" in args.modes:
+        runs["latency"] = lambda: loadgen.latency(url, 1, args.size, args.duration, args.warmup)
+    if "capacity" in args.modes:
+        runs["capacity"] = lambda: loadgen.capacity(
+            url, args.sessions, server.rss_kib, server.settle, args.concurrency
+        )
+    for name, run in runs.items():
+        print(f"profiling {name}: {entry.spec.label}", file=sys.stderr, flush=True)
+        await server.settle()
+        raw = args.profile / f"{entry.spec.key}-{name}.txt"
+        recording = profiling.Recording(server.process.pid, raw)
+        await asyncio.sleep(0.5)  # attached
+        try:
+            await run()
+        finally:
+            await asyncio.to_thread(recording.stop)
+        summary = profiling.summarize(raw)
+        raw.with_name(f"{entry.spec.key}-{name}-summary.txt").write_text(summary + "\n")
+
+
+def revision() -> str | None:
+    """The commit whose server code is measured, ``-dirty`` when ws_server/ or the bench
+    model had uncommitted changes; None outside a git checkout."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=HERE.parent, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "ws_server", "bench/models")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    procs.pin(procs.CLIENT_CPU)
+    # Both ends hold one descriptor per session; servers inherit this limit.
+    limit = procs.raise_open_files(args.sessions + 1024)
+    if "capacity" in args.modes and limit < args.sessions + 256:
+        print(
+            f"RLIMIT_NOFILE allows {limit} open files, too few for --sessions "
+            f"{args.sessions}: lower it or raise the hard limit (ulimit -Hn)",
+            file=sys.stderr,
+        )
+        return 2
+    code_revision = revision()  # before the servers start: the code they run
+    scratch = Path(tempfile.mkdtemp(prefix="aa-bench-"))
+    prepare(scratch)
+    entries = [Entry(spec) for spec in lineup(scratch) if spec.key in args.servers]
+    try:
+        print(f"starting {len(entries)} servers", file=sys.stderr, flush=True)
+        start_all(entries, scratch)
+        uvloop.run(measure_all(entries, args))
+    finally:
+        for entry in entries:
+            if entry.server is not None:
+                entry.server.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+    servers = {entry.spec.key: entry.result for entry in entries}
+    settings = {
+        k: getattr(args, k)
+        for k in (
+            *("connections", "chunks", "size", "duration", "warmup", "rounds", "crowd"),
+            *("sessions", "concurrency"),
+        )
+    }
+    payload: dict[str, Any] = {
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "revision": code_revision,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "load_average_at_end": os.getloadavg(),
+        },
+        "settings": settings,
+        "reference": REFERENCE,
+        "servers": servers,
+    }
+    payload["targets"] = report.targets(payload)
+    print(report.table(payload))
+    print()
+    print(report.targets_text(payload["targets"]))
+    report.write_json(args.json, payload)
+    report.chart(args.chart, payload)
+    print(f"\nraw figures: {args.json}\nchart: {args.chart}")
+    if args.profile is not None:
+        print(f"profiles: {args.profile}/*-summary.txt")
+    return 1 if any("error" in s for s in servers.values()) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -31,11 +31,17 @@ class ChannelError(Exception):
     """The peer sent something that is not a valid frame; the channel is unusable."""
 
 
+# Made once: json.dumps/loads with options build a new encoder per call, and loads() of
+# bytes sniffs their encoding each time; per chunk, both showed in profiles.
+# default=str: a config.yaml date (YAML has them) travels as its text. ASCII with escapes:
+# a lone surrogate a model yields travels (and is repaired later).
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), default=str)
+_DECODER: Final = json.JSONDecoder()
+
+
 def encode(message: list[Any]) -> bytes:
     """One message as a length-prefixed frame."""
-    # default=str: a config.yaml date (YAML has them) travels as its text.
-    # ASCII with escapes: a lone surrogate a model yields travels (and is repaired later).
-    payload = json.dumps(message, separators=(",", ":"), default=str).encode()
+    payload = _ENCODER.encode(message).encode()
     return HEADER.pack(len(payload)) + payload
 
 
@@ -60,8 +66,8 @@ class FrameDecoder:
             if end > size:
                 break
             try:
-                message = json.loads(buffer[offset + 4 : end])
-            except ValueError as exc:
+                message = _DECODER.decode(buffer[offset + 4 : end].decode())
+            except ValueError as exc:  # UnicodeDecodeError included
                 raise ChannelError(f"invalid frame: {exc}") from None
             if not isinstance(message, list) or not message:
                 raise ChannelError("a frame must be a non-empty JSON array")

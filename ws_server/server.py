@@ -63,6 +63,7 @@ class AnythingAgentServer:
     async def start(self) -> None:
         """Load the models, then listen; one broken model never stops the start."""
         metrics.mark_process(self.settings.worker_index)
+        _raise_open_files_limit()
         if self.settings.worker_index is not None:
             die_with_supervisor()
         await self.registry.reload()
@@ -211,6 +212,20 @@ class AnythingAgentServer:
             sessions.dec()
             self.sessions.discard(session)
             self.registry.release(version)
+
+
+def _raise_open_files_limit() -> None:
+    """Every connection is a descriptor: raise the soft limit to the hard one, so that the
+    common soft limit of 1024 isn't reached before --max-connections is."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.info("open files limit raised from %d to %d", soft, hard)
+    except (ImportError, ValueError, OSError):  # not POSIX, or not allowed: keep it
+        pass
 
 
 def _peer_address(connection: ServerConnection) -> str:

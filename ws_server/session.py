@@ -83,6 +83,7 @@ class ChatSession:
         "_rate",
         "_starting",
         "_stop_reason",
+        "_turn_closing",
         "_turn_task",
         "closing",
         "connection",
@@ -124,6 +125,7 @@ class ChatSession:
         self._starting: asyncio.Task[None] | None = None
         self._turn_task: asyncio.Task[None] | None = None
         self._stop_reason: str | None = None
+        self._turn_closing = False  # the turn's stream is being closed: let it finish
         self._background: set[asyncio.Task[None]] | None = None  # made when first needed
 
     @property
@@ -332,6 +334,7 @@ class ChatSession:
             self.history.replace(frame.messages)
         self.turn += 1
         self._stop_reason = None
+        self._turn_closing = False
         self._turn_task = asyncio.get_running_loop().create_task(
             self._run_turn(self.turn, self.history.messages())
         )
@@ -349,7 +352,8 @@ class ChatSession:
             return
         if self._stop_reason is None:
             self._stop_reason = reason
-            task.cancel()
+            if not self._turn_closing:  # a turn already winding down (its client left mid-
+                task.cancel()  # stream, say) is let finish: cancelling it would kill a worker
         done, _ = await asyncio.wait({task}, timeout=CLEANUP_LIMIT)
         if not done:
             self._log(
@@ -398,6 +402,7 @@ class ChatSession:
                     if first_chunk is None:
                         first_chunk = time.perf_counter() - started
             finally:
+                self._turn_closing = True
                 await stream.aclose()  # type: ignore[attr-defined]
         except asyncio.CancelledError as exc:
             if self._stop_reason is not None:  # ours: cancel, timeout, disconnect, shutdown

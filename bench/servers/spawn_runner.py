@@ -5,7 +5,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for ws_server's SDK
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: ws_server's SDK
 
 
 async def main(model_dir: Path) -> None:

@@ -1,0 +1,159 @@
+"""Server processes for the bench: started pinned to their own core, watched through /proc,
+stopped with everything they started.
+
+The load generator runs on CPU 0 and every server on CPU 1 (where there are two cores or
+more), so client and server never compete for a core and a server's figures are what one
+core of it does. A server's log goes to a file, not a pipe the client would have to drain
+on its own core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import resource
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+LISTENING: Final = re.compile(r"listening on ws://[\d.]+:(\d+)")
+CLIENT_CPU: Final = 0
+SERVER_CPU: Final = 1
+_PAGE_KIB: Final = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def pin(cpu: int) -> None:
+    """Run the calling process on ``cpu`` alone, when the machine has more than one."""
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {cpu})
+
+
+def raise_open_files(wanted: int) -> int:
+    """Raise this process's soft RLIMIT_NOFILE towards ``wanted`` (capped by the hard
+    limit) and return the soft limit now in force. Servers started afterwards inherit it,
+    which is how they can hold as many sessions as the client opens."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
+
+
+class Server:
+    """A started server: its process, the port it listens on, its log file."""
+
+    def __init__(self, process: subprocess.Popen[bytes], port: int, log: Path) -> None:
+        self.process = process
+        self.port = port
+        self.log = log
+
+    @property
+    def pids(self) -> list[int]:
+        """The server and every process below it (an isolated worker, a spawned runner)."""
+        found, todo = [], [self.process.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            with contextlib.suppress(OSError):
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    children = Path(f"/proc/{pid}/task/{task}/children").read_text()
+                    todo.extend(int(child) for child in children.split())
+        return found
+
+    def rss_kib(self) -> int:
+        """Resident memory of the whole process tree, in KiB."""
+        total = 0
+        for pid in self.pids:
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE_KIB
+        return total
+
+    def cpu_ticks(self) -> int:
+        """CPU time (user + system, in clock ticks) the process tree has used so far."""
+        total = 0
+        for pid in self.pids:
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+        return total
+
+    def write_calls(self) -> int:
+        """Write system calls (write, writev, sendmsg...) the process tree has made so far:
+        per chunk, it shows whether a server batches frames into fewer socket writes."""
+        total = 0
+        for pid in self.pids:
+            with contextlib.suppress(OSError, ValueError):
+                for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+                    if line.startswith("syscw:"):
+                        total += int(line.split()[1])
+        return total
+
+    async def settle(self, quiet: float = 0.1, limit: float = 30.0) -> None:
+        """Wait until the server has finished what the last mode left it (closing
+        thousands of sessions, spawned processes): under 10 % of a core for ``quiet`` s, or
+        ``limit`` s at most."""
+        allowance = max(1, int(quiet * os.sysconf("SC_CLK_TCK") / 10))
+        deadline = time.monotonic() + limit
+        before = self.cpu_ticks()
+        while time.monotonic() < deadline:
+            await asyncio.sleep(quiet)
+            now = self.cpu_ticks()
+            if now - before <= allowance:
+                return
+            before = now
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM (a graceful shutdown), then SIGKILL for whatever is left in its group."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # its own group: see start()
+        self.process.wait()
+
+
+def start(command: Sequence[str], log: Path, timeout: float = 120.0) -> Server:
+    """Start a server on ``SERVER_CPU`` and return it once its log says where it listens.
+
+    It gets a process group of its own (so a Ctrl-C at the terminal reaches only the
+    runner, which stops it) and inherits the runner's RLIMIT_NOFILE.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            list(command),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+            start_new_session=True,
+            preexec_fn=lambda: pin(SERVER_CPU),
+        )
+    server = Server(process, 0, log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = LISTENING.search(log.read_text(errors="replace"))
+        if match:
+            server.port = int(match.group(1))
+            return server
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"{command[-1]} exited with {process.returncode}:\n{server.log_tail()}"
+            )
+        time.sleep(0.02)
+    server.stop()
+    raise RuntimeError(f"{' '.join(command)} did not listen within {timeout:g} s")

@@ -1,0 +1,278 @@
+"""What a bench run reports: one table of every figure with its ratio to bare websockets
+(measured in the same run), issue 7's targets met or missed, the raw JSON, a PNG chart.
+
+Input is the run's JSON payload (see ``bench/run.py``): ``servers`` maps a server's key to
+its ``label`` and one dict of figures per mode (``throughput``, ``latency_1``,
+``latency_crowd``, ``capacity``), or an ``error`` when it could not be measured.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+REFERENCE: Final = "websockets"
+MISSING: Final = "-"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One figure of the table: where it lives in the payload and how to show it."""
+
+    mode: str
+    field: str
+    header: str
+    lower_is_better: bool = False
+
+
+COLUMNS: Final = (
+    Column("throughput", "chunks_per_s", "chunks/s"),
+    Column("throughput", "mb_per_s", "MB/s"),
+    Column("throughput", "writes_per_chunk", "writes/chunk", lower_is_better=True),
+    Column("latency_1", "p50_us", "p50 µs", lower_is_better=True),
+    Column("latency_1", "p99_us", "p99 µs", lower_is_better=True),
+    Column("latency_1", "max_us", "max µs", lower_is_better=True),
+    Column("latency_crowd", "p50_us", "p50 µs", lower_is_better=True),
+    Column("latency_crowd", "p99_us", "p99 µs", lower_is_better=True),
+    Column("latency_crowd", "max_us", "max µs", lower_is_better=True),
+    Column("capacity", "handshakes_per_s", "opens/s"),
+    Column("capacity", "rss_per_session_kib", "KiB/sess", lower_is_better=True),
+)
+CELL: Final = 13
+LABEL: Final = 26
+
+
+def figure(payload: dict[str, Any], server: str, mode: str, field: str) -> float | None:
+    """One number from the payload, or None when that server or mode has none."""
+    value = payload["servers"].get(server, {}).get(mode, {}).get(field)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def ratio(payload: dict[str, Any], server: str, mode: str, field: str) -> float | None:
+    """``server``'s figure over bare websockets' same figure."""
+    value = figure(payload, server, mode, field)
+    reference = figure(payload, REFERENCE, mode, field)
+    if value is None or not reference:
+        return None
+    return value / reference
+
+
+def _number(value: float) -> str:
+    for limit, divisor, suffix in ((1e6, 1e6, "M"), (1e4, 1e3, "k")):
+        if abs(value) >= limit:
+            return (
+                f"{value / divisor:.1f}{suffix}"
+                if value < 10 * limit
+                else f"{value / divisor:.0f}{suffix}"
+            )
+    return f"{value:.1f}" if abs(value) < 100 else f"{value:.0f}"
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def _cell(payload: dict[str, Any], server: str, column: Column) -> str:
+    value = figure(payload, server, column.mode, column.field)
+    if value is None:
+        return f"{MISSING:>{CELL}}"
+    share = ratio(payload, server, column.mode, column.field)
+    text = _number(value) + (f" ×{_ratio(share)}" if share is not None else "")
+    return f"{text:>{CELL}}"
+
+
+def table(payload: dict[str, Any]) -> str:
+    """The whole run as one table: each cell a figure and its ratio to bare websockets."""
+    settings = payload["settings"]
+    groups = {
+        "throughput": f"throughput ({settings['connections']} conn)",
+        "latency_1": "first chunk, 1 connection",
+        "latency_crowd": f"first chunk, {settings['crowd']} connections",
+        "capacity": f"{settings['sessions']} idle sessions",
+    }
+    lines = [
+        f"Throughput: {settings['connections']} connections, turns of {settings['chunks']} "
+        f"chunks of {settings['size']} B, {settings['duration']:g} s. First chunk: one-chunk "
+        f"turns back to back, {settings['duration']:g} s. Capacity: {settings['sessions']} idle "
+        f"sessions, {settings['concurrency']} handshakes in flight.",
+        "Each cell: the figure, then ×its ratio to bare websockets in this run "
+        "(latency and KiB/session: lower is better). Client on CPU 0, servers on CPU 1.",
+        f"Measured {payload.get('created', '?')} at revision {payload.get('revision') or '?'}.",
+        "",
+    ]
+    head1, head2 = " " * LABEL, f"{'server':<{LABEL}}"
+    for mode, title in groups.items():
+        width = CELL * sum(1 for c in COLUMNS if c.mode == mode)
+        head1 += f"{title:^{width}}"
+    for column in COLUMNS:
+        head2 += f"{column.header:>{CELL}}"
+    lines += [head1.rstrip(), head2, "-" * len(head2)]
+    for key, server in payload["servers"].items():
+        label = server.get("label", key)[: LABEL - 1]
+        if "error" in server:
+            lines.append(f"{label:<{LABEL}}failed: {server['error'].splitlines()[0][:100]}")
+            continue
+        lines.append(f"{label:<{LABEL}}" + "".join(_cell(payload, key, c) for c in COLUMNS))
+    errors = [
+        f"  {payload['servers'][key].get('label', key)} ({mode}): {error}"
+        for key, server in payload["servers"].items()
+        for mode, figures in server.items()
+        if isinstance(figures, dict)
+        for error in figures.get("errors", [])
+    ]
+    if errors:
+        lines += ["", "Error frames received (figures above may be off):", *errors]
+    return "\n".join(lines)
+
+
+def targets(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 7's targets, each with the measured value and whether it is met (None: not
+    measured in this run)."""
+
+    def get(server: str, mode: str, field: str) -> float | None:
+        return figure(payload, server, mode, field)
+
+    found: list[dict[str, Any]] = []
+
+    def check(text: str, value: float | None, limit: float, at_least: bool, unit: str) -> None:
+        met = None if value is None else (value >= limit if at_least else value <= limit)
+        shown = MISSING if value is None else f"{value:.2f}{unit}"
+        found.append({"target": text, "value": value, "shown": shown, "met": met})
+
+    def over(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    def minus(a: float | None, b: float | None) -> float | None:
+        return a - b if a is not None and b is not None else None
+
+    tp = "throughput", "chunks_per_s"
+    check(
+        "shared chunks/s ≥ 0.9× bare websockets",
+        over(get("shared", *tp), get(REFERENCE, *tp)),
+        0.9,
+        True,
+        "×",
+    )
+    for peer in ("aiohttp", "starlette"):
+        check(
+            f"shared chunks/s ahead of {peer} (> 1×)",
+            over(get("shared", *tp), get(peer, *tp)),
+            1.0,
+            True,
+            "×",
+        )
+    for mode, where in (
+        ("latency_1", "1 connection"),
+        ("latency_crowd", f"{payload['settings']['crowd']} connections"),
+    ):
+        p50 = mode, "p50_us"
+        p99 = mode, "p99_us"
+        check(
+            f"shared first-chunk p50 ≤ bare + 200 µs ({where})",
+            minus(get("shared", *p50), get(REFERENCE, *p50)),
+            200.0,
+            False,
+            " µs",
+        )
+        check(
+            f"shared first-chunk p99 ≤ 2× bare ({where})",
+            over(get("shared", *p99), get(REFERENCE, *p99)),
+            2.0,
+            False,
+            "×",
+        )
+    p50 = "latency_1", "p50_us"
+    check(
+        "isolated first-chunk p50 ≤ shared + 1 ms",
+        minus(get("isolated", *p50), get("shared", *p50)),
+        1000.0,
+        False,
+        " µs",
+    )
+    check(
+        "isolated first-chunk p50 ≥ 50× faster than spawn",
+        over(get("spawn", *p50), get("isolated", *p50)),
+        50.0,
+        True,
+        "×",
+    )
+    check(
+        "isolated chunks/s ≥ 0.5× shared",
+        over(get("isolated", *tp), get("shared", *tp)),
+        0.5,
+        True,
+        "×",
+    )
+    rss = "capacity", "rss_per_session_kib"
+    check(
+        f"shared RSS per idle session ≤ 1.3× bare ({payload['settings']['sessions']} sessions)",
+        over(get("shared", *rss), get(REFERENCE, *rss)),
+        1.3,
+        False,
+        "×",
+    )
+    return found
+
+
+def targets_text(found: list[dict[str, Any]]) -> str:
+    marks = {True: "met   ", False: "MISSED", None: "n/a   "}
+    lines = ["Targets (issue 7):"]
+    lines += [f"  {marks[t['met']]}  {t['target']}: {t['shown']}" for t in found]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+
+
+def chart(path: Path, payload: dict[str, Any]) -> None:
+    """One horizontal bar panel per figure, every server in each, labelled with its ratio
+    to bare websockets; latency panels on a log scale (spawn-per-request is 1000× slower)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = payload["settings"]
+    panels = [
+        ("throughput", "chunks_per_s", f"chunks/s, {settings['connections']} connections", False),
+        ("latency_1", "p50_us", "first chunk p50 µs, 1 connection", True),
+        ("latency_1", "p99_us", "first chunk p99 µs, 1 connection", True),
+        ("capacity", "handshakes_per_s", f"sessions opened/s ({settings['sessions']})", False),
+        ("throughput", "mb_per_s", "MB/s of chunk frames", False),
+        ("latency_crowd", "p50_us", f"first chunk p50 µs, {settings['crowd']} connections", True),
+        ("latency_crowd", "p99_us", f"first chunk p99 µs, {settings['crowd']} connections", True),
+        ("capacity", "rss_per_session_kib", "server RSS KiB per idle session", False),
+    ]
+    keys = [k for k, s in payload["servers"].items() if "error" not in s]
+    labels = [payload["servers"][k].get("label", k) for k in keys]
+    colours = [
+        "#444444" if k == REFERENCE else "#d95f02" if k in ("shared", "isolated") else "#7fa7c9"
+        for k in keys
+    ]
+    fig, axes = plt.subplots(2, 4, figsize=(22, 9), constrained_layout=True)
+    for axis, (mode, field, title, log) in zip(axes.flat, panels, strict=True):
+        values = [figure(payload, k, mode, field) or 0.0 for k in keys]
+        positions = list(range(len(keys)))[::-1]
+        axis.barh(positions, values, color=colours)
+        axis.set_yticks(positions, labels if axis in axes[:, 0] else [""] * len(keys))
+        axis.set_title(title, fontsize=10)
+        if log and any(values):
+            axis.set_xscale("log")
+        for position, key, value in zip(positions, keys, values, strict=True):
+            share = ratio(payload, key, mode, field)
+            if value and share is not None:
+                axis.text(value, position, f" ×{_ratio(share)}", va="center", fontsize=8)
+        axis.margins(x=0.25)
+    fig.suptitle(
+        f"AnythingAgent bench, {payload['created']}: ratios to bare websockets in the same "
+        f"run (turns of {settings['chunks']} chunks of {settings['size']} B; client on CPU 0, "
+        "servers on CPU 1)",
+        fontsize=11,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
