@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import time
 import urllib.request
@@ -78,9 +79,18 @@ async def test_a_crashed_process_is_replaced_and_the_port_keeps_serving(
     while len(children(server)) != 2 or victim in children(server):
         assert time.monotonic() < deadline, server.log
         await asyncio.sleep(0.1)
-    server.wait_for_log("process 1 listening|process 2 listening")
+    replaced = len(re.findall(r"process \d listening", server.log))
+    deadline = time.monotonic() + 15
+    while len(re.findall(r"process \d listening", server.log)) < 3:  # the new one listens
+        assert time.monotonic() < deadline, server.log
+        await asyncio.sleep(0.1)
+    assert replaced >= 2
     texts = await asyncio.gather(*(echo(server, f"n{i}") for i in range(12)))
     assert texts == [f"n{i}" for i in range(12)]
+    processes = children(server)
+    assert await asyncio.get_running_loop().run_in_executor(None, server.stop) == 0
+    survivors = [pid for pid in processes if Path(f"/proc/{pid}").exists()]  # noqa: ASYNC240
+    assert not survivors, f"server processes {survivors} outlived the supervisor"
 
 
 async def echo(server: ServerProcess, text: str) -> str:

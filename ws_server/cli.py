@@ -17,7 +17,7 @@ from ws_server.registry import Registry
 from ws_server.scaffold import create_model
 from ws_server.server import AnythingAgentServer, run_with_best_loop
 from ws_server.settings import add_serve_options, models_dir_from, settings_from
-from ws_server.supervisor import Supervisor
+from ws_server.supervisor import Supervisor, die_with_supervisor
 from ws_server.terminal_client import ChatOptions, run_chat
 
 CHAT_KEY_ENV = "ANYTHING_AGENT_API_KEY"
@@ -111,6 +111,8 @@ def serve(args: argparse.Namespace, options: list[str]) -> int:
                 file=sys.stderr,
             )
             return 1
+    if settings.worker_index is not None:
+        die_with_supervisor(settings.supervisor_pid)  # first: before anything can hang
     server = AnythingAgentServer(settings)
     try:
         run_with_best_loop(server.run())

@@ -22,7 +22,7 @@ from ws_server.registry import Registry
 from ws_server.security import AccessPolicy, keys_source, select_subprotocol
 from ws_server.session import ChatSession, SessionLimits
 from ws_server.settings import ServerSettings
-from ws_server.supervisor import die_with_supervisor, notify_reloaded
+from ws_server.supervisor import notify_reloaded
 
 log = logging.getLogger("anything_agent.server")
 # At shutdown, how long a peer gets to answer the close before its connection is dropped.
@@ -64,8 +64,6 @@ class AnythingAgentServer:
         """Load the models, then listen; one broken model never stops the start."""
         metrics.mark_process(self.settings.worker_index)
         _raise_open_files_limit()
-        if self.settings.worker_index is not None:
-            die_with_supervisor()
         await self.registry.reload()
         self._ws_server = await serve(
             self._handle_connection,

@@ -61,6 +61,7 @@ class ServerSettings:
     # Set by the supervisor for each server process it runs, never by hand.
     worker_index: int | None = None
     supervisor_fd: int | None = None  # where a process tells the supervisor it reloaded
+    supervisor_pid: int | None = None  # whose death takes this process down
 
     @property
     def auth_enabled(self) -> bool:
@@ -196,6 +197,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     # The supervisor's hand-off to each server process it starts (not for people).
     parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--supervisor-fd", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--supervisor-pid", type=int, default=None, help=argparse.SUPPRESS)
     defaults = ServerSettings()
     for option in _SERVE_OPTIONS:
         default = getattr(defaults, option.field)
@@ -226,7 +228,7 @@ def settings_from(
                 except ValueError as exc:
                     raise SettingsError(f"{variable}={environ[variable]!r}: {exc}") from None
                 break
-    for internal in ("worker_index", "supervisor_fd"):
+    for internal in ("worker_index", "supervisor_fd", "supervisor_pid"):
         if getattr(args, internal, None) is not None:
             values[internal] = getattr(args, internal)
     if "sandbox_share" in values:  # the variables' values, read here like every setting

@@ -113,6 +113,8 @@ class Supervisor:
             str(child.index),
             "--supervisor-fd",
             str(self._reload_write),
+            "--supervisor-pid",
+            str(os.getpid()),
         ]
         child.process = subprocess.Popen(command, pass_fds=(self._reload_write,))
         child.started = time.monotonic()
@@ -175,18 +177,18 @@ class Supervisor:
         return code
 
 
-def die_with_supervisor() -> None:
-    """From a supervised server process: be killed when the supervisor dies, even by
-    kill -9, so no server process outlives it (Linux; elsewhere a no-op)."""
-    parent = os.getppid()
+def die_with_supervisor(supervisor: int | None) -> None:
+    """From a supervised server process: be stopped when the supervisor dies, even by
+    kill -9, so no server process outlives it (Linux; elsewhere a no-op). ``supervisor``
+    is its pid: if it is already gone when we get here, we stop at once."""
     try:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() != parent:  # the supervisor died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+    if supervisor is not None and os.getppid() != supervisor:  # it died before prctl
+        raise SystemExit(0)
 
 
 def notify_reloaded(settings: ServerSettings) -> None:

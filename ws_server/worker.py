@@ -242,7 +242,13 @@ async def serve(spec: dict[str, Any]) -> None:
     sock = socket.socket(fileno=int(spec["fd"]))
     _, channel = await loop.create_unix_connection(lambda: worker.channel, sock=sock)
     model_dir = Path(spec["model_dir"])
-    config = await worker.config
+    closed: asyncio.Future[Any] = asyncio.ensure_future(channel.closed.wait())
+    waiting: set[asyncio.Future[Any]] = {worker.config, closed}
+    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    closed.cancel()
+    if not worker.config.done():  # the server went away before sending it: nothing to do
+        return
+    config = worker.config.result()
     try:
         loaded = await load_model(model_dir, spec["name"], spec["revision"], config)
     except ModelLoadError as exc:
