@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -61,8 +62,6 @@ def models_dir(target: Path, *, max_sessions: int | None = None) -> Path:
 
 
 def _copy(source: Path, target: Path) -> None:
-    import shutil
-
     shutil.copytree(source, target)
 
 
@@ -687,10 +686,35 @@ def test_requirements_that_would_run_code_or_read_outside_the_model_are_refused(
         check_requirements(requirements, tmp_path)
 
 
-def test_isolated_installs_take_wheels_only() -> None:
-    from ws_server.environments import WHEELS_ONLY
+def test_isolated_installs_never_run_a_packages_build_code(tmp_path: Path) -> None:
+    """A source distribution's setup.py would run on the server, outside any sandbox: a
+    model that needs one fails to load instead (wheels only), and its code never runs."""
+    import tarfile
 
-    assert WHEELS_ONLY == ("--only-binary", ":all:")  # no build backend ever runs
+    marker = tmp_path / "BUILT"
+    source = tmp_path / "src" / "evil-0.1"
+    source.mkdir(parents=True)
+    (source / "setup.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from setuptools import setup\nsetup(name='evil', version='0.1')\n"
+    )
+    (source / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: evil\nVersion: 0.1\n")
+    model = tmp_path / "models" / "evilpkg"
+    model.mkdir(parents=True)
+    with tarfile.open(model / "evil-0.1.tar.gz", "w:gz") as archive:
+        archive.add(source, arcname="evil-0.1")
+    shutil.copy(SHIPPED_MODELS / "echo" / "main.py", model / "main.py")
+    (model / "config.yaml").write_text("isolation: true\n")
+    (model / "requirements.txt").write_text("./evil-0.1.tar.gz\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "ws_server", "check", "--models-dir", str(model.parent)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "installing the environment failed" in result.stdout
+    assert not marker.exists(), "the package's build code ran on the server"
 
 
 async def test_emptying_or_deleting_the_keys_file_revokes_its_keys(
