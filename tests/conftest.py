@@ -132,7 +132,9 @@ def launch_server(
 ) -> ServerProcess:
     """Start a server on a free port and wait until it listens (``pass_fds``: descriptors
     it inherits, as a careless parent process might leave it)."""
-    # Test models record their hooks in events_dir, which sandboxed workers share.
+    # Test models record their hooks in events_dir, which sandboxed workers share: they
+    # run as nobody when the tests run as root, so it must be theirs to write in too.
+    events_dir.chmod(0o777)
     environment = {
         **os.environ,
         "MODEL_TEST_EVENTS": str(events_dir),

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from conftest import (
 from websockets.exceptions import ConnectionClosed
 
 CLI = Path(sys.executable).parent / "anything-agent"
+ISOLATED_MODELS = Path(__file__).resolve().parent / "isolated_models"
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> Any:
@@ -158,3 +160,46 @@ def test_shipped_models_dir_is_the_default(tmp_path: Path) -> None:
     shutil.copytree(SHIPPED_MODELS, tmp_path / "models")
     result = run_cli("check", cwd=tmp_path)
     assert result.returncode == 0 and "echo" in result.stdout
+
+
+def test_serve_on_a_taken_port_fails_before_building_any_environment(tmp_path: Path) -> None:
+    models = copy_models(tmp_path / "models", "crasher", source=ISOLATED_MODELS)
+    (models / "crasher" / "requirements.txt").write_text("six\n")  # a build to be avoided
+    cache = tmp_path / "envs"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        result = run_cli(
+            "serve", "--port", str(port), "--models-dir", str(models), "--env-cache-dir", str(cache)
+        )
+        elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "address already in use" in result.stderr
+    assert "building" not in result.stderr  # bound first: no build was started...
+    assert not cache.exists() or not any(cache.iterdir())  # ...nor any environment made
+    assert elapsed < 10, result.stderr
+
+
+def test_check_shows_a_model_whose_isolation_block_is_invalid_as_isolated(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    configs = {
+        "bad_memory": "isolation: {resources: {memory: lots}}\n",
+        "old_python": 'isolation: {enabled: true, python_version: "3.8"}\n',
+        "not_isolated": "isolation: {enabled: false, network: maybe}\n",
+    }
+    for name, config in configs.items():
+        shutil.copytree(SHIPPED_MODELS / "echo", models / name)
+        (models / name / "config.yaml").write_text(config)
+    result = run_cli("check", "--models-dir", str(models))
+    assert result.returncode == 1
+    rows = {line.split()[0]: line.split()[2:4] for line in result.stdout.splitlines()[1:4]}
+    assert rows == {
+        "bad_memory": ["isolated", "failed"],
+        "old_python": ["isolated", "failed"],
+        "not_isolated": ["shared", "failed"],
+    }
+    assert "isolation.resources.memory" in result.stdout
+    assert "Python 3.8 is not supported" in result.stdout

@@ -15,6 +15,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
+import uvloop
 from conftest import (
     ServerProcess,
     chat,
@@ -28,6 +29,7 @@ from conftest import (
 )
 from websockets.exceptions import ConnectionClosed
 
+from ws_server import environments
 from ws_server.environments import find_python, interpreters
 
 ISOLATED_MODELS = Path(__file__).resolve().parent / "isolated_models"
@@ -195,7 +197,9 @@ async def test_missing_python_version_names_what_was_found(
     wait_until_built(live)
     row = info(live, "probe")
     assert row["status"] == "ready"  # the good version keeps serving
-    assert "isolation.python_version: Python 3.99 not found; found: 3." in row["error"]
+    assert row["error"].startswith(
+        "config.yaml: isolation.python_version: Python 3.99 not found; found: 3."
+    )
 
 
 async def test_memory_limit_ends_turn_with_resource_exhausted(start_isolated: Any) -> None:
@@ -418,3 +422,109 @@ async def test_wedged_worker_is_replaced_after_a_cancel(start_isolated: Any) -> 
         await facts(ws)
         assert worker_pid(live, "probe") != pid  # a fresh worker serves the next turn
     live.wait_for_log("worker unresponsive after cancelling a turn; replacing it")
+
+
+async def test_isolated_model_missing_a_package_is_told_to_add_it_to_requirements(
+    start_isolated: Any,
+) -> None:
+    live = start_isolated("needs_pydantic")  # imports pydantic; has no requirements.txt
+    error = info(live, "needs_pydantic")["error"]
+    assert error.startswith("main.py: cannot import 'pydantic' (line 1): ")
+    assert "add it to requirements.txt" in error
+    assert "server's environment" not in error and "use isolation" not in error
+
+
+async def test_python_older_than_the_sdk_supports_fails_in_config_not_in_the_worker(
+    tmp_path: Path, start_server: Any, env_cache: Path
+) -> None:
+    models = copy_models(tmp_path / "models", "crasher", source=ISOLATED_MODELS)
+    (models / "crasher" / "config.yaml").write_text('isolation: {python_version: "3.8"}\n')
+    live: ServerProcess = start_server(models, "--env-cache-dir", str(env_cache))
+    row = info(live, "crasher")
+    assert (row["status"], row["mode"]) == ("failed", "isolated")
+    assert row["error"] == (
+        "config.yaml: isolation.python_version: Python 3.8 is not supported: "
+        "isolated models run on Python 3.9 or newer (the SDK needs it)"
+    )
+    assert "building" not in live.log and "worker exited" not in live.log
+
+
+def test_cancelling_a_build_step_whose_installer_already_exited_just_cancels(
+    tmp_path: Path,
+) -> None:
+    """An installer may exit just as its build is cancelled (a reload superseding it, the
+    server stopping); on uvloop, the server's loop, killing it then raises
+    ProcessLookupError, which must not replace the cancellation."""
+    helper = tmp_path / "helper.pid"
+    # The installer exits at once; a helper it started keeps its output open a while.
+    command = ["sh", "-c", f"sleep 30 & echo $! > {helper}; exit 0"]
+
+    async def cancel_after_the_installer_exited() -> None:
+        with (tmp_path / "build.log").open("w") as build_log:
+            step = asyncio.get_running_loop().create_task(
+                environments._run(command, tmp_path, build_log, "m", time.monotonic())
+            )
+            await asyncio.sleep(0.5)
+            assert not step.done()  # still reading the output the helper holds open
+            step.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await step
+
+    try:
+        uvloop.run(cancel_after_the_installer_exited())
+    finally:
+        if helper.exists():
+            os.kill(int(helper.read_text()), signal.SIGKILL)
+
+
+async def test_a_build_shows_its_progress_in_the_log_and_its_time_in_the_listing(
+    start_isolated: Any,
+) -> None:
+    live = start_isolated("slow_loader")  # loads for 3 s once its environment is built
+    requirements = live.models_dir / "slow_loader" / "requirements.txt"
+    requirements.write_text("six\n# distinct requirements for this test: 4\n")
+    assert reload(live)["building"] == ["slow_loader"]
+    first = info(live, "slow_loader")
+    assert isinstance(first["building_for"], float) and first["pending_revision"]
+    await asyncio.sleep(1.0)
+    assert info(live, "slow_loader")["building_for"] >= first["building_for"] + 0.9
+    wait_until_built(live)
+    assert info(live, "slow_loader")["building_for"] is None
+    # Between "building" and "built", the installer's own lines, as they came.
+    live.wait_for_log(r"model slow_loader: environment .* built in")
+    lines = live.log_lines
+    began = max(i for i, x in enumerate(lines) if "slow_loader: building environment" in x)
+    built = max(i for i, x in enumerate(lines) if "slow_loader: environment" in x)
+    progress = [x for x in lines[began:built] if "model slow_loader: installer: " in x]
+    assert any("six" in x for x in progress), lines[began:built]
+
+
+async def test_a_failed_builds_error_shows_cache_paths_relative_to_the_cache(
+    tmp_path: Path, start_server: Any, env_cache: Path
+) -> None:
+    models = copy_models(tmp_path / "models", "crasher", source=ISOLATED_MODELS)
+    (models / "crasher" / "requirements.txt").write_text("no-such-package-anywhere-43\n")
+    live: ServerProcess = start_server(models, "--env-cache-dir", str(env_cache))
+    wait_until_built(live)
+    row = info(live, "crasher")
+    assert row["status"] == "failed" and "no-such-package-anywhere-43" in row["error"]
+    assert "(build log <env-cache>/logs/crasher.log)" in row["error"]
+    assert str(env_cache) not in row["error"]
+    response = await refused_handshake(live, "crasher")
+    assert b"<env-cache>/logs/crasher.log" in response.body
+    assert str(env_cache).encode() not in response.body
+    # The operator's log keeps the whole error, paths and all.
+    live.wait_for_log(f"build log {env_cache}/logs/crasher.log")
+
+
+async def test_closing_right_after_a_memory_breach_logs_no_error(start_isolated: Any) -> None:
+    """The breached worker is on its way out: there is no instance left to end, and a
+    planned replacement is not an error (no ``on_chat_end raised`` with a traceback)."""
+    live = start_isolated("probe")
+    async with chat(live, "probe") as ws:
+        turn = await run_turn(ws, "alloc 800")
+        assert turn.errors[0]["code"] == "resource_exhausted"
+    live.wait_for_log(r"session=\w+ closed after 1 turns")
+    async with chat(live, "probe") as ws:
+        assert (await run_turn(ws, "hi")).text == "ok"
+    assert "on_chat_end raised" not in live.log and "Traceback" not in live.log

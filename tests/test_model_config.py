@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
+from ws_server.environments import interpreters
 from ws_server.exceptions import ModelLoadError
-from ws_server.model_config import read_config
+from ws_server.model_config import MIN_PYTHON, read_config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -84,3 +87,56 @@ isolation:
     )
     assert config.isolated and config.isolation.python_version == "3.10"
     assert config.isolation.resources.memory_bytes() == 1024**3
+
+
+@pytest.mark.parametrize("version", ["3.8", "3.6", "3.0"])
+def test_python_older_than_the_sdk_supports_is_refused_with_the_range(
+    tmp_path: Path, version: str
+) -> None:
+    with pytest.raises(ModelLoadError) as caught:
+        read_config(write(tmp_path, f'isolation: {{python_version: "{version}"}}\n'))
+    assert caught.value.message == (
+        f"config.yaml: isolation.python_version: Python {version} is not supported: "
+        "isolated models run on Python 3.9 or newer (the SDK needs it)"
+    )
+
+
+@pytest.mark.parametrize("version", ["3.9", "3.13", "3.99"])
+def test_python_from_the_oldest_supported_up_is_accepted(tmp_path: Path, version: str) -> None:
+    config, _ = read_config(write(tmp_path, f'isolation: {{python_version: "{version}"}}\n'))
+    assert config.isolation.python_version == version  # 3.99: refused later, if not found
+
+
+@pytest.mark.parametrize(("written", "shown"), [("three", '"three"'), ('"4.0"', '"4.0"')])
+def test_malformed_python_version_repeats_what_was_written(
+    tmp_path: Path, written: str, shown: str
+) -> None:
+    with pytest.raises(ModelLoadError) as caught:
+        read_config(write(tmp_path, f"isolation: {{python_version: {written}}}\n"))
+    assert caught.value.message == (
+        f"config.yaml: isolation.python_version: {shown} is not a Python version; "
+        'write it like "3.11"'
+    )
+
+
+def test_the_oldest_supported_python_runs_the_sdk_and_the_one_before_does_not() -> None:
+    """MIN_PYTHON is a fact about the code an isolated worker imports, checked on the
+    interpreters this machine has (pyenv often has them all)."""
+    found = {path.name.removeprefix("python"): path for path in interpreters()}
+    major, minor = MIN_PYTHON
+    oldest, before = f"{major}.{minor}", f"{major}.{minor - 1}"
+    if oldest not in found:
+        pytest.skip(f"no python{oldest} on this machine")
+    boot = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+        "import ws_server.worker, ws_server.model_loader, ws_server.seed_compat"
+    )
+    for version, works in ((oldest, True), (before, False)):
+        if version in found:
+            result = subprocess.run(
+                [str(found[version]), "-s", "-E", "-c", boot],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert (result.returncode == 0) is works, (version, result.stderr)

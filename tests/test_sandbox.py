@@ -13,7 +13,10 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
+import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -33,13 +36,14 @@ from conftest import (
 )
 from test_isolated import ISOLATED_MODELS, worker_pid
 
-from ws_server import sandbox
+from ws_server import cgroups, sandbox
 from ws_server.exceptions import ModelLoadError
 from ws_server.runners.isolated import describe_exit
 
 pytestmark = pytest.mark.sandbox
 
 SECRET = "TEST_SECRET_TOKEN"
+ADMIN_KEY = "s3cret-admin"
 # Everything a sandboxed worker's environment may hold (MODEL_TEST_EVENTS: the test
 # harness shares its events directory with workers through ANYTHING_AGENT_SANDBOX_SHARE).
 # PWD: bwrap sets it with --chdir.
@@ -59,17 +63,18 @@ def sandboxed(
     for name in ("probe", "neighbour", "net"):
         copy_models(models, "sandbox_probe", source=ISOLATED_MODELS)
         (models / "sandbox_probe").rename(models / name)
+    copy_models(models, "hostile", source=ISOLATED_MODELS)
     config = models / "net" / "config.yaml"
     config.write_text(config.read_text().replace("isolation: true", "isolation: {network: true}"))
     live = launch_server(
         models,
         tmp_path_factory.mktemp("sandbox-events"),
         *("--env-cache-dir", str(env_cache), "--sandbox", "on"),
-        env={"ANYTHING_AGENT_ADMIN_KEY": "s3cret-admin", SECRET: "hunter2"},
+        env={"ANYTHING_AGENT_ADMIN_KEY": ADMIN_KEY, SECRET: "hunter2"},
     )
     try:
         wait_until_built(live)
-        for name in ("probe", "neighbour", "net"):
+        for name in ("probe", "neighbour", "net", "hostile"):
             row = http(live, f"/v1/models/{name}")[2]
             assert row["status"] == "ready", row
         yield live
@@ -101,21 +106,24 @@ async def listener() -> AsyncIterator[tuple[int, list[bool]]]:
 async def test_no_network_unless_the_model_asks_for_it(
     sandboxed: ServerProcess, listener: tuple[int, list[bool]]
 ) -> None:
+    """Proved from inside, never by sending anything off this machine."""
     port, accepted = listener
     # Without isolation.network: the machine's loopback is not the sandbox's...
     refused = await ask(sandboxed, "probe", f"connect 127.0.0.1 {port}")
     assert not refused["ok"] and "ConnectionRefusedError" in refused["error"]
     assert accepted == []
-    # ...and there is no route out, nor a name server to ask.
-    outside = await ask(sandboxed, "probe", "connect 1.1.1.1 53")
-    assert not outside["ok"] and "unreachable" in outside["error"]
-    assert not (await ask(sandboxed, "probe", "resolve example.com"))["ok"]
-    # With isolation: {network: true}, the same code reaches the test's listener.
+    # ...and there is nothing else: no interface but its own loopback, no route anywhere.
+    assert (await ask(sandboxed, "probe", "interfaces"))["value"] == ["lo"]
+    assert (await ask(sandboxed, "probe", "routes"))["value"] == []
+    # With isolation: {network: true}, the same code reaches the test's listener, and
+    # sees the host's interfaces.
     assert await ask(sandboxed, "net", f"connect 127.0.0.1 {port}") == {
         "ok": True,
         "value": "connected",
     }
     assert accepted == [True]
+    host = sorted(name for _, name in socket.if_nameindex())
+    assert (await ask(sandboxed, "net", "interfaces"))["value"] == host
 
 
 async def test_other_models_and_the_servers_files_are_out_of_sight(
@@ -140,6 +148,9 @@ async def test_other_models_and_the_servers_files_are_out_of_sight(
 async def test_own_directory_is_read_only(sandboxed: ServerProcess) -> None:
     main = sandboxed.models_dir / "probe" / "main.py"
     before = main.read_text()
+    # Writable by anyone on the host: only the sandbox's read-only bind stands in the way.
+    main.chmod(0o666)
+    main.parent.chmod(0o777)
     for target in (main, main.with_name("new_file.py")):
         answer = await ask(sandboxed, "probe", f"write {target}")
         assert not answer["ok"] and "Read-only file system" in answer["error"], target
@@ -178,7 +189,9 @@ async def test_a_well_behaved_model_runs_as_nobody_in_its_sandbox(
     assert (me["uid"], me["gid"]) == (65534, 65534)
     assert me["cwd"] == str(sandboxed.models_dir / "probe")
     assert me["pids"] == [1, me["pid"]]  # bwrap's init and the worker, nothing else
-    sandboxed.wait_for_log(r"model probe: worker pid \d+ ready \(generation \d+, sandboxed\)")
+    line = sandboxed.wait_for_log(r"model probe: worker pid \d+ ready \(generation \d+, sandboxed;")
+    # The pid logged is the model's interpreter on the host, not bwrap's.
+    assert int(line.split("worker pid ")[1].split()[0]) == worker_pid(sandboxed, "probe")
 
 
 async def test_a_worker_killed_in_its_sandbox_is_reported_as_killed(
@@ -223,7 +236,7 @@ async def test_sandbox_auto_without_bubblewrap_runs_unsandboxed_with_a_warning(
     live = start_server(models, "--env-cache-dir", str(env_cache), env=bwrap_free_path(tmp_path))
     wait_until_built(live)
     live.wait_for_log(r"WARNING.*isolated models run WITHOUT a sandbox: bwrap is not installed")
-    live.wait_for_log(r"model sandbox_probe: worker pid \d+ ready \(generation 1, not sandboxed\)")
+    live.wait_for_log(r"model sandbox_probe: worker pid \d+ ready \(generation 1, not sandboxed;")
     me = (await ask(live, "sandbox_probe", "whoami"))["value"]
     assert me["uid"] == os.getuid()  # it runs, as the server's user
 
@@ -277,3 +290,162 @@ def test_a_hand_made_venv_cannot_make_the_sandbox_bind_the_filesystem(tmp_path: 
             bwrap,
             sandbox.SandboxSpec(escape / "venv" / "bin" / "python3", ROOT / "ws_server", escape),
         )
+
+
+# ------------------------------------------------------------------ hostile models
+def processes_marked(mark: str) -> list[int]:
+    """Host pids whose command line holds ``mark``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                    if mark.encode() in cmdline.read():
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def wait_gone(mark: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while processes_marked(mark) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes_marked(mark) == [], f"processes marked {mark} outlived their worker"
+
+
+def admin_reload(server: ServerProcess) -> dict[str, Any]:
+    request = urllib.request.Request(
+        server.http_url + "/v1/models/reload",
+        method="POST",
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())  # type: ignore[no-any-return]
+
+
+def status_fields(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as status:
+        return dict(line.split(":\t", 1) for line in status.read().splitlines() if ":\t" in line)
+
+
+async def test_the_root_is_read_only_so_writes_cannot_grow_host_memory(
+    sandboxed: ServerProcess,
+) -> None:
+    """bwrap's root is a tmpfs: writable, it would hold whatever a model wrote there in
+    the host's memory, past every limit. Only /tmp and /dev/shm (sized) are writable."""
+    for target in ("/bigfile", "/root/big", "/usr/big", "/dev/big"):
+        answer = await ask(sandboxed, "probe", f"write {target}")
+        assert not answer["ok"] and "Read-only file system" in answer["error"], target
+    for writable in ("/tmp/small", "/dev/shm/small"):
+        assert (await ask(sandboxed, "probe", f"write {writable}"))["ok"], writable
+
+
+async def test_tmp_counts_against_the_memory_limit(sandboxed: ServerProcess) -> None:
+    async with chat(sandboxed, "hostile") as ws:
+        turn = await run_turn(ws, "fill /tmp/big 400")  # the limit is 256M
+        if turn.errors:  # the kernel killed the worker: its /tmp pages were its memory
+            assert turn.errors[0]["code"] == "resource_exhausted", turn.frames
+        else:  # or /tmp, sized by the limit, was full first
+            answer = json.loads(turn.text)
+            assert answer["written_mib"] < 256 and "No space left" in answer["error"], answer
+        # The model stays ready, in a new worker if it was replaced, with an empty /tmp.
+        again = json.loads((await run_turn(ws, "fill /tmp/small 1")).text)
+        assert again == {"written_mib": 1, "error": None}
+    assert http(sandboxed, "/v1/models/hostile")[2]["status"] == "ready"
+
+
+async def test_memory_bounds_the_whole_process_tree(sandboxed: ServerProcess) -> None:
+    """Four children of 100 MiB each stay under a per-process limit of 256M, but not
+    under a limit on the tree: the turn is a breach, not a crash, and no child survives."""
+    async with chat(sandboxed, "hostile") as ws:
+        before = worker_pid(sandboxed, "hostile")
+        turn = await run_turn(ws, "children 4 100")
+        assert [e["code"] for e in turn.errors] == ["resource_exhausted"], turn.frames
+        assert turn.done["reason"] == "error"
+        again = json.loads((await run_turn(ws, "children 1 10")).text)
+        assert again == {"held": 1}  # the session goes on, in a new worker
+        assert worker_pid(sandboxed, "hostile") != before
+    assert http(sandboxed, "/v1/models/hostile")[2]["status"] == "ready"
+    wait_gone("block = b")
+    assert "on_chat_end raised" not in sandboxed.log  # a planned replacement: no error
+
+
+async def test_process_count_is_bounded_and_children_end_with_the_worker(
+    sandboxed: ServerProcess,
+) -> None:
+    mark = f"hostile-sleeper-{uuid.uuid4().hex}"
+    async with chat(sandboxed, "hostile") as ws:
+        answer = json.loads((await run_turn(ws, f"spawn 100 {mark}")).text)
+        assert answer["started"] < 32 and "Resource temporarily unavailable" in answer["error"]
+        # They may outlive the turn...
+        assert len(processes_marked(mark)) == answer["started"]
+    # ...and the session, but never the worker: a reload that replaces it ends them.
+    main = sandboxed.models_dir / "hostile" / "main.py"
+    main.write_text(main.read_text() + "\n# changed\n")
+    assert admin_reload(sandboxed)["building"] == ["hostile"]
+    wait_until_built(sandboxed)
+    wait_gone(mark)
+
+
+async def test_cpu_is_a_time_quota(sandboxed: ServerProcess) -> None:
+    """Two busy processes under ``cpu: 0.25`` get a quarter of one core between them."""
+    async with chat(sandboxed, "hostile") as ws:
+        used = json.loads((await run_turn(ws, "burn 2 2")).text)
+    assert used["cpu_seconds"] / used["wall_seconds"] < 0.6, used  # unbounded: 1.0 or more
+
+
+async def test_sandboxed_processes_are_nobody_on_the_host_and_filtered(
+    sandboxed: ServerProcess,
+) -> None:
+    """Not only inside the namespace: on the host too, when the server runs as root."""
+    async with chat(sandboxed, "probe") as ws:
+        await run_turn(ws, "whoami")
+        worker = worker_pid(sandboxed, "probe")
+        expected = "65534" if os.geteuid() == 0 else str(os.geteuid())
+        for pid in [worker, *ancestors_below(worker, sandboxed.process.pid)]:
+            fields = status_fields(pid)
+            assert {fields["Uid"].split()[i] for i in range(4)} == {expected}, (pid, fields)
+            assert fields["CapEff"].strip("0") == "", (pid, fields["CapEff"])
+        assert status_fields(worker)["Seccomp"] == "2"  # a filter is installed
+
+
+def ancestors_below(pid: int, top: int) -> list[int]:
+    """The processes between ``pid`` and ``top`` (bwrap and its init)."""
+    found = []
+    while True:
+        with open(f"/proc/{pid}/stat") as stat:
+            pid = int(stat.read().rsplit(")", 1)[1].split()[1])
+        if pid in (top, 0, 1):
+            return found
+        found.append(pid)
+
+
+async def test_seccomp_refuses_what_no_model_needs(sandboxed: ServerProcess) -> None:
+    async with chat(sandboxed, "hostile") as ws:
+        refused = json.loads((await run_turn(ws, "syscalls")).text)
+    assert refused == dict.fromkeys(refused, "EPERM") and len(refused) == 13, refused
+
+
+async def test_the_listing_says_which_protections_hold(sandboxed: ServerProcess) -> None:
+    row = http(sandboxed, "/v1/models/hostile")[2]
+    assert row["sandbox"] == {
+        "bubblewrap": True,
+        "network": False,
+        "read_only_root": True,
+        "private_tmp": True,
+        "seccomp": True,
+        "host_user": "nobody" if os.geteuid() == 0 else row["sandbox"]["host_user"],
+        "limits": row["sandbox"]["limits"],
+        "memory": "256M",
+        "pids": 32 if row["sandbox"]["limits"] != "per-process" else None,
+        "cpu": 0.25,
+    }
+    assert row["sandbox"]["limits"] == cgroups_here()
+    assert http(sandboxed, "/v1/models/net")[2]["sandbox"]["network"] is True
+    assert http(sandboxed, "/v1/models/probe")[2]["sandbox"]["pids"] in (64, None)
+
+
+def cgroups_here() -> str:
+    found = cgroups.discover()
+    return found.label if isinstance(found, cgroups.Hierarchy) else "per-process"

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import ServerProcess
 
 CLI = Path(sys.executable).parent / "anything-agent"
@@ -89,17 +90,32 @@ def test_a_pipe_skips_blank_lines_and_takes_crlf_line_ends(clients_server: Serve
     assert chunks == ["a", "You said 2 things: a | recall"]
 
 
-def test_ctrl_c_during_m_stops_the_reply_and_exits_130(clients_server: ServerProcess) -> None:
+def ignore_sigint() -> None:
+    """In a child before it runs the CLI: start it with SIGINT ignored, as ``cmd &`` in a
+    script, nohup-style launchers and some CI runners do (SIG_IGN survives ``exec``)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("sigint", ["inherited", "ignored"])
+def test_ctrl_c_during_m_stops_the_reply_and_exits_130(
+    clients_server: ServerProcess, sigint: str
+) -> None:
     process = subprocess.Popen(
         [str(CLI), "chat", "scripted", "-m", "long", "--url", clients_server.ws_url],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=ignore_sigint if sigint == "ignored" else None,
     )
     assert process.stdout is not None
-    assert process.stdout.read(6) == "word1 "  # the reply is streaming
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=10)
+    try:
+        assert process.stdout.read(6) == "word1 "  # the reply is streaming
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:  # Ctrl-C did not stop it: the test fails, nothing stays
+            process.kill()
+            process.communicate()
     assert process.returncode == 130
     assert "word399" not in out
     assert "[stopped]" in err
@@ -109,9 +125,11 @@ def test_ctrl_c_during_m_stops_the_reply_and_exits_130(clients_server: ServerPro
 class Terminal:
     """``anything-agent chat`` on a pseudo-terminal, as a person at a keyboard runs it."""
 
-    def __init__(self, *argv: str) -> None:
+    def __init__(self, *argv: str, sigint: str = "inherited") -> None:
         pid, fd = pty.fork()
         if pid == 0:  # the child: the terminal is its controlling tty
+            if sigint == "ignored":
+                ignore_sigint()
             env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb"}
             os.execve(str(CLI), [str(CLI), *argv], env)
         self.pid, self.fd = pid, fd
@@ -158,10 +176,12 @@ class Terminal:
         raise AssertionError(f"still running:\n{self.screen}")
 
 
+@pytest.mark.parametrize("sigint", ["inherited", "ignored"])
 def test_the_prompt_streams_replies_keeps_history_and_ctrl_c_stops_then_quits(
-    clients_server: ServerProcess,
+    clients_server: ServerProcess, sigint: str
 ) -> None:
-    term = Terminal("chat", "scripted", "--url", clients_server.ws_url)
+    """``ignored``: started with SIGINT ignored, Ctrl-C works all the same."""
+    term = Terminal("chat", "scripted", "--url", clients_server.ws_url, sigint=sigint)
     term.wait_for("Ctrl-C stops a reply")
     term.wait_for("> ")
     term.type("long\r")

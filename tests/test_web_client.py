@@ -6,12 +6,21 @@ Each test leaves a screenshot of where it ended in test-output/screenshots/.
 from __future__ import annotations
 
 import re
+import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import CHROMIUM_PROBLEM, OUTPUT_DIR, ServerProcess, client_models
+from conftest import (
+    CHROMIUM_PROBLEM,
+    OUTPUT_DIR,
+    SHIPPED_MODELS,
+    ServerProcess,
+    client_models,
+    http,
+)
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from system_packages import CHROMIUM
 
@@ -126,6 +135,134 @@ def test_a_deep_link_to_a_failed_model_picks_a_ready_one(
     page.goto(f"{clients_server.http_url}/#broken_syntax")
     expect(page.locator("#model-name")).to_have_text("echo")
     expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+
+
+def test_another_model_in_the_address_of_an_open_tab_starts_a_chat_with_it(
+    page: Page, clients_server: ServerProcess
+) -> None:
+    open_chat(page, clients_server, "scripted")
+    say(page, "remember me")
+    finished_reply(page)
+    page.evaluate("window.sameDocument = true")
+    page.goto(f"{clients_server.http_url}/#echo")  # typed in the address bar: only the # changes
+    expect(page.locator("#model-name")).to_have_text("echo")
+    expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+    expect(page.locator(".message")).to_have_count(0)  # a new chat
+    expect(page.locator('.model[data-model="echo"]')).to_have_attribute("aria-selected", "true")
+    expect(page.locator('.model[data-model="scripted"]')).to_have_attribute(
+        "aria-selected", "false"
+    )
+    assert page.evaluate("window.sameDocument") is True  # switched in place, not reloaded
+    say(page, "hello echo")
+    expect(finished_reply(page).locator(".body")).to_have_text("hello echo")
+    screenshot(page, "hash_change-switched_to_echo")
+    page.go_back()  # back to #scripted: a new chat with it, in a new session
+    expect(page.locator("#model-name")).to_have_text("scripted")
+    expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+    expect(page.locator(".message")).to_have_count(0)
+    say(page, "recall")
+    expect(finished_reply(page).locator(".body")).to_have_text("You said 1 things: recall")
+
+
+def test_a_model_in_the_address_that_cannot_chat_keeps_the_chat_and_says_why(
+    page: Page, clients_server: ServerProcess
+) -> None:
+    open_chat(page, clients_server, "echo")
+    page.goto(f"{clients_server.http_url}/#broken_syntax")
+    expect(page.locator('.notice[data-code="unavailable"]')).to_contain_text("broken_syntax")
+    page.goto(f"{clients_server.http_url}/#nobody")
+    expect(page.locator('.notice[data-code="unavailable"]').last).to_contain_text("nobody")
+    expect(page.locator("#model-name")).to_have_text("echo")
+    expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+    assert page.evaluate("location.hash") == "#echo"  # the address names the chat shown
+
+
+def failing_models(target: Path) -> Path:
+    """echo, and two models whose errors run over several lines: an isolated one whose
+    requirements cannot be installed (the installer's output, with paths; its package index
+    is an empty local directory, so nothing reaches the network), and one whose error holds
+    markup."""
+    shutil.copytree(SHIPPED_MODELS / "echo", target / "echo")
+    for name, config in (
+        ("uninstallable", "isolation: true\n"),
+        (
+            "markup_error",
+            "secrets:\n  token:\n    env: "
+            '"NOT_SET_<img src=x onerror=\\"window.injected = true\\">\\n'
+            '<script>window.injected = true</script> <b>second</b> line"\n',
+        ),
+    ):
+        model = target / name
+        model.mkdir()
+        (model / "config.yaml").write_text(config)
+        (model / "main.py").write_text(
+            "from ws_server import AnythingBaseModel\n\n\n"
+            "class Model(AnythingBaseModel):\n"
+            "    async def on_chat_messages(self, messages):\n"
+            '        yield "never"\n'
+        )
+    index = target / "uninstallable" / "index"
+    index.mkdir()
+    (target / "uninstallable" / "requirements.txt").write_text(
+        f"--index-url {index.as_uri()}\nno-such-package-8c1e\n"
+    )
+    return target
+
+
+def model_errors(server: ServerProcess, timeout: float = 60) -> dict[str, str]:
+    """Each failed model's error, once none is building any more."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, _, body = http(server, "/v1/models")
+        if all(row["status"] != "building" for row in body["data"]):
+            return {row["id"]: row["error"] for row in body["data"] if row["status"] == "failed"}
+        time.sleep(0.1)
+    raise AssertionError(f"a model is still building after {timeout}s:\n{server.log}")
+
+
+def test_a_failed_models_long_error_shows_its_first_line_and_the_rest_on_demand(
+    page: Page, start_server: object, tmp_path: Path
+) -> None:
+    server = start_server(failing_models(tmp_path / "models"))  # type: ignore[operator]
+    errors = model_errors(server)
+    assert set(errors) == {"uninstallable", "markup_error"}, errors
+    installer = errors["uninstallable"].strip()
+    first, rest = installer.split("\n", 1)
+    assert "requirements.txt" in first and "no-such-package-8c1e" in rest
+
+    page.goto(server.http_url + "/")
+    failed = page.locator('.model[data-model="uninstallable"]')
+    expect(failed.locator(".badge")).to_have_text("failed")
+    expect(failed.locator(".model-error-first")).to_have_text(first)
+    more = failed.locator(".model-error-more")
+    expect(more.locator("summary")).to_have_text("more")
+    expect(more.locator("pre")).to_be_hidden()
+    assert "no-such-package-8c1e" not in failed.inner_text()  # the rest takes no room
+    closed = failed.bounding_box()
+    screenshot(page, "failed_model_error-first_line")
+
+    more.locator("summary").click()
+    expect(more.locator("pre")).to_be_visible()
+    expect(more.locator("summary")).to_have_text("less")
+    assert more.locator("pre").text_content() == rest.rstrip()
+    opened = failed.bounding_box()
+    assert closed is not None and opened is not None and opened["height"] > closed["height"]
+    expect(page.locator("#model-name")).to_have_text("echo")  # opening it picks nothing
+
+    # Markup in an error is text: shown as written, never turned into elements.
+    markup = page.locator('.model[data-model="markup_error"]')
+    markup.locator(".model-error-more summary").click()
+    expect(markup.locator(".model-error-first")).to_contain_text(
+        '<img src=x onerror="window.injected = true">'
+    )
+    expect(markup.locator(".model-error-more pre")).to_contain_text(
+        "<script>window.injected = true</script> <b>second</b> line"
+    )
+    assert markup.locator("img, script, b").count() == 0
+    assert page.evaluate("window.injected") is None
+    screenshot(page, "failed_model_error-opened")
+    more.locator("summary").click()
+    expect(more.locator("pre")).to_be_hidden()
 
 
 # ---------------------------------------------------------------------- chatting

@@ -91,6 +91,9 @@ function hashModel() {
 function renderModels() {
   const focused = document.activeElement && document.activeElement.dataset
     ? document.activeElement.dataset.model : undefined;
+  // A redraw keeps the errors someone opened open.
+  const opened = new Set([...ui.models.querySelectorAll(".model-error-more[open]")]
+    .map((details) => details.closest(".model").dataset.model));
   const items = app.models.map((model) => {
     const li = document.createElement("li");
     const ready = model.status === "ready";
@@ -115,12 +118,7 @@ function renderModels() {
     description.className = "model-description";
     description.textContent = model.description || "";
     li.append(top, description);
-    if (model.error) {
-      const error = document.createElement("p");
-      error.className = "model-error";
-      error.textContent = model.error;
-      li.append(error);
-    }
+    if (model.error) li.append(modelError(model.error, opened.has(model.id)));
     if (ready) {
       li.addEventListener("click", () => selectModel(model.id));
       li.addEventListener("keydown", (event) => {
@@ -141,6 +139,36 @@ function renderModels() {
   }
 }
 
+// A failed model's error can be a whole installer log with paths: the list shows its first
+// line, the rest behind "more". Always as text, never as HTML.
+function modelError(text, open) {
+  const [first, ...rest] = text.trim().split(/\r?\n/);
+  const box = document.createElement("div");
+  box.className = "model-error";
+  const line = document.createElement("p");
+  line.className = "model-error-first";
+  line.textContent = first;
+  box.append(line);
+  const more = rest.join("\n").trimEnd();
+  if (!more.trim()) return box;
+  const details = document.createElement("details");
+  details.className = "model-error-more";
+  const toggle = document.createElement("summary");
+  toggle.textContent = "more";
+  const body = document.createElement("pre");
+  body.textContent = more;
+  details.append(toggle, body);
+  details.open = open;
+  const label = () => { toggle.textContent = details.open ? "less" : "more"; };
+  label();
+  details.addEventListener("toggle", label);
+  // Opening it is not picking the model (a ready model may show the error of a failed reload).
+  details.addEventListener("click", (event) => event.stopPropagation());
+  details.addEventListener("keydown", (event) => event.stopPropagation());
+  box.append(details);
+  return box;
+}
+
 function selectModel(name) {
   if (name === app.model && app.connection && app.connection.state !== "stopped") return;
   app.model = name;
@@ -150,6 +178,26 @@ function selectModel(name) {
   const info = app.models.find((m) => m.id === name);
   if (info) showModelHeader(info);
   newChat();
+}
+
+// Another #model in an open tab (a link, the address bar, Back): a new chat with that model.
+async function followHash() {
+  const wanted = hashModel();
+  if (!wanted || wanted === app.model) return;
+  let info = app.models.find((m) => m.id === wanted);
+  if (!info || info.status !== "ready") {
+    await loadModels(); // it may be new, or ready, since the list was last fetched
+    if (hashModel() !== wanted || wanted === app.model) return;
+    info = app.models.find((m) => m.id === wanted);
+  }
+  if (info && info.status === "ready") {
+    selectModel(wanted);
+    return;
+  }
+  // Nothing to chat with there: stay on this chat, and say why.
+  if (app.model !== null) history.replaceState(null, "", `#${encodeURIComponent(app.model)}`);
+  const why = info ? `“${wanted}” is ${STATUS_TEXT[info.status] || info.status}.` : `There is no model named “${wanted}”.`;
+  notice("error", "unavailable", why);
 }
 
 function showModelHeader(info) {
@@ -465,6 +513,7 @@ ui.newChat.addEventListener("click", () => {
 document.addEventListener("keydown", (event) => {
   if (event.key === "Escape" && app.turn) stopTurn();
 });
+window.addEventListener("hashchange", followHash);
 
 loadModels();
 setInterval(() => {

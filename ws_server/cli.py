@@ -18,7 +18,7 @@ from ws_server.scaffold import create_model
 from ws_server.server import AnythingAgentServer, run_with_best_loop
 from ws_server.settings import add_serve_options, models_dir_from, settings_from
 from ws_server.supervisor import Supervisor, die_with_supervisor
-from ws_server.terminal_client import ChatOptions, run_chat
+from ws_server.terminal_client import ChatOptions, restore_ctrl_c, run_chat
 
 CHAT_KEY_ENV = "ANYTHING_AGENT_API_KEY"
 
@@ -76,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return serve(args, argv[argv.index("serve") + 1 :])
         if args.command == "chat":
+            restore_ctrl_c()  # before anything can block: Ctrl-C must work from the start
             key = chat_api_key(args.api_key_file)
             return run_chat(ChatOptions(args.url, args.model, args.message, args.json, key))
         if args.command == "check":

@@ -10,6 +10,8 @@ author prepared inside the model directory, as the specification describes, is u
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import glob
 import hashlib
 import logging
@@ -19,12 +21,13 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Final, TextIO
 
 from ws_server import metrics
 from ws_server.exceptions import ModelLoadError
-from ws_server.model_config import Isolation
+from ws_server.model_config import CONFIG_FILE, Isolation
 from ws_server.sdk import __version__ as SDK_VERSION
 
 log = logging.getLogger("anything_agent.environments")
@@ -32,6 +35,12 @@ log = logging.getLogger("anything_agent.environments")
 REQUIREMENTS: Final = "requirements.txt"
 COMPLETE_MARKER: Final = ".complete"
 ERROR_TAIL_LINES: Final = 12
+# Paths under the environment cache, as listings and client errors show them: the server's
+# own directories are the operator's business (the server log has them whole).
+PUBLIC_CACHE: Final = "<env-cache>"
+# A build step silent this long gets a "still building" line in the log.
+PROGRESS_EVERY: Final = 10.0
+_OUTPUT_LINE_LIMIT: Final = 500  # characters of one installer line in the server log
 
 
 def default_cache_dir() -> Path:
@@ -50,6 +59,13 @@ class EnvironmentBuilder:
     def build_log(self, model: str) -> Path:
         """Where the installer's output for ``model`` is kept."""
         return self.cache_dir / "logs" / f"{model}.log"
+
+    def public(self, text: str) -> str:
+        """``text`` with paths under the cache shown relative to it (``<env-cache>/...``):
+        for listings and clients; the server log keeps them whole."""
+        for prefix in {str(self.cache_dir.resolve()), str(self.cache_dir)}:
+            text = re.sub(re.escape(prefix) + r"(?![\w.-])", PUBLIC_CACHE, text)
+        return text
 
     async def python_for(self, model: str, model_dir: Path, isolation: Isolation) -> Path:
         """The interpreter to run ``model`` with, building its environment if needed."""
@@ -119,6 +135,7 @@ class EnvironmentBuilder:
         if requirements.strip():
             steps.append([*install, "-r", str(requirements_file)])
         outcome = "failed"
+        log.info("model %s: building environment %s with %s", model, env_dir, base)
         try:
             with log_path.open("a", encoding="utf-8") as build_log:
                 build_log.write(
@@ -126,9 +143,8 @@ class EnvironmentBuilder:
                     f"{env_dir.name} with {base}\n"
                 )
                 for command in steps:
-                    output = await _run(command, model_dir, build_log)
-                    if output is not None:
-                        tail = "\n".join(output.strip().splitlines()[-ERROR_TAIL_LINES:])
+                    tail = await _run(command, model_dir, build_log, model, started)
+                    if tail is not None:
                         raise ModelLoadError(
                             f"{REQUIREMENTS}: installing the environment failed "
                             f"(build log {log_path}):\n{tail}"
@@ -152,9 +168,14 @@ class EnvironmentBuilder:
         )
 
 
-async def _run(command: list[str], cwd: Path, build_log: TextIO) -> str | None:
-    """Run one build step, logging its output; ``None`` on success, else the output.
+async def _run(
+    command: list[str], cwd: Path, build_log: TextIO, model: str, started: float
+) -> str | None:
+    """Run one build step; ``None`` on success, else the tail of its output.
 
+    The installer's output (uv writes its progress to stderr) goes to the build log and,
+    line by line as it comes, to the server log prefixed with the model's name; a step
+    silent for ``PROGRESS_EVERY`` seconds logs how long the build has taken so far.
     Cancelled (reload superseded it, server stopping): the installer is killed."""
     build_log.write("$ " + " ".join(command) + "\n")
     build_log.flush()
@@ -166,15 +187,48 @@ async def _run(command: list[str], cwd: Path, build_log: TextIO) -> str | None:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
+    assert process.stdout is not None
+    tail: collections.deque[str] = collections.deque(maxlen=ERROR_TAIL_LINES)
     try:
-        stdout, _ = await process.communicate()
+        async for line in _lines(process.stdout, model, started):
+            build_log.write(line + "\n")
+            build_log.flush()
+            if line.strip():
+                tail.append(line)
+                log.info("model %s: installer: %s", model, line.strip()[:_OUTPUT_LINE_LIMIT])
+        await process.wait()
     except asyncio.CancelledError:
-        process.kill()
+        kill(process)
         await process.wait()
         raise
-    output = stdout.decode(errors="replace")
-    build_log.write(output)
-    return None if process.returncode == 0 else output
+    return None if process.returncode == 0 else "\n".join(tail)
+
+
+async def _lines(stream: asyncio.StreamReader, model: str, started: float) -> AsyncIterator[str]:
+    """The lines of ``stream`` as they come (however long: no line limit to overrun),
+    with a "still building" log line whenever it has been silent for a while."""
+    pending = b""
+    while True:
+        try:
+            data = await asyncio.wait_for(stream.read(65536), PROGRESS_EVERY)
+        except TimeoutError:
+            elapsed = time.monotonic() - started
+            log.info("model %s: still building the environment (%.0f s so far)", model, elapsed)
+            continue
+        if not data:
+            break
+        *complete, pending = (pending + data).split(b"\n")
+        for line in complete:
+            yield line.decode(errors="replace").rstrip("\r")
+    if pending:
+        yield pending.decode(errors="replace")
+
+
+def kill(process: asyncio.subprocess.Process) -> None:
+    """Kill a child process that may have exited meanwhile (then there is nothing to kill:
+    uvloop, the server's loop, raises ProcessLookupError for it)."""
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
 
 
 # Wheels install without running any of their code; a source distribution runs its build
@@ -290,7 +344,8 @@ def find_python(version: str | None) -> Path:
         key=lambda v: tuple(int(p) for p in v.split(".")),
     )
     raise ModelLoadError(
-        f"isolation.python_version: Python {version} not found; found: {', '.join(found)}"
+        f"{CONFIG_FILE}: isolation.python_version: Python {version} not found; "
+        f"found: {', '.join(found) or 'none'}"
     )
 
 
@@ -325,9 +380,16 @@ async def _version_of(python: Path) -> str:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
-    except (OSError, TimeoutError) as exc:
+    except OSError as exc:
         raise ModelLoadError(f"isolation: cannot run {python}: {exc}") from None
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    except (TimeoutError, asyncio.CancelledError) as exc:
+        kill(process)
+        await process.wait()
+        if isinstance(exc, TimeoutError):
+            raise ModelLoadError(f"isolation: {python} did not answer within 60 s") from None
+        raise
     if process.returncode != 0:
         raise ModelLoadError(f"isolation: {python} failed: {stderr.decode(errors='replace')}")
     return stdout.decode().strip()

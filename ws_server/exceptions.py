@@ -24,6 +24,10 @@ class SettingsError(AnythingAgentError):
     """A server option (flag or environment variable) has an invalid value."""
 
 
+class CgroupUnavailable(AnythingAgentError):
+    """No cgroup can be created for a worker here; it runs with per-process limits."""
+
+
 class ModelLoadError(AnythingAgentError):
     """A model directory could not be turned into a servable model.
 

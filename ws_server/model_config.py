@@ -6,6 +6,7 @@ know are checked, and any problem becomes a ``ModelLoadError`` naming the file a
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -25,7 +26,12 @@ NAME_RULE: Final = (
 )
 DEFAULT_TIMEOUT: Final = 300.0
 _MEMORY_PATTERN: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_PYTHON_VERSION_PATTERN: Final = re.compile(r"^3\.\d{1,2}$")
+_PYTHON_VERSION_PATTERN: Final = re.compile(r"^3\.(\d{1,2})$")
+# The oldest Python an isolated worker runs on: the SDK (sdk.py) subscripts built-in
+# types at run time (``dict[str, str]``, PEP 585), which Python 3.8 refuses; the worker
+# and the model loader need nothing newer than 3.9.
+MIN_PYTHON: Final = (3, 9)
+SUPPORTED_PYTHONS: Final = f"{MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer"
 
 
 class Resources(BaseModel):
@@ -35,6 +41,9 @@ class Resources(BaseModel):
 
     memory: str | None = None
     cpu: float | None = Field(default=None, gt=0)
+    """CPU time, in cores (0.5: half of one core); also pins the worker to that many."""
+    pids: int | None = Field(default=None, ge=1)
+    """Processes and threads in the worker's whole tree (None: the server's default, 64)."""
 
     @field_validator("memory", mode="before")
     @classmethod
@@ -73,9 +82,19 @@ class Isolation(BaseModel):
         if value is None:
             return None
         if isinstance(value, float):  # YAML reads 3.10 as the float 3.1
-            raise ValueError('must be quoted, e.g. python_version: "3.10"')
-        if not isinstance(value, str) or not _PYTHON_VERSION_PATTERN.match(value):
-            raise ValueError('must look like "3.11"')
+            raise ValueError(
+                "must be quoted (YAML reads an unquoted 3.10 as the number 3.1), "
+                'e.g. python_version: "3.10"'
+            )
+        shape = _PYTHON_VERSION_PATTERN.match(value) if isinstance(value, str) else None
+        if shape is None:
+            written = json.dumps(value, default=str)
+            raise ValueError(f'{written} is not a Python version; write it like "3.11"')
+        if (3, int(shape.group(1))) < MIN_PYTHON:
+            raise ValueError(
+                f"Python {value} is not supported: isolated models run on Python "
+                f"{SUPPORTED_PYTHONS} (the SDK needs it)"
+            )
         return value
 
 
@@ -179,6 +198,20 @@ def read_config(model_dir: Path) -> tuple[ModelConfig, dict[str, Any]]:
     except ValidationError as exc:
         raise ModelLoadError(f"{CONFIG_FILE}: {_describe(exc)}") from None
     return config, raw
+
+
+def asks_for_isolation(model_dir: Path) -> bool:
+    """Whether config.yaml asks for isolation, read leniently: for a model whose config.yaml
+    fails validation, so that listings still show the mode it asked for (a broken
+    ``isolation:`` block is no reason to call it shared)."""
+    try:
+        raw = yaml.safe_load((model_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    isolation = raw.get("isolation") if isinstance(raw, dict) else None
+    if isinstance(isolation, dict):
+        return isolation.get("enabled", True) is not False
+    return isolation is True
 
 
 def _load_yaml(text: str) -> dict[str, Any]:

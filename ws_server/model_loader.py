@@ -28,6 +28,7 @@ from ws_server.exceptions import ModelLoadError
 from ws_server.sdk import AnythingBaseModel
 
 MAIN_FILE: Final = "main.py"
+REQUIREMENTS_FILE: Final = "requirements.txt"
 _PACKAGE_ROOT: Final = "_anything_models"
 _IMPORT_LOCK = threading.Lock()  # sys.path and sys.modules edits must not interleave
 # Each load gets its own package, even when a model returns to an earlier revision, so
@@ -45,16 +46,23 @@ class LoadedModel:
 
 
 async def load_model(
-    model_dir: Path, name: str, revision: str, config: dict[str, Any]
+    model_dir: Path,
+    name: str,
+    revision: str,
+    config: dict[str, Any],
+    *,
+    isolated: bool,
 ) -> LoadedModel:
     """Import main.py (in a thread) and run the class's ``load_resources`` hook once.
 
     Raises ``ModelLoadError`` naming main.py and the problem. The model directory is on
     ``sys.path`` while main.py is imported and while ``load_resources`` runs, so
     ``import helpers`` and unpickling objects whose classes live in ``helpers.py`` work.
+    ``isolated``: whether this runs in an isolated model's worker, which decides the
+    advice for a missing package (its requirements.txt, not the server's environment).
     """
     package = f"{_PACKAGE_ROOT}.{name}_{revision}_{next(_load_counter)}"
-    model_class = await asyncio.to_thread(_import_main, model_dir, package)
+    model_class = await asyncio.to_thread(_import_main, model_dir, package, isolated)
     hook = model_class.load_resources
     try:
         if inspect.iscoroutinefunction(hook):
@@ -77,7 +85,9 @@ def _call_in_model_dir(model_dir: Path, hook: Callable[..., Any], config: dict[s
         return hook(model_dir, config)
 
 
-def _import_main(model_dir: Path, package_name: str) -> type[AnythingBaseModel]:
+def _import_main(
+    model_dir: Path, package_name: str, isolated: bool = False
+) -> type[AnythingBaseModel]:
     """Import ``model_dir/main.py`` as ``<package_name>.main``; return its model class."""
     seed_compat.install()
     main_path = model_dir / MAIN_FILE
@@ -101,7 +111,7 @@ def _import_main(model_dir: Path, package_name: str) -> type[AnythingBaseModel]:
             ) from None
         except (Exception, SystemExit) as exc:  # any import-time failure is the model's
             _forget(package_name)
-            raise _import_failure(exc, main_path) from None
+            raise _import_failure(exc, main_path, isolated) from None
     try:
         return _find_model_class(module)
     except ModelLoadError:
@@ -137,13 +147,19 @@ def _find_model_class(module: types.ModuleType) -> type[AnythingBaseModel]:
     return model_class
 
 
-def _import_failure(exc: BaseException, main_path: Path) -> ModelLoadError:
+def _import_failure(exc: BaseException, main_path: Path, isolated: bool) -> ModelLoadError:
     """Public text names the exception type and the line in main.py; its message is detail."""
     line = None
     for frame in traceback.extract_tb(exc.__traceback__):
         if Path(frame.filename) == main_path:
             line = frame.lineno
     where = f" (line {line})" if line else ""
+    if isinstance(exc, ModuleNotFoundError) and isolated:
+        return ModelLoadError(
+            f"{MAIN_FILE}: cannot import {exc.name!r}{where}: it is not in this isolated "
+            f"model's environment, which holds only the standard library and what "
+            f"{REQUIREMENTS_FILE} lists (add it to {REQUIREMENTS_FILE})"
+        )
     if isinstance(exc, ModuleNotFoundError):
         return ModelLoadError(
             f"{MAIN_FILE}: cannot import {exc.name!r}{where}: it is not installed in the "

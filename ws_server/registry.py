@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ws_server import metrics
+from ws_server import containment, metrics
 from ws_server.environments import EnvironmentBuilder, default_cache_dir
 from ws_server.exceptions import (
     ModelAtCapacity,
@@ -24,7 +23,13 @@ from ws_server.exceptions import (
     ModelNotFound,
     ModelUnavailable,
 )
-from ws_server.model_config import NAME_PATTERN, NAME_RULE, ModelConfig, read_config
+from ws_server.model_config import (
+    NAME_PATTERN,
+    NAME_RULE,
+    ModelConfig,
+    asks_for_isolation,
+    read_config,
+)
 from ws_server.model_loader import MAIN_FILE, load_model, unload_package
 from ws_server.redaction import redact
 from ws_server.revision import compute_revision
@@ -79,6 +84,14 @@ class ModelEntry:
     error_detail: str | None = None  # the model's own exception text: log and `check` only
     build: asyncio.Task[None] | None = None  # an isolated revision being built
     retry: bool = False  # failed at run time (crash loop): the next reload tries again
+    isolated: bool = False  # what config.yaml asks for, even when it failed validation
+    build_started: float = 0.0  # time.monotonic() when ``build`` began
+
+    def building_for(self) -> float | None:
+        """Seconds the build in progress has taken so far; None when none runs."""
+        if self.build is None:
+            return None
+        return round(time.monotonic() - self.build_started, 1)
 
     @property
     def status(self) -> Status:
@@ -124,6 +137,7 @@ class _Candidate:
     config: ModelConfig | None
     raw_config: dict[str, Any]
     error: str | None
+    isolated: bool = False  # config.yaml asks for isolation (even if it failed validation)
 
 
 class Registry:
@@ -168,7 +182,8 @@ class Registry:
                     f"model {name!r} is building its environment; try again shortly",
                     retry_after=BUILDING_RETRY_AFTER,
                 )
-            raise ModelUnavailable(f"model {name!r} failed to load: {redact(entry.error or '')}")
+            error = self.environments.public(entry.error or "")
+            raise ModelUnavailable(f"model {name!r} failed to load: {redact(error)}")
         serving = entry.serving
         limit = serving.config.settings.max_sessions
         if limit is not None and serving.sessions >= limit:
@@ -203,16 +218,20 @@ class Registry:
         if entry is None:
             return _row(name, draining[-1], "draining", None, sessions) if draining else None
         pending = entry.revision if entry.build is not None else None
+        building_for = entry.building_for()
+        # The installer's error names paths in the server's cache: relative to it here
+        # (the server log has them whole).
+        error = self.environments.public(entry.error) if entry.error else None
         if entry.serving is not None:
             sessions += entry.serving.sessions
-            return _row(name, entry.serving, "ready", entry.error, sessions, pending)
+            return _row(name, entry.serving, "ready", error, sessions, pending, building_for)
         config = entry.config or ModelConfig()
         return {
-            **_row(name, None, entry.status, entry.error, sessions, pending),
+            **_row(name, None, entry.status, error, sessions, pending, building_for),
             "version": config.version or entry.revision,
             "revision": entry.revision,
             "description": config.description or "",
-            "mode": "isolated" if config.isolated else "shared",
+            "mode": "isolated" if entry.isolated else "shared",
         }
 
     async def wait_for_builds(self) -> None:
@@ -279,11 +298,13 @@ class Registry:
             self._entries[name] = entry
         else:
             entry.revision, entry.config, entry.retry = candidate.revision, candidate.config, False
+        entry.isolated = candidate.isolated
         config = candidate.config
         if candidate.error is None and config is not None and config.isolated:
             # Building an environment takes a while: do it in the background, with the
             # previous version (if any) serving meanwhile.
             entry.build = asyncio.get_running_loop().create_task(self._build(entry, candidate))
+            entry.build_started = time.monotonic()
             report.building.append(name)
             log.info("model %s: building revision %s in the background", name, candidate.revision)
             return
@@ -371,7 +392,11 @@ class Registry:
             package = ""
         else:
             loaded = await load_model(
-                candidate.directory, candidate.name, candidate.revision, candidate.raw_config
+                candidate.directory,
+                candidate.name,
+                candidate.revision,
+                candidate.raw_config,
+                isolated=False,
             )
             runner = SharedRunner(
                 loaded.model_class, candidate.raw_config, candidate.directory, loaded.resources
@@ -403,8 +428,9 @@ class Registry:
             python=python,
             config=candidate.raw_config,
             memory_bytes=resources.memory_bytes(),
-            cpus=math.ceil(resources.cpu) if resources.cpu else None,
+            cpus=resources.cpu,
             memory_text=resources.memory,
+            pids=resources.pids or containment.DEFAULT_PIDS,
             network=config.isolation.network,
             sandbox=self.sandbox,
             sandbox_share=self.sandbox_share,
@@ -492,7 +518,8 @@ def _inspect_directory(directory: Path) -> _Candidate:
     try:
         config, raw = read_config(directory)
     except ModelLoadError as exc:
-        return _Candidate(directory.name, directory, revision, None, {}, exc.message)
+        isolated = asks_for_isolation(directory)
+        return _Candidate(directory.name, directory, revision, None, {}, exc.message, isolated)
     name = config.name or directory.name
     error = None
     if config.name is None and not NAME_PATTERN.match(name):
@@ -500,7 +527,7 @@ def _inspect_directory(directory: Path) -> _Candidate:
             f"directory name {name!r} breaks the naming rule ({NAME_RULE}); "
             "rename the directory or set `name` in config.yaml"
         )
-    return _Candidate(name, directory, revision, config, raw, error)
+    return _Candidate(name, directory, revision, config, raw, error, config.isolated)
 
 
 def _row(
@@ -510,6 +537,7 @@ def _row(
     error: str | None,
     sessions: int,
     pending_revision: str | None = None,
+    building_for: float | None = None,
 ) -> dict[str, Any]:
     """A listing row: OpenAI's model object plus ours, filled from the serving version."""
     return {
@@ -521,8 +549,10 @@ def _row(
         "revision": version.revision if version else None,
         "description": redact(version.description) if version else "",
         "mode": version.mode if version else None,
+        "sandbox": version.runner.sandbox if version else None,
         "status": status,
         "error": redact(error) if error else None,
         "sessions": sessions,
         "pending_revision": pending_revision,
+        "building_for": building_for,
     }

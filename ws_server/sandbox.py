@@ -1,14 +1,17 @@
 """The bubblewrap sandbox isolated workers run in.
 
 A sandboxed worker runs as ``nobody`` in its own user, PID, IPC, UTS (and, unless its
-model asks for ``isolation: {network: true}``, network) namespaces, over a filesystem
-built from read-only binds of only what its interpreter needs: the system directories,
-a short list of ``/etc`` files, its virtualenv and base Python, the ``ws_server``
-package it imports and its own model directory. ``/tmp`` is a private tmpfs, which is
-also its ``HOME``. Its environment is rebuilt from scratch (``worker_environment``), so
-none of the server's variables (API keys among them) reach it; it is handed to bwrap as
-bwrap's own environment, never as ``--setenv`` arguments any local user could read in
-``ps``, and bwrap passes it on as it is.
+model asks for ``isolation: {network: true}``, network) namespaces, over a read-only
+filesystem built from binds of only what its interpreter needs: the system directories,
+a short list of ``/etc`` files, its virtualenv and base Python, the ``ws_server`` package
+it imports and its own model directory. ``/tmp`` (also its ``HOME``) and ``/dev/shm`` are
+private tmpfs sized by the model's memory limit, the only writable places. A seccomp
+filter (``syscall_filter``) refuses system calls no model needs. When the server runs as
+root, bwrap itself runs as ``nobody`` on the host (``host_user``), so the worker is no one
+outside its namespace either; the directories it binds are then staged by ``launcher``.
+Its environment is rebuilt from scratch (``worker_environment``), so none of the server's
+variables (API keys among them) reach it; it is handed to bwrap as bwrap's own
+environment, never as ``--setenv`` arguments any local user could read in ``ps``.
 
 ``command`` builds the ``bwrap`` argv from a ``SandboxSpec`` (pure, apart from looking at
 which system directories exist); ``choose`` applies the server's ``--sandbox`` setting,
@@ -18,8 +21,10 @@ probing once per process whether bubblewrap works here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import pwd
 import re
 import shutil
 from collections.abc import Iterable, Mapping
@@ -27,16 +32,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from ws_server import launcher
 from ws_server.exceptions import ModelLoadError
 from ws_server.settings import SANDBOX_MODES
 
 log = logging.getLogger("anything_agent.sandbox")
 
 BWRAP: Final = "bwrap"  # looked up on the server's PATH
-# ``nobody``: inside its user namespace the worker is no one in particular. The kernel
-# still checks files against the server's own uid, so it reads what the server can read,
-# but only through the read-only binds below, and it holds no capabilities anywhere.
+# ``nobody``: inside its user namespace the worker is no one in particular. Outside, it is
+# the uid bwrap runs as: the server's own, or ``nobody`` too when the server is root
+# (``host_user``); either way it holds no capabilities anywhere.
 SANDBOX_UID: Final = 65534
+SANDBOX_USER: Final = "nobody"
 # Used from bubblewrap 0.8.0 on (--disable-userns is new there); older ones still
 # sandbox, just without these two.
 DISABLE_USERNS_SINCE: Final = (0, 8, 0)  # no nested user namespaces inside the sandbox
@@ -64,6 +71,8 @@ ETC_ENTRIES: Final = (
     "group",
 )
 SANDBOX_TMP: Final = "/tmp"
+SANDBOX_SHM: Final = "/dev/shm"
+SHM_DEFAULT_BYTES: Final = 64 * 1024 * 1024  # /dev/shm when the model sets no memory limit
 SANDBOX_PATH: Final = "/usr/local/bin:/usr/bin:/bin"
 # Server variables worth keeping: they change how text and time are shown, nothing else.
 LOCALE_VARIABLES: Final = ("LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ")
@@ -90,10 +99,17 @@ class SandboxSpec:
     network: bool = False
     shared: tuple[Path, ...] = ()  # directories bound read-write
     tmp_bytes: int | None = None  # size of the private /tmp (None: the kernel's default)
+    seccomp_fd: int | None = None  # a descriptor holding the BPF filter bwrap installs
+    staged: bool = False  # bind sources from launcher's staging (bwrap runs as nobody)
 
 
 def command(bwrap: Bubblewrap, spec: SandboxSpec) -> list[str]:
     """The ``bwrap ... --`` prefix that runs a worker command inside the sandbox."""
+    read_only, shared = read_only_paths(spec), list(spec.shared)
+    sources = [*read_only, *shared]
+    if spec.staged:  # bwrap reads each from where launcher.py staged it
+        sources = [Path(launcher.staged_path(i)) for i in range(len(sources))]
+    seccomp = ["--seccomp", str(spec.seccomp_fd)] if spec.seccomp_fd is not None else []
     return [
         bwrap.path,
         *_namespaces(bwrap, spec.network),
@@ -102,13 +118,36 @@ def command(bwrap: Bubblewrap, spec: SandboxSpec) -> list[str]:
         "/proc",
         "--dev",
         "/dev",
-        *_private_tmp(bwrap, spec.tmp_bytes),
-        *_pairs("--ro-bind", ((p, p) for p in read_only_paths(spec))),
-        *_pairs("--bind", ((p, p) for p in spec.shared)),
+        *_private_tmpfs(bwrap, SANDBOX_SHM, spec.tmp_bytes or SHM_DEFAULT_BYTES),
+        *_private_tmpfs(bwrap, SANDBOX_TMP, spec.tmp_bytes),
+        *_pairs("--ro-bind", zip(sources, read_only, strict=False)),
+        *_pairs("--bind", zip(sources[len(read_only) :], shared, strict=True)),
+        # Everything else is read-only: a write outside /tmp and /dev/shm can't grow the
+        # host's memory through the sandbox's root tmpfs (not recursive: those two stay).
+        *("--remount-ro", "/dev", "--remount-ro", "/"),
+        *seccomp,
         "--chdir",
         str(spec.model_dir),
         "--",
     ]
+
+
+def staged_sources(spec: SandboxSpec) -> list[Path]:
+    """The directories ``command`` binds, in the order ``launcher`` must stage them."""
+    return [*read_only_paths(spec), *spec.shared]
+
+
+def host_user() -> tuple[int, int] | None:
+    """The (uid, gid) bwrap runs as on the host: ``nobody`` when the server is root (a
+    sandboxed process must not be root outside its namespace either), else None: the
+    server's own unprivileged user."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwnam(SANDBOX_USER)
+    except KeyError:
+        return (SANDBOX_UID, SANDBOX_UID)
+    return (entry.pw_uid, entry.pw_gid)
 
 
 def _namespaces(bwrap: Bubblewrap, network: bool) -> list[str]:
@@ -141,9 +180,9 @@ def system_mounts() -> list[str]:
     return arguments
 
 
-def _private_tmp(bwrap: Bubblewrap, size: int | None) -> list[str]:
+def _private_tmpfs(bwrap: Bubblewrap, path: str, size: int | None) -> list[str]:
     sized = ["--size", str(size)] if size and bwrap.version >= TMPFS_SIZE_SINCE else []
-    return [*sized, "--tmpfs", SANDBOX_TMP]
+    return [*sized, "--tmpfs", path]
 
 
 def read_only_paths(spec: SandboxSpec) -> list[Path]:
@@ -297,7 +336,10 @@ async def _try(path: str) -> Bubblewrap | str:
     if code != 0 or match is None:
         return f"{path} --version failed: {output.strip()[-300:] or f'exit code {code}'}"
     bwrap = Bubblewrap(path, tuple(int(part) for part in match.groups()))
-    code, output = await _run(_probe_command(bwrap))
+    # As workers will run it: as nobody when the server is root.
+    as_user = launcher.plan([], [], host_user())
+    runner = launcher.prefix(as_user) if launcher.needed(as_user) else []
+    code, output = await _run([*runner, *_probe_command(bwrap)])
     if code != 0:
         return f"{path} cannot create a sandbox here: {output.strip()[-300:] or code}"
     return bwrap
@@ -311,7 +353,8 @@ def _probe_command(bwrap: Bubblewrap) -> list[str]:
         *_namespaces(bwrap, network=False),
         *system_mounts(),
         *("--proc", "/proc", "--dev", "/dev"),
-        *_private_tmp(bwrap, 1024 * 1024),
+        *_private_tmpfs(bwrap, SANDBOX_TMP, 1024 * 1024),
+        *("--remount-ro", "/"),
         "--",
         true,
     ]
@@ -332,7 +375,8 @@ async def _run(arguments: list[str]) -> tuple[int, str]:
     try:
         stdout, _ = await asyncio.wait_for(process.communicate(), PROBE_TIMEOUT)
     except TimeoutError:
-        process.kill()
+        with contextlib.suppress(ProcessLookupError):  # exited, not yet reaped
+            process.kill()
         await process.wait()
         return 124, f"timed out after {PROBE_TIMEOUT:g} s"
     return process.returncode or 0, stdout.decode(errors="replace")

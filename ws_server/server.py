@@ -13,11 +13,12 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from ws_server import metrics, protocol
+from ws_server import cgroups, metrics, protocol
 from ws_server.environments import EnvironmentBuilder, default_cache_dir
 from ws_server.exceptions import HandshakeRefused
 from ws_server.http_api import HttpApi, chat_model_name
 from ws_server.limits import ConnectionCounter
+from ws_server.loop_watch import LoopWatch
 from ws_server.registry import Registry
 from ws_server.security import AccessPolicy, keys_source, select_subprotocol
 from ws_server.session import ChatSession, SessionLimits
@@ -54,6 +55,7 @@ class AnythingAgentServer:
         self._ws_server: Server | None = None
         self._stopping = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
+        self._loop_watch: LoopWatch | None = None
 
     @property
     def port(self) -> int:
@@ -61,10 +63,11 @@ class AnythingAgentServer:
         return int(self._ws_server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        """Load the models, then listen; one broken model never stops the start."""
+        """Bind the port, load the models, then listen; one broken model never stops the
+        start. Binding comes first: a port already taken fails the start at once, before
+        any isolated model's environment is built or worker started."""
         metrics.mark_process(self.settings.worker_index)
         _raise_open_files_limit()
-        await self.registry.reload()
         self._ws_server = await serve(
             self._handle_connection,
             self.settings.host,
@@ -84,7 +87,12 @@ class AnythingAgentServer:
             # zlib context per connection; and a stream that compresses well would get past
             # backpressure (a paused reader's TCP window would hold gigabytes of it).
             compression=None,
+            start_serving=False,  # bound (so the port is ours), accepting once loaded
         )
+        self._loop_watch = LoopWatch(asyncio.get_running_loop())
+        self._loop_watch.start()
+        await self.registry.reload()
+        await self._ws_server.start_serving()
         self._log_protections()
         log.info(
             "%slistening on ws://%s:%d (models dir %s)",
@@ -171,6 +179,9 @@ class AnythingAgentServer:
                 connection.transport.abort()
             await self._ws_server.wait_closed()
         await self.registry.close()
+        cgroups.close()  # the workers' cgroups are gone: remove this server's directory
+        if self._loop_watch is not None:
+            self._loop_watch.stop()
         log.info("stopped")
 
     # ------------------------------------------------------------------ websockets hooks

@@ -19,7 +19,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
-from ws_server import metrics, protocol
+from ws_server import loop_watch, metrics, protocol
 from ws_server.chunk_writer import ChunkWriter
 from ws_server.exceptions import (
     AnythingAgentError,
@@ -147,6 +147,7 @@ class ChatSession:
     async def run(self) -> None:
         """The whole conversation, from ``on_chat_start`` to ``on_chat_end``."""
         self._log(logging.INFO, "opened from %s", _peer(self.connection))
+        self._watched(asyncio.current_task())
         try:
             if await self._start():
                 self._arm_idle_timer()
@@ -173,6 +174,7 @@ class ChatSession:
             await self._fail_start("model_error", self._model_error_text(error))
             return False
         self._starting = asyncio.get_running_loop().create_task(self._model.start())
+        self._watched(self._starting)
         gone = asyncio.get_running_loop().create_task(self.connection.wait_closed())
         try:
             await asyncio.wait(
@@ -216,8 +218,10 @@ class ChatSession:
     async def _end(self) -> None:
         if self._model is None:
             return
+        ending = asyncio.get_running_loop().create_task(self._model.end())
+        self._watched(ending)
         try:
-            await asyncio.wait_for(self._model.end(), CLEANUP_LIMIT)
+            await asyncio.wait_for(ending, CLEANUP_LIMIT)
         except TimeoutError:
             self._log(logging.ERROR, "on_chat_end did not finish in time; abandoned")
         except Exception:
@@ -338,6 +342,7 @@ class ChatSession:
         self._turn_task = asyncio.get_running_loop().create_task(
             self._run_turn(self.turn, self.history.messages())
         )
+        self._watched(self._turn_task)
 
     # ------------------------------------------------------------------ turns
     async def _stop_turn(self, reason: str) -> None:
@@ -476,6 +481,13 @@ class ChatSession:
         return "model_error", self._model_error_text(exc)
 
     # ------------------------------------------------------------------ helpers
+    def _watched(self, task: asyncio.Task[Any] | None) -> None:
+        """A shared model's code runs in ``task`` on the event loop: should it block the
+        loop, the loop watch names this model and session."""
+        if task is not None and self.version.mode == "shared":
+            owner = f"model={self.version.name}@{self.version.version} session={self.id}"
+            loop_watch.attribute(task, owner)
+
     async def _send_error(
         self, code: protocol.ErrorCode, message: str, turn: int | None = None
     ) -> None:

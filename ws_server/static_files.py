@@ -1,4 +1,7 @@
-"""Serves the browser client's files from ``web_client/``, refusing anything outside it."""
+"""Serves the browser client's files from ``web_client/``, refusing anything outside it.
+
+The files live in the checkout's top-level ``web_client/``; a wheel ships them as package data
+in ``ws_server/web_client/`` (pyproject.toml maps one onto the other)."""
 
 from __future__ import annotations
 
@@ -6,7 +9,16 @@ import mimetypes
 from pathlib import Path
 from typing import Final
 
-WEB_CLIENT_DIR: Final = Path(__file__).resolve().parent.parent / "web_client"
+
+def _web_client_dir() -> Path:
+    """Inside the package when installed from a wheel (or ``pip install .``); else beside
+    the package, in a source checkout or an editable install."""
+    package = Path(__file__).resolve().parent
+    installed = package / "web_client"
+    return installed if installed.is_dir() else package.parent / "web_client"
+
+
+WEB_CLIENT_DIR: Final = _web_client_dir()
 _TYPES: Final = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import sys
 import threading
 from collections.abc import Callable, Coroutine
@@ -228,6 +229,16 @@ class TerminalChat:
     def _fail(self, text: str) -> None:
         self.stderr.write(self.style(f"error: {text}", "31") + "\n")
         self.stderr.flush()
+
+
+def restore_ctrl_c() -> None:
+    """Make Ctrl-C raise ``KeyboardInterrupt`` again, whatever this process inherited.
+
+    A process started with SIGINT ignored (``cmd &`` in a script, some CI runners and
+    supervisors) keeps it ignored across ``exec``, and Python then installs no handler of
+    its own, so Ctrl-C (and ``kill -INT``) would do nothing. Call it from the main thread,
+    first thing."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run_chat(options: ChatOptions) -> int:

@@ -250,7 +250,7 @@ async def serve(spec: dict[str, Any]) -> None:
         return
     config = worker.config.result()
     try:
-        loaded = await load_model(model_dir, spec["name"], spec["revision"], config)
+        loaded = await load_model(model_dir, spec["name"], spec["revision"], config, isolated=True)
     except ModelLoadError as exc:
         channel.send(["load_failed", exc.message, exc.detail])
         await _drain(channel)

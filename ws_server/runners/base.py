@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from ws_server.sdk import Message
 
@@ -27,6 +27,9 @@ class Runner(Protocol):
     """Runs one model version; makes a ``ModelSession`` per chat session."""
 
     mode: str
+    # The listing's ``sandbox``: which protections hold for the model (None: shared mode,
+    # where the model runs in the server's process, with none).
+    sandbox: dict[str, Any] | None
 
     def open_session(self) -> ModelSession: ...
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import json
 import logging
-import os
+import math
 import signal
 import socket
 import time
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, cast
 
-from ws_server import ipc, metrics, sandbox
+from ws_server import containment, ipc, metrics
 from ws_server.exceptions import ModelFailed, ModelLoadError, ResourceExhausted, WorkerCrashed
 from ws_server.redaction import redact
 from ws_server.sdk import Message
@@ -59,8 +60,6 @@ LOG_LINE_BUFFER: Final = 1024 * 1024  # a line without an end is logged past thi
 # A worker that keeps sending after "pause" ignores flow control (a hostile model writing
 # to the channel itself): past this much queued for one session, it is stopped.
 QUEUE_HARD_LIMIT: Final = 16 * 1024 * 1024
-# Server settings (API keys, admin key) are not the model's business.
-_PRIVATE_ENV_PREFIXES: Final = ("ANYTHING_AGENT_",)
 _cpu_offset = itertools.count()
 
 
@@ -74,8 +73,9 @@ class WorkerSpec:
     python: Path
     config: dict[str, Any]
     memory_bytes: int | None = None
-    cpus: int | None = None
+    cpus: float | None = None  # isolation.resources.cpu: a CPU-time quota, in cores
     memory_text: str | None = None
+    pids: int = containment.DEFAULT_PIDS  # processes in the worker's tree
     network: bool = False  # isolation.network: may the sandboxed worker use the network
     sandbox: str = "auto"  # ServerSettings.sandbox: auto, on or off
     sandbox_share: tuple[tuple[str, str], ...] = ()  # ServerSettings.sandbox_share
@@ -92,6 +92,7 @@ class _Crash:
     """Queued to a session whose turn was running when its worker died."""
 
     reason: str
+    memory: bool = False  # the kernel killed it for going past its memory limit
 
 
 class _ServerChannel(asyncio.Protocol):
@@ -133,6 +134,8 @@ class IsolatedRunner:
         self.description = ""
         self.sessions: dict[str, IsolatedSession] = {}
         self._process: asyncio.subprocess.Process | None = None
+        self._confinement: containment.Confinement | None = None
+        self.sandbox: dict[str, Any] | None = None  # the listing's "sandbox" field
         self._channel: _ServerChannel | None = None
         self._ready: asyncio.Future[None] | None = None
         self._loading: int | None = None  # the generation loading its model right now
@@ -148,8 +151,9 @@ class IsolatedRunner:
         return self.failed is None and not self._closing
 
     @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+    def serving(self) -> bool:
+        """The current worker is up and not on its way out (a planned memory exit)."""
+        return self.alive and self._exiting != self.generation
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -163,44 +167,52 @@ class IsolatedRunner:
         if self._ready is None or self._ready.done():  # else requests already wait on it
             self._ready = self._new_ready()
         self._loading = generation
-        bwrap = await sandbox.choose(self.spec.sandbox)
         parent, child = socket.socketpair()
-        spec = {
-            "fd": child.fileno(),
-            "model_dir": str(self.spec.model_dir),
-            "name": self.spec.name,
-            "revision": self.spec.revision,
-            "memory_bytes": self.spec.memory_bytes,
-            "cpus": self.spec.cpus,
-            "cpu_offset": self._cpu_offset,
-            "sandboxed": bwrap is not None,
-        }
-        command = [
-            str(self.spec.python),
-            *("-s", "-E", "-u", "-c", _BOOT, str(PACKAGE_PARENT)),
-            json.dumps(spec, default=str),
-        ]
+        confinement: containment.Confinement | None = None
         try:
-            command, environment = self._contain(command, bwrap)
+            confinement = await containment.confine(self._request(), [])
+            spec = {
+                "fd": child.fileno(),
+                "model_dir": str(self.spec.model_dir),
+                "name": self.spec.name,
+                "revision": self.spec.revision,
+                "memory_bytes": self.spec.memory_bytes,
+                "cpus": math.ceil(self.spec.cpus) if self.spec.cpus else None,
+                "cpu_offset": self._cpu_offset,
+                "sandboxed": confinement.sandboxed,
+            }
+            command = [
+                *confinement.command,
+                str(self.spec.python),
+                *("-s", "-E", "-u", "-c", _BOOT, str(PACKAGE_PARENT)),
+                json.dumps(spec, default=str),
+            ]
             process = await asyncio.create_subprocess_exec(
                 *command,
-                pass_fds=(child.fileno(),),  # bwrap hands inherited descriptors on
+                # bwrap hands inherited descriptors on; it reads the seccomp filter's
+                pass_fds=(child.fileno(), *confinement.pass_fds),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 cwd=self.spec.model_dir,
-                env=environment,
+                env=confinement.environment,
                 start_new_session=True,  # a terminal's Ctrl-C reaches the server, not us
             )
         except (OSError, ValueError) as exc:
             parent.close()
+            if confinement is not None:
+                confinement.ended(0)
             raise ModelLoadError(f"isolation: cannot start {self.spec.python}: {exc}") from None
         except ModelLoadError:
             parent.close()
+            if confinement is not None:
+                confinement.ended(0)
             raise
         finally:
             child.close()
-        self._process = process
+        confinement.started()
+        self._process, self._confinement = process, confinement
+        self.sandbox = confinement.report
         _, channel = await loop.create_unix_connection(
             lambda: _ServerChannel(self, generation), sock=parent
         )
@@ -211,7 +223,7 @@ class IsolatedRunner:
         assert process.stdout is not None and process.stderr is not None
         self._track(self._pump(process.stdout, "stdout", process.pid))
         self._track(self._pump(process.stderr, "stderr", process.pid))
-        self._track(self._watch(process, generation, sandboxed=bwrap is not None))
+        self._track(self._watch(process, generation, confinement))
         if self._closing:  # close() ran while we were starting it
             self.kill_worker()
             return
@@ -224,35 +236,29 @@ class IsolatedRunner:
                 f"main.py: the worker did not load within {LOAD_TIMEOUT:g} s"
             ) from None
         log.info(
-            "model %s: worker pid %d ready (generation %d, %s)",
+            "model %s: worker pid %d ready (generation %d, %s; limits: %s)",
             self.name,
-            process.pid,
+            containment.model_pid(process.pid),
             generation,
-            "sandboxed" if bwrap is not None else "not sandboxed",
+            "sandboxed" if confinement.sandboxed else "not sandboxed",
+            confinement.report["limits"],
         )
 
-    def _contain(
-        self, command: list[str], bwrap: sandbox.Bubblewrap | None
-    ) -> tuple[list[str], dict[str, str]]:
-        """The worker's command and environment: inside bubblewrap with a minimal
-        environment (bwrap's own, which it hands on), or (no sandbox) as it is, with the
-        server's environment minus its own settings."""
-        if bwrap is None:
-            environment = {
-                k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_ENV_PREFIXES)
-            }
-            return command, environment
-        shared = sandbox.shared_variables(self.spec.sandbox_share)
-        environment = sandbox.worker_environment(os.environ, self.spec.python, shared)
-        box = sandbox.SandboxSpec(
-            python=self.spec.python,
+    def _request(self) -> containment.Request:
+        spec = self.spec
+        return containment.Request(
+            model=spec.name,
+            model_dir=spec.model_dir,
+            python=spec.python,
             package_dir=PACKAGE_DIR,
-            model_dir=self.spec.model_dir,
-            network=self.spec.network,
-            shared=tuple(Path(path) for path in shared.values()),
-            tmp_bytes=self.spec.memory_bytes,
+            memory_bytes=spec.memory_bytes,
+            memory_text=spec.memory_text,
+            cpus=spec.cpus,
+            pids=spec.pids,
+            network=spec.network,
+            sandbox_mode=spec.sandbox,
+            sandbox_share=spec.sandbox_share,
         )
-        return [*sandbox.command(bwrap, box), *command], environment
 
     @staticmethod
     def _new_ready() -> asyncio.Future[None]:
@@ -288,25 +294,34 @@ class IsolatedRunner:
         log.info("model %s worker[%d] %s: %s", self.name, pid, label, text)
 
     async def _watch(
-        self, process: asyncio.subprocess.Process, generation: int, sandboxed: bool
+        self,
+        process: asyncio.subprocess.Process,
+        generation: int,
+        confinement: containment.Confinement,
     ) -> None:
         code = await process.wait()
+        memory = confinement.memory_breached()
+        # Its children end with it, and its cgroup goes (a few blocking system calls).
+        await asyncio.to_thread(confinement.ended, process.pid)
         if self._closing or generation != self.generation:
             return
-        reason = describe_exit(code, sandboxed)
+        reason = describe_exit(code, confinement.sandboxed)
+        if memory:
+            reason += f", past its memory limit ({self.spec.memory_text})"
         ready = self._ready
         if self._loading == generation and ready is not None and not ready.done():
             ready.set_exception(
                 ModelLoadError(f"main.py: the worker exited while loading the model ({reason})")
             )
             return
-        self._crashed(reason, counted=self._exiting != generation)
+        self._crashed(reason, counted=self._exiting != generation and not memory, memory=memory)
 
-    def _crashed(self, reason: str, counted: bool = True) -> None:
-        """A worker died: tell its sessions, then restart it (with backoff) or give up."""
+    def _crashed(self, reason: str, counted: bool = True, memory: bool = False) -> None:
+        """A worker died: tell its sessions, then restart it (with backoff) or give up.
+        One the kernel killed for memory is a breach, not a crash (``counted`` False)."""
         (log.error if counted else log.info)("model %s: worker exited (%s)", self.name, reason)
         for session in self.sessions.values():
-            session.worker_died(reason)
+            session.worker_died(reason, memory=memory)
         if self._ready is None or self._ready.done():
             self._ready = self._new_ready()
         delay = 0.0
@@ -352,10 +367,15 @@ class IsolatedRunner:
             raise WorkerCrashed(f"the model's worker could not restart: {exc.message}") from None
         return self.generation
 
+    def _breached(self) -> bool:
+        confinement = self._confinement
+        return confinement is not None and confinement.memory_breached()
+
     def kill_worker(self) -> None:
         """SIGKILL the current worker; requests wait for its replacement from now on."""
         if self._process is not None and self._process.returncode is None:
-            self._process.kill()
+            with contextlib.suppress(ProcessLookupError):  # exited, not yet reaped
+                self._process.kill()
             if self._ready is not None and self._ready.done():
                 self._ready = self._new_ready()
 
@@ -371,12 +391,16 @@ class IsolatedRunner:
             try:
                 await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
             except TimeoutError:
-                process.send_signal(signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError):  # it exited meanwhile
+                    process.send_signal(signal.SIGTERM)
                 try:
                     await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
                 except TimeoutError:
-                    process.kill()
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
                     await process.wait()
+        if process is not None and self._confinement is not None:
+            await asyncio.to_thread(self._confinement.ended, process.pid)
         for task in list(self._tasks):
             task.cancel()
         log.info("model %s: worker stopped", self.name)
@@ -398,6 +422,11 @@ class IsolatedRunner:
             if self._ready is not None and not self._ready.done():
                 self._ready.set_exception(ModelLoadError(message[1], detail=message[2]))
             return
+        if kind == "turn_end" and message[3] != "resource_exhausted" and self._breached():
+            # One of the worker's processes was killed for memory during the turn: the
+            # turn is a breach, and the worker is replaced (its state is not to be trusted).
+            message = [*message[:3], "resource_exhausted", "killed for memory by the kernel"]
+            self.kill_worker()
         if kind == "turn_end" and message[3] == "resource_exhausted":
             # The worker exits right after this message: from now on, requests wait for
             # its replacement, and the exit is a planned one, not a crash.
@@ -458,10 +487,10 @@ class IsolatedSession:
             if reply is not None and not reply.done():
                 reply.set_result(args[0])
 
-    def worker_died(self, reason: str) -> None:
+    def worker_died(self, reason: str, memory: bool = False) -> None:
         self._sent_start_to = None  # nothing of this session lives on in any worker
         if self._queue is not None:
-            self._queue.put_nowait(_Crash(reason))
+            self._queue.put_nowait(_Crash(reason, memory))
         for reply in self._replies.values():
             if not reply.done():
                 reply.set_exception(WorkerCrashed(reason))
@@ -483,10 +512,13 @@ class IsolatedSession:
 
     async def end(self) -> None:
         try:
-            if self._sent_start_to == self.runner.generation and self.runner.alive:
-                error = await asyncio.wait_for(
-                    self._request(["end", self.sid], "ended"), STOP_TIMEOUT
-                )
+            if self._sent_start_to == self.runner.generation and self.runner.serving:
+                try:
+                    error = await asyncio.wait_for(
+                        self._request(["end", self.sid], "ended"), STOP_TIMEOUT
+                    )
+                except WorkerCrashed:
+                    return  # its instance died with the worker: nothing left to end
                 if error:
                     raise ModelFailed(f"on_chat_end raised in the worker:\n{error}")
         finally:
@@ -551,6 +583,11 @@ class IsolatedSession:
         return True
 
     def _raise_for(self, end: _TurnEnd | _Crash) -> None:
+        if isinstance(end, _Crash) and end.memory:
+            raise ResourceExhausted(
+                f"the turn went past the model's memory limit ({self.runner.spec.memory_text}); "
+                "its worker is being replaced"
+            )
         if isinstance(end, _Crash):
             raise WorkerCrashed(
                 "the model's worker crashed; a new one is starting, send your message again"

@@ -27,6 +27,7 @@ class SharedRunner:
     """Creates a fresh model instance per session from one loaded version's class."""
 
     mode = "shared"
+    sandbox: dict[str, Any] | None = None  # no sandbox: it runs in the server
 
     def __init__(
         self,
