@@ -449,3 +449,22 @@ async def test_the_listing_says_which_protections_hold(sandboxed: ServerProcess)
 def cgroups_here() -> str:
     found = cgroups.discover()
     return found.label if isinstance(found, cgroups.Hierarchy) else "per-process"
+
+
+async def test_a_model_directory_closed_to_the_sandbox_user_fails_naming_it(
+    start_server: Any, tmp_path: Path, env_cache: Path
+) -> None:
+    """As root, the sandbox runs as nobody: a model directory it may not read fails the
+    model with what to do, instead of a worker dying on a PermissionError."""
+    if os.geteuid() != 0:
+        pytest.skip("only a root server drops the sandbox to nobody")
+    models = copy_models(tmp_path / "models", "sandbox_probe", source=ISOLATED_MODELS)
+    (models / "sandbox_probe").chmod(0o700)
+    live = start_server(models, *("--env-cache-dir", str(env_cache), "--sandbox", "on"))
+    wait_until_built(live)
+    row = http(live, "/v1/models/sandbox_probe")[2]
+    assert row["status"] == "failed"
+    assert row["error"] == (
+        "isolation: the sandbox runs as nobody (the server is root), which cannot read "
+        f"{models / 'sandbox_probe'}: chmod o+rX it"
+    )

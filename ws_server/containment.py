@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ws_server import cgroups, launcher, sandbox, syscall_filter
-from ws_server.exceptions import CgroupUnavailable
+from ws_server.exceptions import CgroupUnavailable, ModelLoadError
 
 log = logging.getLogger("anything_agent.isolated")
 
@@ -53,6 +53,7 @@ class Confinement:
     sandboxed: bool
     report: dict[str, Any]
     _own_fds: list[int] = field(default_factory=list)
+    memory_limited: bool = False  # the cgroup has a memory limit whose kills to watch
 
     def started(self) -> None:
         """The worker has its copies of our descriptors: close ours."""
@@ -61,18 +62,19 @@ class Confinement:
                 os.close(descriptor)
         self._own_fds.clear()
 
-    def ended(self, pid: int) -> None:
-        """The worker exited: end whatever it left behind, and remove its cgroup."""
+    def ended(self, pid: int | None) -> None:
+        """The worker (``pid``; None if it never started) exited: end whatever it left
+        behind, and remove its cgroup."""
         self.started()
         if self.group is not None:
             self.group.remove()
-        elif not self.sandboxed:  # no cgroup, no PID namespace: its process group
+        elif not self.sandboxed and pid:  # no cgroup, no PID namespace: its process group
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
 
     def memory_breached(self) -> bool:
         """Whether the kernel killed one of the worker's processes for memory."""
-        return self.group is not None and self.group.had_oom_kill()
+        return self.memory_limited and self.group is not None and self.group.had_oom_kill()
 
 
 async def confine(request: Request, worker_command: list[str]) -> Confinement:
@@ -80,6 +82,7 @@ async def confine(request: Request, worker_command: list[str]) -> Confinement:
     far as this host allows; raises ``ModelLoadError`` when ``--sandbox on`` can't be met."""
     bwrap = await sandbox.choose(request.sandbox_mode)
     group = _cgroup(request)
+    limited = group is not None and request.memory_bytes is not None
     if bwrap is None:
         environment = {
             k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_ENV_PREFIXES)
@@ -87,7 +90,7 @@ async def confine(request: Request, worker_command: list[str]) -> Confinement:
         instructions = launcher.plan(group.procs_files if group else [], [], None)
         command = _launched(instructions, worker_command)
         report = _report(request, None, group, seccomp=False, user=None)
-        return Confinement(command, environment, (), group, False, report)
+        return Confinement(command, environment, (), group, False, report, memory_limited=limited)
     shared = sandbox.shared_variables(request.sandbox_share)
     seccomp_fd = _seccomp_fd()
     user = sandbox.host_user()
@@ -101,13 +104,32 @@ async def confine(request: Request, worker_command: list[str]) -> Confinement:
         seccomp_fd=seccomp_fd,
         staged=user is not None,
     )
-    stage = [str(path) for path in sandbox.staged_sources(box)] if user else []
+    stage = _readable_by(user, box) if user else []
     instructions = launcher.plan(group.procs_files if group else [], stage, user)
     command = _launched(instructions, [*sandbox.command(bwrap, box), *worker_command])
     environment = sandbox.worker_environment(os.environ, request.python, shared)
     own = [seccomp_fd] if seccomp_fd is not None else []
     report = _report(request, bwrap, group, seccomp=seccomp_fd is not None, user=user)
-    return Confinement(command, environment, tuple(own), group, True, report, own)
+    return Confinement(
+        command, environment, tuple(own), group, True, report, own, memory_limited=limited
+    )
+
+
+def _readable_by(user: tuple[int, int], box: sandbox.SandboxSpec) -> list[str]:
+    """The directories to stage for bwrap running as ``user``; each must be open to it
+    (those above need not be: staging reaches them without walking the path)."""
+    sources = sandbox.staged_sources(box)
+    for index, path in enumerate(sources):
+        writable = index >= len(sources) - len(box.shared)
+        need = 0o007 if writable else 0o005
+        info = path.stat()
+        if info.st_uid != user[0] and info.st_mode & need != need:
+            mode = "o+rwx" if writable else "o+rX"
+            raise ModelLoadError(
+                f"isolation: the sandbox runs as {_user_name(user[0])} (the server is root), "
+                f"which cannot {'write' if writable else 'read'} {path}: chmod {mode} it"
+            )
+    return [str(path) for path in sources]
 
 
 def _launched(instructions: dict[str, Any], command: list[str]) -> list[str]:

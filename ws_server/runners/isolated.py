@@ -201,12 +201,12 @@ class IsolatedRunner:
         except (OSError, ValueError) as exc:
             parent.close()
             if confinement is not None:
-                confinement.ended(0)
+                confinement.ended(None)
             raise ModelLoadError(f"isolation: cannot start {self.spec.python}: {exc}") from None
         except ModelLoadError:
             parent.close()
             if confinement is not None:
-                confinement.ended(0)
+                confinement.ended(None)
             raise
         finally:
             child.close()
