@@ -9,7 +9,7 @@ from typing import Any
 from conftest import chat, copy_models, run_turn, wait_until_built
 from test_isolated import ISOLATED_MODELS
 
-from ws_server import cgroups
+from ws_server.isolation import cgroups
 
 V1_CGROUP = """\
 9:name=systemd:/

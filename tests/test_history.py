@@ -3,7 +3,7 @@ while it fits, sizes counted once."""
 
 from __future__ import annotations
 
-from ws_server.history import History
+from ws_server.session.history import History
 
 
 def user(text: str) -> dict[str, str]:

@@ -29,8 +29,8 @@ from conftest import (
 )
 from websockets.exceptions import ConnectionClosed
 
-from ws_server import environments
-from ws_server.environments import find_python, interpreters
+from ws_server.isolation import environments
+from ws_server.isolation.environments import find_python, interpreters
 
 ISOLATED_MODELS = Path(__file__).resolve().parent / "isolated_models"
 
@@ -109,7 +109,7 @@ def worker_pids(server: ServerProcess, model: str) -> list[int]:
             continue  # gone meanwhile
         if not argv or os.path.basename(argv[0]) == "bwrap":
             continue  # bwrap's own command line holds the worker's too
-        if any("ws_server.worker" in arg for arg in argv):
+        if any("ws_server.isolation.worker" in arg for arg in argv):
             if json.loads(argv[-1])["name"] == model:
                 workers.append(pid)
     return sorted(workers, key=lambda pid: processes[pid][1])

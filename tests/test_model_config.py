@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from ws_server.environments import interpreters
 from ws_server.exceptions import ModelLoadError
-from ws_server.model_config import MIN_PYTHON, read_config
+from ws_server.isolation.environments import interpreters
+from ws_server.registry.config import MIN_PYTHON, read_config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -129,7 +129,7 @@ def test_the_oldest_supported_python_runs_the_sdk_and_the_one_before_does_not() 
         pytest.skip(f"no python{oldest} on this machine")
     boot = (
         f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
-        "import ws_server.worker, ws_server.model_loader, ws_server.seed_compat"
+        "import ws_server.isolation.worker, ws_server.registry.loader, ws_server.seed_compat"
     )
     for version, works in ((oldest, True), (before, False)):
         if version in found:

@@ -36,9 +36,9 @@ from conftest import (
 )
 from test_isolated import ISOLATED_MODELS, worker_pid
 
-from ws_server import cgroups, sandbox
 from ws_server.exceptions import ModelLoadError
-from ws_server.runners.isolated import describe_exit
+from ws_server.isolation import cgroups, sandbox
+from ws_server.isolation.runner import describe_exit
 
 pytestmark = pytest.mark.sandbox
 

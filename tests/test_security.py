@@ -36,9 +36,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.http11 import Request
 
 from ws_server.exceptions import AdminOnly, Unauthorized
-from ws_server.http_api import HttpApi
-from ws_server.registry import Registry
-from ws_server.security import AccessPolicy, key_protocol, presented_key
+from ws_server.http.routes import HttpApi
+from ws_server.http.security import AccessPolicy, key_protocol, presented_key
+from ws_server.registry.catalog import Registry
 from ws_server.settings import ServerSettings
 
 SECURITY_MODELS = Path(__file__).resolve().parent / "security_models"
@@ -679,8 +679,8 @@ async def test_a_worker_writing_past_flow_control_is_stopped_and_memory_stays_bo
 def test_requirements_that_would_run_code_or_read_outside_the_model_are_refused(
     tmp_path: Path, requirements: str, complaint: str
 ) -> None:
-    from ws_server.environments import check_requirements
     from ws_server.exceptions import ModelLoadError
+    from ws_server.isolation.environments import check_requirements
 
     with pytest.raises(ModelLoadError, match=complaint):
         check_requirements(requirements, tmp_path)

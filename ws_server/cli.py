@@ -10,15 +10,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ws_server import __version__
-from ws_server.client import DEFAULT_URL
+from ws_server.client.chat import DEFAULT_URL
+from ws_server.client.terminal import ChatOptions, restore_ctrl_c, run_chat
 from ws_server.exceptions import SettingsError
 from ws_server.logs import configure_logging
-from ws_server.registry import Registry
+from ws_server.registry.catalog import Registry
 from ws_server.scaffold import create_model
 from ws_server.server import AnythingAgentServer, run_with_best_loop
 from ws_server.settings import add_serve_options, models_dir_from, settings_from
 from ws_server.supervisor import Supervisor, die_with_supervisor
-from ws_server.terminal_client import ChatOptions, restore_ctrl_c, run_chat
 
 CHAT_KEY_ENV = "ANYTHING_AGENT_API_KEY"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ws_server.exceptions import SettingsError
-from ws_server.model_config import NAME_PATTERN, NAME_RULE
+from ws_server.registry.config import NAME_PATTERN, NAME_RULE
 
 MAIN_TEMPLATE = '''\
 """{title}: describe what this model does; the model list shows this text."""

@@ -13,15 +13,16 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from ws_server import cgroups, metrics, protocol
-from ws_server.environments import EnvironmentBuilder, default_cache_dir
+from ws_server import metrics, protocol
 from ws_server.exceptions import HandshakeRefused
-from ws_server.http_api import HttpApi, chat_model_name
-from ws_server.limits import ConnectionCounter
+from ws_server.http.limits import ConnectionCounter
+from ws_server.http.routes import HttpApi, chat_model_name
+from ws_server.http.security import AccessPolicy, keys_source, select_subprotocol
+from ws_server.isolation import cgroups
+from ws_server.isolation.environments import EnvironmentBuilder, default_cache_dir
 from ws_server.loop_watch import LoopWatch
-from ws_server.registry import Registry
-from ws_server.security import AccessPolicy, keys_source, select_subprotocol
-from ws_server.session import ChatSession, SessionLimits
+from ws_server.registry.catalog import Registry
+from ws_server.session.connection import ChatSession, SessionLimits
 from ws_server.settings import ServerSettings
 from ws_server.supervisor import notify_reloaded
 

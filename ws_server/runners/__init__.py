@@ -1,5 +1,5 @@
 """Where model code executes: ``shared`` (in the server process) or ``isolated`` (a worker
-process per model, ``runners.isolated``; not imported here, as workers import this package
+process per model, ``isolation.runner``; not imported here, as workers import this package
 and have none of the server's dependencies)."""
 
 from ws_server.runners.base import ModelSession, Runner

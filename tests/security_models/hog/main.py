@@ -17,7 +17,7 @@ def frame(message):
 
 class Hog(AnythingBaseModel):
     async def on_chat_messages(self, messages):
-        from ws_server.worker import Worker
+        from ws_server.isolation.worker import Worker
 
         worker = next(o for o in gc.get_objects() if isinstance(o, Worker))
         sid, session = next((k, v) for k, v in worker.sessions.items() if v.model.model is self)

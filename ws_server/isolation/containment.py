@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from ws_server import cgroups, launcher, sandbox, syscall_filter
 from ws_server.exceptions import CgroupUnavailable, ModelLoadError
+from ws_server.isolation import cgroups, launcher, sandbox, syscall_filter
 
 log = logging.getLogger("anything_agent.isolated")
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from ws_server import launcher
 from ws_server.exceptions import ModelLoadError
+from ws_server.isolation import launcher
 from ws_server.settings import SANDBOX_MODES
 
 log = logging.getLogger("anything_agent.sandbox")

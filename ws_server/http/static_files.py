@@ -9,11 +9,13 @@ import mimetypes
 from pathlib import Path
 from typing import Final
 
+import ws_server
+
 
 def _web_client_dir() -> Path:
     """Inside the package when installed from a wheel (or ``pip install .``); else beside
     the package, in a source checkout or an editable install."""
-    package = Path(__file__).resolve().parent
+    package = Path(ws_server.__file__).resolve().parent
     installed = package / "web_client"
     return installed if installed.is_dir() else package.parent / "web_client"
 

@@ -28,10 +28,10 @@ from ws_server.exceptions import (
     Unauthorized,
     UpgradeRequired,
 )
-from ws_server.limits import ConnectionCounter
-from ws_server.registry import Registry
-from ws_server.security import SAFE_METHODS, AccessPolicy
-from ws_server.static_files import content_type, resolve_static
+from ws_server.http.limits import ConnectionCounter
+from ws_server.http.security import SAFE_METHODS, AccessPolicy
+from ws_server.http.static_files import content_type, resolve_static
+from ws_server.registry.catalog import Registry
 
 log = logging.getLogger("anything_agent.http")
 

@@ -1,7 +1,7 @@
 """Isolated mode: the model runs in a long-lived worker process started from its own
 virtualenv, with resource limits; sessions are multiplexed over one framed channel.
 
-The runner spawns the worker (``ws_server.worker``), routes channel messages to sessions,
+The runner spawns the worker (``ws_server.isolation.worker``), routes channel messages to sessions,
 replaces a worker that dies (with backoff) and gives up after repeated crashes. Each
 session re-runs ``on_chat_start`` in a new worker before its next turn, with its history
 intact (the history lives in the server's session).
@@ -25,21 +25,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, cast
 
-from ws_server import containment, ipc, metrics
+import ws_server
+from ws_server import metrics
 from ws_server.exceptions import ModelFailed, ModelLoadError, ResourceExhausted, WorkerCrashed
+from ws_server.isolation import containment, ipc
 from ws_server.redaction import redact
 from ws_server.sdk import Message
 
 log = logging.getLogger("anything_agent.isolated")
 
-PACKAGE_DIR: Final = Path(__file__).resolve().parent.parent
+PACKAGE_DIR: Final = Path(ws_server.__file__).resolve().parent
 PACKAGE_PARENT: Final = PACKAGE_DIR.parent
 # The worker's interpreter gets only the standard library, its virtualenv and the
 # directory holding ``ws_server`` on its path: -s and -E keep user site-packages and
 # PYTHON* variables out, -u keeps its prints in order with the log. In the sandbox, that
 # directory holds nothing but ``ws_server``.
 _BOOT: Final = (
-    "import sys; sys.path.insert(0, sys.argv.pop(1)); from ws_server.worker import main; main()"
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+    "from ws_server.isolation.worker import main; main()"
 )
 CRASH_LIMIT: Final = 5
 CRASH_WINDOW: Final = 60.0

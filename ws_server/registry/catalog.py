@@ -15,26 +15,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ws_server import containment, metrics
-from ws_server.environments import EnvironmentBuilder, default_cache_dir
+from ws_server import metrics
 from ws_server.exceptions import (
     ModelAtCapacity,
     ModelLoadError,
     ModelNotFound,
     ModelUnavailable,
 )
-from ws_server.model_config import (
+from ws_server.isolation import containment
+from ws_server.isolation.environments import EnvironmentBuilder, default_cache_dir
+from ws_server.isolation.runner import IsolatedRunner, WorkerSpec
+from ws_server.redaction import redact
+from ws_server.registry.config import (
     NAME_PATTERN,
     NAME_RULE,
     ModelConfig,
     asks_for_isolation,
     read_config,
 )
-from ws_server.model_loader import MAIN_FILE, load_model, unload_package
-from ws_server.redaction import redact
-from ws_server.revision import compute_revision
+from ws_server.registry.loader import MAIN_FILE, load_model, unload_package
+from ws_server.registry.revision import compute_revision
 from ws_server.runners import Runner, SharedRunner
-from ws_server.runners.isolated import IsolatedRunner, WorkerSpec
 
 log = logging.getLogger("anything_agent.registry")
 

@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Literal, TextIO, TypeVar
 
-from ws_server.client import ChatClient, Turn
+from ws_server.client.chat import ChatClient, Turn
 from ws_server.exceptions import ClientError, TurnFailed
 
 T = TypeVar("T")

@@ -20,7 +20,6 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from ws_server import loop_watch, metrics, protocol
-from ws_server.chunk_writer import ChunkWriter
 from ws_server.exceptions import (
     AnythingAgentError,
     BadRequest,
@@ -29,12 +28,13 @@ from ws_server.exceptions import (
     RateLimited,
     ServerUnavailable,
 )
-from ws_server.history import History
-from ws_server.limits import FrameRate
+from ws_server.http.limits import FrameRate
 from ws_server.redaction import redact
-from ws_server.registry import ModelVersion
+from ws_server.registry.catalog import ModelVersion
 from ws_server.runners import ModelSession
 from ws_server.sdk import Message
+from ws_server.session.chunk_writer import ChunkWriter
+from ws_server.session.history import History
 from ws_server.settings import ServerSettings
 
 log = logging.getLogger("anything_agent.session")

@@ -23,10 +23,13 @@ import sys
 from pathlib import Path
 from typing import Any, Final
 
-PACKAGE_PARENT: Final = str(Path(__file__).resolve().parent.parent)
+import ws_server
+
+PACKAGE_PARENT: Final = str(Path(ws_server.__file__).resolve().parent.parent)
 # -I -S: nothing from the environment or site-packages; only the standard library and us.
 _BOOT: Final = (
-    "import sys; sys.path.insert(0, sys.argv.pop(1)); from ws_server.launcher import main; main()"
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+    "from ws_server.isolation.launcher import main; main()"
 )
 STAGE_DIR: Final = "/dev/shm"  # exists on every Linux; covered by our own tmpfs, privately
 EXIT_FAILED: Final = 126

@@ -1,7 +1,7 @@
 """The isolated worker: runs one model version inside its own virtualenv.
 
-Started by ``runners/isolated.py`` with the environment's interpreter. It loads the model
-exactly as shared mode does (``model_loader``, then the same forgiving adapter of
+Started by ``isolation/runner.py`` with the environment's interpreter. It loads the model
+exactly as shared mode does (``registry/loader.py``, then the same forgiving adapter of
 ``runners/shared.py``), then serves any number of sessions multiplexed over the framed
 channel of ``ipc.py``. Standard library only: the server's dependencies are not here.
 """
@@ -19,8 +19,8 @@ import traceback
 from pathlib import Path
 from typing import Any, cast
 
-from ws_server import ipc
 from ws_server.exceptions import ModelLoadError
+from ws_server.isolation import ipc
 from ws_server.runners.shared import SharedRunner, SharedSession
 
 # Outcome sent when a turn allocates past the worker's memory limit; the worker exits
@@ -233,7 +233,7 @@ def _describe(exc: BaseException) -> str:
 async def serve(spec: dict[str, Any]) -> None:
     """Apply the limits, load the model, say ready (or why not), then serve until the
     server closes the channel."""
-    from ws_server.model_loader import load_model
+    from ws_server.registry.loader import load_model
 
     die_with_parent(sandboxed=bool(spec.get("sandboxed")))
     apply_limits(spec.get("memory_bytes"), spec.get("cpus"), spec.get("cpu_offset", 0))
@@ -310,7 +310,7 @@ async def _drain(channel: Channel) -> None:
 
 
 def main() -> None:
-    """Entry point: ``python -c 'from ws_server.worker import main; main()' SPEC_JSON``."""
+    """Entry point: ``python -c 'from ws_server.isolation.worker import main' ... SPEC``."""
     spec = json.loads(sys.argv[1])
     close_inherited_fds(keep=int(spec["fd"]))
     asyncio.run(serve(spec))

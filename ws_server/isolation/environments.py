@@ -27,7 +27,7 @@ from typing import Final, TextIO
 
 from ws_server import metrics
 from ws_server.exceptions import ModelLoadError
-from ws_server.model_config import CONFIG_FILE, Isolation
+from ws_server.registry.config import CONFIG_FILE, Isolation
 from ws_server.sdk import __version__ as SDK_VERSION
 
 log = logging.getLogger("anything_agent.environments")

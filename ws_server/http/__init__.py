@@ -1,0 +1,1 @@
+"""The HTTP side of the chat port: routes, static files, access control and limits."""

@@ -1,0 +1,1 @@
+"""One conversation: the connection adapter, its history and the batched writer."""
