@@ -308,10 +308,22 @@ async def chat(server: ServerProcess, model: str, **kwargs: Any) -> AsyncIterato
 
 
 async def recv_frame(ws: ClientConnection, timeout: float = RECV_TIMEOUT) -> dict[str, Any]:
-    """The next frame, parsed; fails the test rather than hanging."""
+    """The next frame, parsed; fails the test rather than hanging.
+
+    Every test checks design.md's ``seq`` rule as it reads: each chunk, done and error
+    frame of a session carries the seq one above the last. The seq is then taken off, so
+    that tests compare frames by what they say."""
     raw = await asyncio.wait_for(ws.recv(), timeout)
     frame = json.loads(raw)
     assert isinstance(frame, dict)
+    if frame.get("type") in ("ready", "resumed"):
+        ws.last_seq = frame.get("after", 0)  # type: ignore[attr-defined]
+    elif "seq" in frame:
+        expected = getattr(ws, "last_seq", 0) + 1
+        assert frame["seq"] == expected, f"seq {frame['seq']} where {expected} was due: {frame}"
+        ws.last_seq = frame.pop("seq")  # type: ignore[attr-defined]
+    else:
+        assert frame.get("type") == "error", f"a frame without seq: {frame}"
     return frame
 
 

@@ -96,13 +96,15 @@ def test_server_frames_are_compact_json() -> None:
         "model": "echo",
         "version": "1.0",
     }
-    assert json.loads(protocol.encode_chunk(3, 'quote " and 中文\n')) == {
+    assert json.loads(protocol.encode_chunk(7, 3, 'quote " and 中文\n')) == {
         "type": "chunk",
+        "seq": 7,
         "turn": 3,
         "content": 'quote " and 中文\n',
     }
-    assert json.loads(protocol.encode_done(3, "cancelled")) == {
+    assert json.loads(protocol.encode_done(8, 3, "cancelled")) == {
         "type": "done",
+        "seq": 8,
         "turn": 3,
         "reason": "cancelled",
     }
@@ -112,6 +114,13 @@ def test_server_frames_are_compact_json() -> None:
         "message": "wait",
     }
     assert json.loads(protocol.encode_error("timeout", "slow", turn=2))["turn"] == 2
+    assert list(json.loads(protocol.encode_error("busy", "wait", 2, seq=9))) == [
+        "type",
+        "seq",
+        "code",
+        "message",
+        "turn",
+    ]
     assert json.loads(protocol.encode_http_error("not_found", "no")) == {
         "error": {"code": "not_found", "message": "no"}
     }
@@ -128,8 +137,10 @@ def test_client_frames_encode_to_what_the_server_parses() -> None:
 def test_server_frames_parse_back_to_what_was_encoded() -> None:
     parse = protocol.parse_server_frame
     assert parse(protocol.encode_ready("s1", "echo", "1.0")) == protocol.Ready("s1", "echo", "1.0")
-    assert parse(protocol.encode_chunk(3, 'a "quoted"\n')) == protocol.Chunk(3, 'a "quoted"\n')
-    assert parse(protocol.encode_done(3, "timeout")) == protocol.Done(3, "timeout")
+    assert parse(protocol.encode_chunk(5, 3, 'a "quoted"\n')) == protocol.Chunk(
+        3, 'a "quoted"\n', 5
+    )
+    assert parse(protocol.encode_done(6, 3, "timeout")) == protocol.Done(3, "timeout", 6)
     assert parse(protocol.encode_error("busy", "wait")) == protocol.ErrorReport("busy", "wait")
     assert parse(protocol.encode_error("timeout", "slow", 2)) == protocol.ErrorReport(
         "timeout", "slow", 2
@@ -137,8 +148,51 @@ def test_server_frames_parse_back_to_what_was_encoded() -> None:
 
 
 def test_server_frames_may_carry_extra_fields() -> None:
-    frame = '{"type":"chunk","turn":1,"content":"x","model_extra":true}'
-    assert protocol.parse_server_frame(frame) == protocol.Chunk(1, "x")
+    frame = '{"type":"chunk","seq":4,"turn":1,"content":"x","model_extra":true}'
+    assert protocol.parse_server_frame(frame) == protocol.Chunk(1, "x", 4)
+
+
+def test_resume_entries_are_parsed_and_malformed_ones_refused() -> None:
+    assert protocol.parse_offer(["anything-agent.v1"]) == protocol.Offer()
+    assert protocol.parse_offer(["anything-agent.v1", "resumable"]) == protocol.Offer(True)
+    entry = protocol.resume_entry("Ab-_9", 12)
+    assert entry == "resume.Ab-_9.12"
+    assert protocol.parse_offer([entry]) == protocol.Offer(
+        True, protocol.ResumeRequest("Ab-_9", 12)
+    )
+    for bad in (
+        "resume.",
+        "resume.tok",
+        "resume.tok.",
+        "resume.tok.-1",
+        "resume.tok.01",
+        "resume.to$k.3",
+        "resume.tok.3.4",
+        f"resume.{'a' * 129}.1",
+        "resume.tok.99999999999999999999",  # a huge after
+    ):
+        with pytest.raises(BadRequest, match="malformed resume entry"):
+            protocol.parse_offer([bad])
+    with pytest.raises(BadRequest, match="more than one"):
+        protocol.parse_offer(["resume.a.1", "resume.b.2"])
+
+
+def test_resumed_and_resumable_ready_frames_parse_back() -> None:
+    parse = protocol.parse_server_frame
+    ready = protocol.encode_ready("s", "echo", "1", "tok", 30.0)
+    assert parse(ready) == protocol.Ready("s", "echo", "1", "tok", 30.0)
+    resumed = protocol.encode_resumed("s", "echo", "1", after=4, replayed=2, turn=1, running=True)
+    assert json.loads(resumed) == {
+        "type": "resumed",
+        "session_id": "s",
+        "model": "echo",
+        "version": "1",
+        "after": 4,
+        "replayed": 2,
+        "turn": 1,
+        "running": True,
+    }
+    assert parse(resumed) == protocol.Resumed("s", "echo", "1", 4, 2, 1, True)
 
 
 @pytest.mark.parametrize(
@@ -178,4 +232,4 @@ def test_lone_surrogates_in_client_text_are_bad_requests() -> None:
 def test_a_chunk_with_a_lone_surrogate_is_repaired_not_refused() -> None:
     assert protocol.clean_text("ok \ud800!") == "ok \ufffd!"
     assert protocol.clean_text("plain") == "plain"
-    protocol.encode_chunk(1, protocol.clean_text("\udfff")).encode()
+    protocol.encode_chunk(1, 1, protocol.clean_text("\udfff")).encode()

@@ -13,7 +13,16 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from conftest import SHIPPED_MODELS, ServerProcess, chat, copy_models, http, read_turn, run_turn
+from conftest import (
+    SHIPPED_MODELS,
+    ServerProcess,
+    chat,
+    copy_models,
+    http,
+    read_turn,
+    recv_frame,
+    run_turn,
+)
 from websockets.asyncio.client import connect
 
 
@@ -109,9 +118,9 @@ async def test_sigterm_drains_every_process_and_exits_0(start_server: Any, tmp_p
     sockets = []
     for _ in range(6):  # enough sessions to have turns running in both processes
         ws = await connect(server.chat_url("slow"))
-        assert json.loads(await ws.recv())["type"] == "ready"
+        assert (await recv_frame(ws))["type"] == "ready"
         await ws.send("go")
-        assert json.loads(await ws.recv())["content"] == "first"
+        assert (await recv_frame(ws))["content"] == "first"
         sockets.append(ws)
     server.send_signal(signal.SIGTERM)
     for ws in sockets:  # each running turn finishes within the grace period

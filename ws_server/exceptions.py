@@ -72,6 +72,13 @@ class RouteNotFound(HandshakeRefused):
     http_status = 404
 
 
+class MalformedHandshake(HandshakeRefused):
+    """A handshake's subprotocol entries are malformed (a bad ``resume.`` entry)."""
+
+    code = "bad_request"
+    http_status = 400
+
+
 class UpgradeRequired(HandshakeRefused):
     """A plain HTTP request reached the WebSocket chat endpoint."""
 

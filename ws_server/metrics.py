@@ -64,6 +64,14 @@ TURN_DURATION = Histogram(
     "anything_agent_turn_seconds", "Turn duration", ["model"], buckets=DURATION_BUCKETS
 )
 ERRORS = Counter("anything_agent_errors", "Error frames sent", ["code"])
+SESSIONS_DETACHED = Gauge(
+    "anything_agent_sessions_detached", "Sessions waiting for their client to resume"
+)
+RESUMES = Counter("anything_agent_resumes", "Resume attempts, by outcome", ["outcome"])
+REPLAYED_FRAMES = Counter("anything_agent_replayed_frames", "Frames replayed to resumed clients")
+REPLAY_BUFFER_BYTES = Gauge(
+    "anything_agent_replay_buffer_bytes", "Bytes held in sessions' replay buffers"
+)
 HANDSHAKE_REFUSALS = Counter(
     "anything_agent_handshake_refusals", "WebSocket handshakes refused", ["status"]
 )

@@ -25,7 +25,10 @@ ErrorCode = Literal[
     "model_crashed",
     "resource_exhausted",
     "rate_limited",
+    "overloaded",
     "unavailable",
+    "resume_expired",
+    "interrupted",
     "internal",
 ]
 ROLES: Final = ("user", "assistant", "system")
@@ -33,6 +36,12 @@ ROLES: Final = ("user", "assistant", "system")
 # encoded as UTF-8, so they can't be sent or counted. Found where strings enter.
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
 FRAME_TYPES: Final = ("message", "messages", "cancel")
+# Subprotocol entries (design.md, *Resuming*): a client that can resume offers
+# ``resumable``; to resume it offers ``resume.<token>.<after>``. Beside ``anything-agent.v1``.
+RESUMABLE: Final = "resumable"
+RESUME_PREFIX: Final = "resume."
+TOKEN_PATTERN: Final = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_RESUME_ENTRY: Final = re.compile(r"^resume\.([A-Za-z0-9_-]{1,128})\.(0|[1-9][0-9]{0,17})$")
 DONE_REASONS: Final = ("stop", "cancelled", "timeout", "error")
 
 
@@ -57,6 +66,49 @@ class CancelTurn:
 
 
 ClientFrame = UserMessage | ReplaceHistory | CancelTurn
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeRequest:
+    """``resume.<token>.<after>``: carry on the session of ``token`` after frame ``after``."""
+
+    token: str
+    after: int
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """What a handshake's subprotocol entries ask about resuming."""
+
+    resumable: bool = False
+    resume: ResumeRequest | None = None
+
+
+def parse_offer(entries: list[str]) -> Offer:
+    """The resume entries among a handshake's subprotocols, or ``BadRequest`` for a
+    malformed ``resume.`` entry (or two of them)."""
+    resume: ResumeRequest | None = None
+    resumable = False
+    for entry in entries:
+        if entry == RESUMABLE:
+            resumable = True
+        elif entry.startswith(RESUME_PREFIX):
+            match = _RESUME_ENTRY.match(entry)
+            if match is None:
+                raise BadRequest(
+                    "malformed resume entry: offer resume.<token>.<after>, the token as "
+                    "ready gave it and after the last seq processed (0 if none)"
+                )
+            if resume is not None:
+                raise BadRequest("more than one resume entry offered")
+            resume = ResumeRequest(match.group(1), int(match.group(2)))
+    return Offer(resumable or resume is not None, resume)
+
+
+def resume_entry(token: str, after: int) -> str:
+    """The subprotocol entry a client offers to resume (the inverse of ``parse_offer``)."""
+    return f"{RESUME_PREFIX}{token}.{after:d}"
+
 
 _CANCEL: Final = CancelTurn()
 
@@ -168,24 +220,69 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def encode_ready(session_id: str, model: str, version: str) -> str:
-    """Sent once ``on_chat_start`` has returned."""
-    return _dumps({"type": "ready", "session_id": session_id, "model": model, "version": version})
+def encode_ready(
+    session_id: str,
+    model: str,
+    version: str,
+    resume_token: str | None = None,
+    resume_window: float | None = None,
+) -> str:
+    """Sent once ``on_chat_start`` has returned; a resumable session's carries its token."""
+    frame: dict[str, Any] = {
+        "type": "ready",
+        "session_id": session_id,
+        "model": model,
+        "version": version,
+    }
+    if resume_token is not None:
+        frame["resume_token"] = resume_token
+        frame["resume_window"] = resume_window
+    return _dumps(frame)
 
 
-def encode_chunk(turn: int, content: str) -> str:
+def encode_resumed(
+    session_id: str,
+    model: str,
+    version: str,
+    after: int,
+    replayed: int,
+    turn: int,
+    running: bool,
+) -> str:
+    """A resume succeeded: the ``replayed`` frames after ``after`` follow, then live ones."""
+    return _dumps(
+        {
+            "type": "resumed",
+            "session_id": session_id,
+            "model": model,
+            "version": version,
+            "after": after,
+            "replayed": replayed,
+            "turn": turn,
+            "running": running,
+        }
+    )
+
+
+def encode_chunk(seq: int, turn: int, content: str) -> str:
     """One piece the model yielded; the hot path, so a template rather than a dict."""
-    return f'{{"type":"chunk","turn":{turn:d},"content":{_dumps(content)}}}'
+    return f'{{"type":"chunk","seq":{seq:d},"turn":{turn:d},"content":{_dumps(content)}}}'
 
 
-def encode_done(turn: int, reason: DoneReason) -> str:
+def encode_done(seq: int, turn: int, reason: DoneReason) -> str:
     """The turn is over."""
-    return f'{{"type":"done","turn":{turn:d},"reason":"{reason}"}}'
+    return f'{{"type":"done","seq":{seq:d},"turn":{turn:d},"reason":"{reason}"}}'
 
 
-def encode_error(code: ErrorCode, message: str, turn: int | None = None) -> str:
-    """Something the client should know; the connection stays usable unless a close follows."""
-    frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
+def encode_error(
+    code: ErrorCode, message: str, turn: int | None = None, seq: int | None = None
+) -> str:
+    """Something the client should know; the connection stays usable unless a close follows.
+    ``seq`` is None only before ``ready`` and for ``resume_expired``."""
+    frame: dict[str, Any] = {"type": "error"}
+    if seq is not None:
+        frame["seq"] = seq
+    frame.update(code=code, message=message)
     if turn is not None:
         frame["turn"] = turn
     return _dumps(frame)
@@ -214,19 +311,36 @@ def encode_cancel() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Ready:
-    """The session is open: ``on_chat_start`` has returned."""
+    """The session is open: ``on_chat_start`` has returned. A resumable session's carries
+    the token to resume it with and the seconds it waits for a resume."""
 
     session_id: str
     model: str
     version: str
+    resume_token: str | None = None
+    resume_window: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """A resume succeeded: ``replayed`` frames after ``after`` follow, then the live ones."""
+
+    session_id: str
+    model: str
+    version: str
+    after: int
+    replayed: int
+    turn: int
+    running: bool
 
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """One piece the model yielded in turn ``turn``."""
+    """One piece the model yielded in turn ``turn``; ``seq`` numbers the session's frames."""
 
     turn: int
     content: str
+    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,18 +349,21 @@ class Done:
 
     turn: int
     reason: DoneReason
+    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class ErrorReport:
-    """An ``error`` frame; ``turn`` is set when it belongs to a turn."""
+    """An ``error`` frame; ``turn`` is set when it belongs to a turn, ``seq`` unless it came
+    before ``ready`` or is ``resume_expired``."""
 
     code: str
     message: str
     turn: int | None = None
+    seq: int | None = None
 
 
-ServerFrame = Ready | Chunk | Done | ErrorReport
+ServerFrame = Ready | Resumed | Chunk | Done | ErrorReport
 
 
 def parse_server_frame(data: str | bytes) -> ServerFrame:
@@ -267,26 +384,54 @@ def parse_server_frame(data: str | bytes) -> ServerFrame:
     kind = frame.get("type")
     try:
         if kind == "chunk":
-            return Chunk(_field(frame, "turn", int), _field(frame, "content", str))
+            return Chunk(
+                _field(frame, "turn", int), _field(frame, "content", str), _field(frame, "seq", int)
+            )
         if kind == "done":
             reason = _field(frame, "reason", str)
             if reason not in DONE_REASONS:
                 raise ProtocolViolation(f'unknown done reason "{reason[:40]}"')
-            return Done(_field(frame, "turn", int), reason)
+            return Done(_field(frame, "turn", int), reason, _field(frame, "seq", int))
         if kind == "error":
-            turn = frame.get("turn")
-            if turn is not None and (not isinstance(turn, int) or isinstance(turn, bool)):
-                raise ProtocolViolation('"turn" of an error frame must be an integer')
-            return ErrorReport(_field(frame, "code", str), _field(frame, "message", str), turn)
+            turn, seq = _optional_int(frame, "turn"), _optional_int(frame, "seq")
+            return ErrorReport(_field(frame, "code", str), _field(frame, "message", str), turn, seq)
         if kind == "ready":
+            token = frame.get("resume_token")
+            window = frame.get("resume_window")
+            if token is not None and not isinstance(token, str):
+                raise ProtocolViolation('"resume_token" must be a string')
+            if window is not None and (not isinstance(window, (int, float)) or window is True):
+                raise ProtocolViolation('"resume_window" must be a number')
             return Ready(
                 _field(frame, "session_id", str),
                 _field(frame, "model", str),
                 _field(frame, "version", str),
+                token,
+                window,
+            )
+        if kind == "resumed":
+            running = frame.get("running")
+            if not isinstance(running, bool):
+                raise ProtocolViolation('"running" must be true or false')
+            return Resumed(
+                _field(frame, "session_id", str),
+                _field(frame, "model", str),
+                _field(frame, "version", str),
+                _field(frame, "after", int),
+                _field(frame, "replayed", int),
+                _field(frame, "turn", int),
+                running,
             )
     except ProtocolViolation as exc:
         raise ProtocolViolation(f"bad {kind} frame from the server: {exc}") from None
     raise ProtocolViolation(f"the server sent an unknown frame type: {str(kind)[:40]!r}")
+
+
+def _optional_int(frame: dict[str, Any], name: str) -> int | None:
+    value = frame.get(name)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ProtocolViolation(f'"{name}" of an error frame must be an integer')
+    return value
 
 
 def _field(frame: dict[str, Any], name: str, kind: type) -> Any:

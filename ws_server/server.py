@@ -17,13 +17,23 @@ from ws_server import metrics, protocol
 from ws_server.exceptions import HandshakeRefused
 from ws_server.http.limits import ConnectionCounter
 from ws_server.http.routes import HttpApi, chat_model_name
-from ws_server.http.security import AccessPolicy, keys_source, select_subprotocol
+from ws_server.http.security import (
+    AccessPolicy,
+    key_digest,
+    keys_source,
+    offered_subprotocols,
+    select_subprotocol,
+)
 from ws_server.isolation import cgroups
 from ws_server.isolation.environments import EnvironmentBuilder, default_cache_dir
 from ws_server.loop_watch import LoopWatch
 from ws_server.registry.catalog import Registry
-from ws_server.session.connection import ChatSession, SessionLimits
+from ws_server.session.connection import ChatConnection, ConnectionLimits
+from ws_server.session.conversation import Conversation, HistoryLimits
+from ws_server.session.live import LiveSession, digest, new_token
+from ws_server.session.outbox import Outbox
 from ws_server.settings import ServerSettings
+from ws_server.store.memory import MemoryStore
 from ws_server.supervisor import notify_reloaded
 
 log = logging.getLogger("anything_agent.server")
@@ -48,11 +58,17 @@ class AnythingAgentServer:
             settings.max_connections if limited else None,
             settings.max_connections_per_address if limited else None,
         )
-        self.session_limits = SessionLimits.from_settings(settings)
+        self.connection_limits = ConnectionLimits.from_settings(settings)
+        self.history_limits = HistoryLimits(
+            settings.max_history_messages, settings.max_history_bytes
+        )
         self.http = HttpApi(
             self.registry, self.access, self.connections, on_reload=self._reloaded_here
         )
-        self.sessions: set[ChatSession] = set()
+        self.store = MemoryStore()  # where sessions live between connections
+        metrics.REPLAY_BUFFER_BYTES.set_function(
+            lambda: sum(s.conversation.outbox.buffered_bytes for s in self.store.local())
+        )
         self._ws_server: Server | None = None
         self._stopping = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
@@ -155,8 +171,11 @@ class AnythingAgentServer:
     def _on_signal(self, signum: int) -> None:
         if self._stopping.is_set():
             log.warning("second %s: cancelling running turns now", signal.Signals(signum).name)
-            for session in list(self.sessions):
-                session.cancel_now()
+            for session in self.store.local():
+                task = session.conversation.cancel_now()
+                if task is not None:
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
             return
         log.info("%s received: shutting down", signal.Signals(signum).name)
         self._stopping.set()
@@ -171,8 +190,9 @@ class AnythingAgentServer:
         assert self._ws_server is not None
         grace = self.settings.grace_period
         self._ws_server.close(close_connections=False)
-        log.info("stopping: %d open sessions, grace period %g s", len(self.sessions), grace)
-        await asyncio.gather(*(s.shutdown(grace) for s in list(self.sessions)))
+        sessions = self.store.local()
+        log.info("stopping: %d open sessions, grace period %g s", len(sessions), grace)
+        await asyncio.gather(*(self._shutdown_session(s, grace) for s in sessions))
         try:  # handshakes still in progress, peers that never answer the close
             await asyncio.wait_for(self._ws_server.wait_closed(), CLOSE_LIMIT)
         except TimeoutError:
@@ -193,35 +213,102 @@ class AnythingAgentServer:
 
     async def _handle_connection(self, connection: ServerConnection) -> None:
         assert connection.request is not None
+        headers = connection.request.headers
         name = chat_model_name(connection.request.path)
         assert name is not None  # process_request only lets chat paths through
+        offer = protocol.parse_offer(offered_subprotocols(headers))  # checked at handshake
+        key = key_digest(headers)
+        peer = _peer_address(connection)
+        self.connections.opened(peer)
+        metrics.CONNECTIONS.inc()
+        adapter = ChatConnection(connection, self.connection_limits, lambda: self._release(peer))
+        try:
+            if offer.resume is not None:
+                session, problem = await self._resumable(name, key, offer.resume)
+                if session is not None and problem is None:
+                    frames = await self.store.frames_after(session, offer.resume.after)
+                    if frames is not None:
+                        await adapter.resume(session, offer.resume.after, frames)
+                        return
+                    problem = f"frames after {offer.resume.after} are no longer buffered"
+                await self._resume_failed(connection, session, problem)
+            await self._open_session(connection, adapter, name, key, offer.resumable)
+        finally:
+            adapter.gone()
+
+    async def _resumable(
+        self, name: str, key: str, request: protocol.ResumeRequest
+    ) -> tuple[LiveSession | None, str | None]:
+        """The session a resume names, and why it cannot be resumed here (None: it can)."""
+        session = await self.store.find(digest(request.token))
+        if session is None:
+            return None, "unknown or expired resume token"
+        if session.conversation.version.name != name:
+            return session, "the resume token belongs to another model's session"
+        if session.key_digest != key:
+            return session, "the resume token was issued to another API key"
+        return session, None
+
+    async def _resume_failed(
+        self, connection: ServerConnection, session: LiveSession | None, problem: str | None
+    ) -> None:
+        """``resume_expired`` (no seq); the old session ends; a new one follows."""
+        metrics.RESUMES.labels(outcome="expired").inc()
+        metrics.ERRORS.labels(code="resume_expired").inc()
+        message = f"{problem}; a new session follows (resend your history if you keep one)"
+        log.info("resume refused: %s", problem)
+        if session is not None:
+            session.end()
+        try:
+            await connection.send(protocol.encode_error("resume_expired", message))
+        except ConnectionClosed:
+            pass
+
+    async def _open_session(
+        self,
+        connection: ServerConnection,
+        adapter: ChatConnection,
+        name: str,
+        key: str,
+        resumable: bool,
+    ) -> None:
         try:
             version = self.registry.acquire(name)
         except HandshakeRefused as exc:  # changed between handshake and now
             await _refuse_open(connection, exc)
             return
-        peer = _peer_address(connection)
-        sessions = metrics.SESSIONS.labels(model=version.name)
-        session = ChatSession(
-            connection,
-            version,
-            debug=self.settings.debug,
-            limits=self.session_limits,
-            # The slot frees when the connection goes, not when the session has wound up
-            # (on_chat_end may take a while): a client reconnecting at once is not refused
-            # for a connection it no longer has.
-            on_disconnect=lambda: self._release(peer),
+        window = self.settings.resume_window if resumable else 0.0
+        token = new_token() if window > 0 else None
+        outbox = Outbox(self.settings.replay_buffer_bytes if token is not None else 0)
+        conversation = Conversation(
+            version, outbox, limits=self.history_limits, debug=self.settings.debug
         )
-        self.sessions.add(session)
-        self.connections.opened(peer)
-        metrics.CONNECTIONS.inc()
-        sessions.inc()
-        try:
-            await session.run()
-        finally:
-            sessions.dec()
-            self.sessions.discard(session)
-            self.registry.release(version)
+        session = LiveSession(
+            conversation, token=token, key_digest=key, window=window, on_end=self._ended
+        )
+        await self.store.add(session)
+        metrics.SESSIONS.labels(model=version.name).inc()
+        await adapter.open(session, token)
+
+    def _ended(self, session: LiveSession) -> None:
+        """A session ended (on_chat_end has run): forget it, release its version."""
+        conversation = session.conversation
+        task = asyncio.get_running_loop().create_task(self.store.remove(session))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        metrics.SESSIONS.labels(model=conversation.version.name).dec()
+        self.registry.release(conversation.version)
+        conversation.log(
+            logging.INFO, "closed after %d turns (code %s)", conversation.turn, session.close_code
+        )
+
+    async def _shutdown_session(self, session: LiveSession, grace: float) -> None:
+        """Server stopping: a running turn gets the grace period, then is cancelled; the
+        connection (if any) closes with 1001; ``on_chat_end`` runs."""
+        await session.conversation.wind_down(grace)
+        if isinstance(session.attachment, ChatConnection):
+            await session.attachment.close_going_away()
+        await session.end("cancelled")
 
 
 def _raise_open_files_limit() -> None:

@@ -51,6 +51,9 @@ class ServerSettings:
     idle_timeout: float = 900.0  # 0: never
     ping_interval: float = 20.0  # 0: no keepalive pings
     ping_timeout: float = 20.0
+    # --- resuming (see session/live.py): how long a dropped session waits, what it keeps
+    resume_window: float = 30.0  # 0: resume off
+    replay_buffer_bytes: int = 1024 * 1024
     # --- isolated models' sandbox (bubblewrap): auto uses it where it works
     sandbox: str = "auto"
     # Server variables naming directories every sandboxed worker shares read-write (a
@@ -182,6 +185,8 @@ _SERVE_OPTIONS: Final = (
     _Option("--idle-timeout", _positive_float, "seconds without a frame before closing (0: never)"),
     _Option("--ping-interval", _positive_float, "seconds between keepalive pings (0: none)"),
     _Option("--ping-timeout", _positive_float, "seconds to wait for a pong before dropping"),
+    _Option("--resume-window", _positive_float, "seconds a dropped session waits (0: no resume)"),
+    _Option("--replay-buffer-bytes", _count, "bytes of frames kept per session for resumes"),
     _Option("--sandbox", _sandbox, "bubblewrap for isolated models: auto, on or off"),
     _Option("--workers", _count, "server processes sharing the port (SO_REUSEPORT)"),
     _Option(

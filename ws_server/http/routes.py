@@ -21,7 +21,9 @@ from websockets.http11 import Request, Response
 
 from ws_server import metrics, protocol
 from ws_server.exceptions import (
+    BadRequest,
     HandshakeRefused,
+    MalformedHandshake,
     MethodNotAllowed,
     ModelUnavailable,
     RouteNotFound,
@@ -29,7 +31,7 @@ from ws_server.exceptions import (
     UpgradeRequired,
 )
 from ws_server.http.limits import ConnectionCounter
-from ws_server.http.security import SAFE_METHODS, AccessPolicy
+from ws_server.http.security import SAFE_METHODS, AccessPolicy, offered_subprotocols
 from ws_server.http.static_files import content_type, resolve_static
 from ws_server.registry.catalog import Registry
 
@@ -130,6 +132,10 @@ class HttpApi:
 
     # ------------------------------------------------------------------ routes
     async def open_chat(self, request: Request, params: dict[str, str]) -> Response | None:
+        try:
+            protocol.parse_offer(offered_subprotocols(request.headers))
+        except BadRequest as exc:
+            raise MalformedHandshake(exc.message) from None
         self.registry.serving_version(params["1"])  # raises 404 / 503 with the reason
         if "websocket" not in request.headers.get("Upgrade", "").lower():
             raise UpgradeRequired(

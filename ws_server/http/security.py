@@ -41,6 +41,23 @@ def select_subprotocol(connection: object, offered: Sequence[Subprotocol]) -> Su
     return SUBPROTOCOL if SUBPROTOCOL in offered else None
 
 
+def offered_subprotocols(headers: Headers) -> list[str]:
+    """Every entry of the request's ``Sec-WebSocket-Protocol`` headers, in order."""
+    return [
+        entry.strip()
+        for header in headers.get_all("Sec-WebSocket-Protocol")
+        for entry in header.split(",")
+        if entry.strip()
+    ]
+
+
+def key_digest(headers: Headers) -> str:
+    """The SHA-256 of the API key a request presents ("" for none): what a resumable
+    session keeps, so that only the same key may resume it."""
+    key = presented_key(headers)
+    return hashlib.sha256(key.encode()).hexdigest() if key else ""
+
+
 def key_protocol(key: str) -> str:
     """The subprotocol entry that carries ``key`` (what the web client sends)."""
     return KEY_PROTOCOL_PREFIX + base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")

@@ -1,4 +1,5 @@
-"""Writes a turn's chunk frames with as few socket writes as the model allows.
+"""Writes a session's frames to its connection with as few socket writes as the model
+allows (the outbox's ``Sink``).
 
 Every piece the model yields is still its own ``chunk`` frame, as the protocol promises,
 and the first one of a turn goes out at once. After that, frames that pile up while the
@@ -9,8 +10,9 @@ bytes are waiting. One ``write`` for many frames is where most of a fast stream'
 (one system call per frame). Backpressure holds: after each batch the writer waits while
 the socket's buffer is over websockets' write limit, so the model is paused there.
 
-This uses the websockets connection's ``protocol`` (its sans-I/O state machine) and
-``drain``; everything else (state checks, close handling) goes through ``send`` as usual.
+Frames are the outbox's bytes, sent as text frames as they are (encoded once). This uses
+the websockets connection's documented sans-I/O side, as ``broadcast()`` does:
+``protocol.send_text`` and ``data_to_send``, then ``transport.write`` and ``drain``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import asyncio
 from typing import Final
 
 from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 MAX_BATCH: Final = 64 * 1024
@@ -27,8 +30,8 @@ MAX_BATCH: Final = 64 * 1024
 MAX_FRAMES: Final = 64
 
 
-class ChunkWriter:
-    """The chunk frames of one turn on one connection."""
+class FrameWriter:
+    """The frames of one session on one connection."""
 
     def __init__(self, connection: ServerConnection) -> None:
         self.connection = connection
@@ -38,13 +41,12 @@ class ChunkWriter:
         self._scheduled = False
         self._loop = asyncio.get_running_loop()
 
-    async def write(self, frame: str) -> None:
-        """Send one chunk frame: at once if nothing is waiting, else with the batch."""
+    async def write(self, data: bytes) -> None:
+        """Send one frame: at once if nothing is waiting, else with the batch. Never
+        raises: a connection that is closing takes no more (the outbox keeps the frame
+        for a resume), and its adapter notices the close on its own."""
         if self._protocol.state is not State.OPEN:
-            self.flush()
-            await self.connection.send(frame)  # raises ConnectionClosed as it should
             return
-        data = frame.encode()
         self._protocol.send_text(data)
         self._pending += len(data)
         self._frames += 1
@@ -60,7 +62,29 @@ class ChunkWriter:
                 await asyncio.sleep(0)
         else:
             return
-        await self.connection.drain()  # wait here while the peer is slow: backpressure
+        await self._drain()
+
+    async def write_now(self, data: bytes) -> None:
+        """Send one frame that ends a run (done, error) with whatever is batched, now."""
+        if self._protocol.state is not State.OPEN:
+            return
+        self.enqueue(data)
+        self.flush()
+        await self._drain()
+
+    def enqueue(self, data: bytes) -> None:
+        """Queue a frame without waiting (a resume's replay: nothing may come between)."""
+        if self._protocol.state is State.OPEN:
+            self._protocol.send_text(data)
+            self._pending += len(data)
+            self._frames += 1
+
+    async def _drain(self) -> None:
+        """Wait here while the peer is slow: backpressure reaches the model."""
+        try:
+            await self.connection.drain()
+        except (ConnectionClosed, OSError):
+            pass
 
     def _flush_soon(self) -> None:
         self._scheduled = False

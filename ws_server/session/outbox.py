@@ -1,0 +1,131 @@
+"""A session's outbox: the only path from a conversation to a socket.
+
+Every chunk, done and error frame of a session goes through here: the outbox stamps its
+``seq``, encodes it once, keeps the exact bytes in a bounded replay buffer (for a client
+that resumes) and hands them to the attached connection's writer, if one is attached.
+While no connection is attached, frames only go to the buffer; once it is full, the
+producer (the model's turn) waits for a connection: frames are never dropped unsent.
+While one is attached, the oldest frames (already sent) make room for new ones.
+
+No sockets here: a ``Sink`` is whatever writes bytes (the connection adapter's writer),
+so the conversation core is tested with an in-memory one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Final, Protocol
+
+from ws_server import protocol
+
+DEFAULT_REPLAY_BYTES: Final = 1024 * 1024
+_FRAME_OVERHEAD: Final = 64  # bytes a buffered frame costs beyond its own (tuple, deque slot)
+
+
+class Sink(Protocol):
+    """Where an attached connection takes the outbox's frames."""
+
+    async def write(self, data: bytes) -> None:
+        """A frame that may be batched with those that follow (chunks)."""
+
+    async def write_now(self, data: bytes) -> None:
+        """A frame that ends a run (done, error): written at once, with any batch."""
+
+
+class Outbox:
+    """Numbers, buffers and delivers one session's frames."""
+
+    __slots__ = ("_buffer", "_buffered", "_limit", "_room", "_sink", "seq")
+
+    def __init__(self, replay_bytes: int = DEFAULT_REPLAY_BYTES) -> None:
+        self.seq = 0  # the last seq stamped
+        self._limit = replay_bytes  # 0: keep nothing (a client that can't resume)
+        self._buffer: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._buffered = 0
+        self._sink: Sink | None = None
+        self._room: asyncio.Future[None] | None = None  # set when a detached producer waits
+
+    # ------------------------------------------------------------------ producer side
+    async def chunk(self, turn: int, content: str) -> int:
+        """A piece the model yielded; the bytes of its frame (for /metrics)."""
+        self.seq += 1
+        data = protocol.encode_chunk(self.seq, turn, content).encode()
+        if self._limit:
+            self._keep(data)
+        sink = self._sink
+        if sink is not None:
+            await sink.write(data)
+        elif self._limit:
+            await self._wait_for_room()
+        return len(data)
+
+    async def done(self, turn: int, reason: protocol.DoneReason) -> None:
+        self.seq += 1
+        await self._final(protocol.encode_done(self.seq, turn, reason).encode())
+
+    async def error(self, code: protocol.ErrorCode, message: str, turn: int | None = None) -> None:
+        self.seq += 1
+        await self._final(protocol.encode_error(code, message, turn, self.seq).encode())
+
+    async def _final(self, data: bytes) -> None:
+        if self._limit:
+            self._keep(data)
+        sink = self._sink
+        if sink is not None:
+            await sink.write_now(data)
+        elif self._limit:
+            await self._wait_for_room()
+
+    def _keep(self, data: bytes) -> None:
+        self._buffer.append((self.seq, data))
+        self._buffered += len(data) + _FRAME_OVERHEAD
+        if self._sink is not None:  # sent already: the oldest may go to make room
+            while self._buffered > self._limit and len(self._buffer) > 1:
+                _, old = self._buffer.popleft()
+                self._buffered -= len(old) + _FRAME_OVERHEAD
+
+    async def _wait_for_room(self) -> None:
+        """Detached: past the buffer's bound, the producer waits for a connection."""
+        while self._sink is None and self._buffered > self._limit:
+            if self._room is None or self._room.done():
+                self._room = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._room)
+
+    # ------------------------------------------------------------------ connection side
+    @property
+    def attached(self) -> bool:
+        return self._sink is not None
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._buffered
+
+    @property
+    def resumable(self) -> bool:
+        return self._limit > 0
+
+    def attach(self, sink: Sink) -> None:
+        """Deliver frames to ``sink`` from now on (a paused producer carries on)."""
+        self._sink = sink
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
+        while self._buffered > self._limit and len(self._buffer) > 1:
+            _, old = self._buffer.popleft()
+            self._buffered -= len(old) + _FRAME_OVERHEAD
+
+    def detach(self) -> None:
+        """The connection is gone: frames go to the buffer only."""
+        self._sink = None
+
+    def frames_after(self, after: int) -> list[bytes] | None:
+        """Every frame with a seq above ``after``, exactly as first sent; None when some of
+        them are no longer buffered (or ``after`` is beyond the last frame)."""
+        if after > self.seq or after < 0:
+            return None
+        if after == self.seq:
+            return []
+        if not self._buffer or self._buffer[0][0] > after + 1:
+            return None
+        first = self._buffer[0][0]
+        return [data for _, data in list(self._buffer)[after + 1 - first :]]
