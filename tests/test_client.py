@@ -4,13 +4,21 @@ server."""
 from __future__ import annotations
 
 import asyncio
+import json
+import random
+import re
+import shutil
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ServerProcess, client_models
+from conftest import SHIPPED_MODELS, ServerProcess, client_models, launch_server
+from websockets.asyncio.client import connect as ws_connect
+from websockets.typing import Subprotocol
 
-from ws_server.client import ChatClient, chat_url, connect
+from ws_server.client import ChatClient, ResumeNotice, chat_url, connect
 from ws_server.exceptions import (
     ChatRefused,
     ClientError,
@@ -161,8 +169,8 @@ async def test_frames_can_be_observed_raw(clients_server: ServerProcess) -> None
         await chat.ask("hi")
     assert raw[0].startswith('{"type":"ready"')
     assert raw[1:] == [
-        '{"type":"chunk","turn":1,"content":"hi"}',
-        '{"type":"done","turn":1,"reason":"stop"}',
+        '{"type":"chunk","seq":1,"turn":1,"content":"hi"}',
+        '{"type":"done","seq":2,"turn":1,"reason":"stop"}',
     ]
 
 
@@ -213,3 +221,348 @@ def test_chat_url_quotes_the_model_name_and_rejects_other_schemes() -> None:
     assert chat_url("ws://h", "a/../b") == "ws://h/v1/chat/a%2F..%2Fb"
     with pytest.raises(ValueError, match="not a server URL"):
         chat_url("ftp://h", "echo")
+
+
+# ---------------------------------------------------------------------- resuming
+RESUME_MODELS = Path(__file__).resolve().parent / "resume_models"
+
+
+def resume_models(target: Path) -> Path:
+    """The numbers model (numbered chunks, so a repeat or a gap shows) and echo."""
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(RESUME_MODELS / "numbers", target / "numbers")
+    shutil.copytree(SHIPPED_MODELS / "echo", target / "echo")
+    return target
+
+
+class TcpProxy:
+    """A TCP proxy on 127.0.0.1, in a thread of its own, between clients and a server: the
+    network between them, which a test can fail. ``cut()`` drops every connection through
+    it at once (both ends see a reset, no close frame); ``hold()`` makes new connections
+    wait, unanswered, until ``release()``; ``refuse()`` drops new connections as they come."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.loop = asyncio.new_event_loop()
+        self.mode = "open"
+        self.accepted = 0
+        self._transports: set[asyncio.BaseTransport] = set()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self._released = self._call(self._make_event)
+        self._server = self._call(self._listen)
+        self.port: int = self._server.sockets[0].getsockname()[1]
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def _call(self, function: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(function(), self.loop).result(10)
+
+    async def _make_event(self) -> asyncio.Event:
+        released = asyncio.Event()
+        released.set()
+        return released
+
+    async def _listen(self) -> asyncio.Server:
+        return await asyncio.start_server(self._handle, "127.0.0.1", 0)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self._transports.add(writer.transport)
+        if self.mode == "refuse":
+            writer.transport.abort()
+            return
+        await self._released.wait()
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._transports.add(up_writer.transport)
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.write_eof()
+        except (OSError, RuntimeError):
+            writer.transport.abort()
+
+    def cut(self) -> None:
+        """Drop every connection through the proxy, as a failing network does."""
+
+        async def cut() -> None:
+            for transport in self._transports:
+                transport.abort()
+            self._transports.clear()
+
+        self._call(cut)
+
+    def hold(self) -> None:
+        """New connections wait, unanswered, until ``release``."""
+
+        async def hold() -> None:
+            self._released.clear()
+
+        self._call(hold)
+
+    def release(self) -> None:
+        """Connections held go through; new ones too."""
+
+        async def release() -> None:
+            self.mode = "open"
+            self._released.set()
+
+        self._call(release)
+
+    def refuse(self) -> None:
+        """New connections are dropped at once (a handshake that never completes)."""
+        self.mode = "refuse"
+
+    def close(self) -> None:
+        self.cut()
+
+        async def close() -> None:
+            self._server.close()
+
+        self._call(close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+
+@pytest.fixture
+def proxy_to() -> Iterator[Any]:
+    """Make ``TcpProxy``s in front of servers; all closed at the end of the test."""
+    proxies: list[TcpProxy] = []
+
+    def make(server: ServerProcess) -> TcpProxy:
+        proxies.append(TcpProxy(server.port))
+        return proxies[-1]
+
+    yield make
+    for proxy in proxies:
+        proxy.close()
+
+
+@pytest.fixture(scope="module")
+def resume_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server with the resume models and the default resume window (30 s)."""
+    models = resume_models(tmp_path_factory.mktemp("resume-models"))
+    running = launch_server(models, tmp_path_factory.mktemp("resume-events"))
+    yield running
+    assert running.stop() == 0, running.log
+
+
+def drop(chat: ChatClient) -> bool:
+    """Drop the client's connection as a failing network would (no close frame, nothing
+    flushed); False if it was already dropped and not resumed yet."""
+    transport = chat.connection.transport
+    if transport.is_closing():
+        return False
+    transport.abort()
+    return True
+
+
+def numbers(count: int) -> list[str]:
+    return [f"{n} " for n in range(1, count + 1)]
+
+
+async def test_a_resumable_session_has_a_token_and_a_window_and_counts_frames(
+    resume_server: ServerProcess,
+) -> None:
+    raw: list[str] = []
+    async with connect(resume_server.ws_url, "echo", on_frame=raw.append) as chat:
+        ready = json.loads(raw[0])
+        assert re.fullmatch(r"[A-Za-z0-9_-]{16,128}", ready["resume_token"])
+        assert ready["resume_token"] != chat.session_id
+        assert (chat.resumable, chat.resume_window) == (True, 30)
+        assert await chat.ask("a b") == "a b"
+        assert chat.last_seq == 3
+    async with connect(resume_server.ws_url, "echo", resumable=False, on_frame=raw.append) as chat:
+        assert "resume_token" not in json.loads(raw[-1])
+        assert (chat.resumable, chat.resume_window) == (False, 0)
+
+
+async def test_every_chunk_arrives_exactly_once_across_200_drops(
+    resume_server: ServerProcess,
+) -> None:
+    """Drops before a message is sent (so it is lost with the connection), right after,
+    mid-reply and between turns: each turn still yields 1 … N once each, in order, and the
+    server saw each message once."""
+    notices: list[ResumeNotice] = []
+    rng = random.Random(20240601)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 25
+    drops = turns = 0
+    async with connect(resume_server.ws_url, "numbers", on_resume=notices.append) as chat:
+        while drops < 200:
+            assert loop.time() < deadline, f"only {drops} drops in time"
+            turns += 1
+            count = rng.randint(50, 400)
+            if rng.random() < 0.15:
+                drops += drop(chat)  # the message goes out on a dead connection
+            turn = await chat.send(f"count {count}")
+            if rng.random() < 0.15:
+                drops += drop(chat)  # it may or may not have reached the server
+            received = []
+            async for chunk in turn:
+                received.append(chunk)
+                if rng.random() < 0.02:
+                    drops += drop(chat)
+            assert received == numbers(count), f"turn {turn.number}"
+            assert (turn.reason, turn.number) == ("stop", turns)
+            if rng.random() < 0.15:  # idle: resumed in the background
+                drops += drop(chat)
+                await asyncio.sleep(rng.random() * 0.02)
+        said = [m["content"] for m in chat.history if m["role"] == "user"]
+        assert len(said) == turns
+        recall = await chat.ask("recall")
+        assert recall == f"You said {turns + 1} things: " + " | ".join([*said, "recall"])
+        assert len(chat.history) == 2 * (turns + 1)
+    assert [n.outcome for n in notices] == ["resumed"] * drops
+    assert sum(n.replayed for n in notices) > 0  # some frames were replayed, none repeated
+
+
+async def test_a_dropped_cancel_still_stops_the_turn(resume_server: ServerProcess) -> None:
+    async with connect(resume_server.ws_url, "numbers") as chat:
+        turn = await chat.send("count 400 0.01")
+        received = []
+        async for chunk in turn:
+            received.append(chunk)
+            if len(received) == 3:
+                drop(chat)
+                await turn.cancel()  # on the dead connection: sent again after the resume
+        assert turn.reason == "cancelled"
+        assert received == numbers(len(received)) and len(received) < 300
+        assert await chat.ask("recall") == "You said 2 things: count 400 0.01 | recall"
+
+
+async def test_closing_ends_the_session_at_once(resume_server: ServerProcess) -> None:
+    """A close (1000) is no drop: the token no longer resumes anything."""
+    raw: list[str] = []
+    async with connect(resume_server.ws_url, "echo", on_frame=raw.append) as chat:
+        await chat.ask("hi")
+        token, after = json.loads(raw[0])["resume_token"], chat.last_seq
+    entry = Subprotocol(f"resume.{token}.{after}")
+    offer = [Subprotocol("anything-agent.v1"), entry]
+    async with ws_connect(resume_server.chat_url("echo"), subprotocols=offer) as ws:
+        expired = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert (expired["type"], expired["code"]) == ("error", "resume_expired")
+        assert "seq" not in expired
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "ready"
+
+
+async def test_without_resuming_a_drop_raises_connection_lost(
+    resume_server: ServerProcess,
+) -> None:
+    async with connect(resume_server.ws_url, "numbers", resumable=False) as chat:
+        turn = await chat.send("count 100 0.01")
+        with pytest.raises(ConnectionLost) as lost:
+            async for _ in turn:
+                drop(chat)
+        assert lost.value.close_code is None
+        assert chat.running is None
+
+
+async def test_an_expired_session_raises_connection_lost_and_a_new_one_goes_on(
+    start_server: Any, tmp_path: Path, proxy_to: Any
+) -> None:
+    """Mid-reply, then idle: the network fails for longer than the resume window (1 s).
+    The resume then gets resume_expired: the pending turn (then the next call) raises
+    ConnectionLost, and the client holds the new session the server started."""
+    server = start_server(resume_models(tmp_path / "models"), "--resume-window", "1")
+    proxy = proxy_to(server)
+    notices: list[ResumeNotice] = []
+    async with connect(proxy.ws_url, "numbers", on_resume=notices.append) as chat:
+        assert await chat.ask("count 2") == "1 2 "
+        first_session = chat.session_id
+        turn = await chat.send("count 100 0.02")
+        with pytest.raises(ConnectionLost, match="resume_expired") as lost:
+            async for _ in turn:
+                if len(turn.chunks) == 3:
+                    proxy.hold()  # the resume's handshake waits...
+                    proxy.cut()
+                    await asyncio.sleep(1.6)  # ...past the window
+                    proxy.release()
+        assert "could not be resumed" in lost.value.message
+        assert turn.chunks == numbers(3) and chat.running is None
+        assert chat.session_id != first_session
+        assert [n.outcome for n in notices] == ["new_session"]
+        assert chat.history == []
+        assert chat.previous_history == [
+            {"role": "user", "content": "count 2"},
+            {"role": "assistant", "content": "1 2 "},
+        ]
+        turn = await chat.replace_history([*chat.previous_history, _user("recall")])
+        assert await turn.reply() == "You said 2 things: count 2 | recall"
+        assert turn.number == 1  # the new session's first turn
+
+        # Idle: the failure waits for the next call, which raises it; the one after works.
+        proxy.hold()
+        proxy.cut()
+        await asyncio.sleep(1.6)
+        proxy.release()
+        for _ in range(100):
+            if len(notices) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert [n.outcome for n in notices] == ["new_session", "new_session"]
+        with pytest.raises(ConnectionLost, match="resume_expired"):
+            await chat.send("anyone?")
+        assert await chat.ask("recall") == "You said 1 things: recall"
+    assert "not resumed within 1 s; ending" in server.log
+
+
+async def test_no_server_within_the_window_raises_connection_lost(
+    start_server: Any, tmp_path: Path, proxy_to: Any
+) -> None:
+    server = start_server(resume_models(tmp_path / "models"), "--resume-window", "1")
+    proxy = proxy_to(server)
+    notices: list[ResumeNotice] = []
+    loop = asyncio.get_running_loop()
+    async with connect(proxy.ws_url, "numbers", on_resume=notices.append) as chat:
+        turn = await chat.send("count 100 0.02")
+        with pytest.raises(ConnectionLost, match=r"could not be resumed within 1 s") as lost:
+            async for _ in turn:
+                if len(turn.chunks) == 2:
+                    proxy.refuse()
+                    proxy.cut()
+                    cut_at, accepted = loop.time(), proxy.accepted
+        assert lost.value.close_code is None
+        assert 0.7 < loop.time() - cut_at < 3
+        assert proxy.accepted - accepted >= 4  # it tried again, with backoff
+        assert [n.outcome for n in notices] == ["failed"]
+        assert (chat.is_open, chat.resumable, chat.running) == (False, False, None)
+        with pytest.raises(ConnectionLost):
+            await chat.send("still there?")
+
+
+def _user(content: str) -> dict[str, str]:
+    return {"role": "user", "content": content}
+
+
+async def test_a_turn_that_ended_while_away_lets_the_next_message_through(
+    start_server: Any, tmp_path: Path, proxy_to: Any
+) -> None:
+    """The reply's ``done`` is sent while the client is away, into a full replay buffer;
+    once resumed, the turn is over for the client, so it must be for the server too: the
+    next message starts a turn (never ``busy``)."""
+    models = resume_models(tmp_path / "models")
+    server = start_server(models, "--replay-buffer-bytes", "4096")
+    proxy = proxy_to(server)
+    async with connect(proxy.ws_url, "numbers") as chat:
+        assert await chat.ask("count 100") == "".join(numbers(100))  # the buffer is full
+        for _ in range(3):
+            turn = await chat.send("count 1 0.3")  # 1, then done 0.3 s later
+            async for _ in turn:
+                proxy.hold()
+                proxy.cut()
+                await asyncio.sleep(0.5)  # done is sent while the client is away
+                proxy.release()
+            assert turn.reason == "stop"
+            assert await chat.ask("next") == "next"

@@ -6,16 +6,22 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ServerProcess
+from conftest import ServerProcess, launch_server
+
+# The resume tests' helpers: the numbers model and a TCP proxy whose connections a test cuts.
+from test_client import TcpProxy, numbers, resume_models
 
 CLI = Path(sys.executable).parent / "anything-agent"
 
@@ -70,7 +76,8 @@ def test_json_prints_every_frame_as_received(clients_server: ServerProcess) -> N
     assert [f["type"] for f in frames] == ["ready", "chunk", "chunk", "done"]
     assert frames[0]["model"] == "echo"
     assert [f["content"] for f in frames[1:3]] == ["a", " b"]
-    assert frames[3] == {"type": "done", "turn": 1, "reason": "stop"}
+    assert [f["seq"] for f in frames[1:]] == [1, 2, 3]
+    assert frames[3] == {"type": "done", "seq": 3, "turn": 1, "reason": "stop"}
 
 
 def test_a_pipe_sends_one_message_per_line_in_one_session(clients_server: ServerProcess) -> None:
@@ -233,3 +240,147 @@ def test_ctrl_d_at_the_prompt_quits_with_0(clients_server: ServerProcess) -> Non
     term.wait_for("> ")
     term.type("\x04")
     assert term.exit_code() == 0
+
+
+# ---------------------------------------------------------------------- resuming
+@pytest.fixture(scope="module")
+def resume_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The numbers model, with a resume window of 1 s: a resume that cannot happen is
+    given up on quickly."""
+    models = resume_models(tmp_path_factory.mktemp("terminal-resume-models"))
+    events = tmp_path_factory.mktemp("terminal-resume-events")
+    running = launch_server(models, events, "--resume-window", "1")
+    yield running
+    assert running.stop() == 0, running.log
+
+
+@pytest.fixture
+def proxy(resume_server: ServerProcess) -> Iterator[TcpProxy]:
+    """The network between the terminal client and the server, to be cut."""
+    running = TcpProxy(resume_server.port)
+    yield running
+    running.close()
+
+
+def chat_through(proxy: TcpProxy, *args: str, piped: bool = False) -> Any:
+    """``anything-agent chat numbers`` through ``proxy``, its output piped (and its input,
+    if ``piped``)."""
+    return subprocess.Popen(
+        [str(CLI), "chat", "numbers", *args, "--url", proxy.ws_url],
+        stdin=subprocess.PIPE if piped else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(process: Any, timeout: float = 20) -> tuple[str, str]:
+    """Wait for the chat to exit (killed if it does not): the rest of its output. Read
+    through the same text streams as the test's earlier reads (``communicate`` would
+    skip what they had buffered)."""
+    watchdog = threading.Timer(timeout, process.kill)
+    watchdog.start()
+    try:
+        if process.stdin is not None:
+            process.stdin.close()
+        out, err = process.stdout.read(), process.stderr.read()
+        process.wait()
+    finally:
+        watchdog.cancel()
+    return out, err
+
+
+def test_a_dropped_connection_is_resumed_mid_reply_with_a_notice(proxy: TcpProxy) -> None:
+    process = chat_through(proxy, "-m", "count 60 0.02")
+    try:
+        start = process.stdout.read(4)
+        assert start == "1 2 "  # the reply is streaming
+        proxy.cut()
+        middle = process.stdout.read(40)  # it goes on...
+        proxy.cut()  # ...and is cut again
+    finally:
+        out, err = finish(process)
+    assert process.returncode == 0, err
+    assert start + middle + out == "".join(numbers(60)) + "\n"  # each number once
+    notices = [line for line in err.splitlines() if line.startswith("connection lost")]
+    assert len(notices) == 2, err
+    assert all(
+        re.fullmatch(r"connection lost; resumed \(\d+ frames?\ replayed\)", n) for n in notices
+    )
+
+
+def test_json_prints_each_frame_once_across_a_resume(proxy: TcpProxy) -> None:
+    process = chat_through(proxy, "--json", "-m", "count 40 0.02")
+    try:
+        lines = [process.stdout.readline() for _ in range(6)]  # ready and 5 chunks
+        proxy.cut()
+    finally:
+        out, err = finish(process)
+    assert process.returncode == 0, err
+    frames = [json.loads(line) for line in [*lines, *out.splitlines()]]
+    assert [f["type"] for f in frames].count("resumed") == 1
+    numbered = [f for f in frames if "seq" in f]
+    assert [f["seq"] for f in numbered] == list(range(1, 42))  # 40 chunks and done, once each
+    assert "".join(f.get("content", "") for f in numbered) == "".join(numbers(40))
+    assert "connection lost; resumed" in err
+
+
+def test_a_resume_that_fails_is_noticed_and_exits_1(proxy: TcpProxy) -> None:
+    process = chat_through(proxy, "-m", "count 100 0.02")
+    try:
+        assert process.stdout.read(4) == "1 2 "
+        proxy.refuse()
+        proxy.cut()
+    finally:
+        out, err = finish(process)
+    assert process.returncode == 1
+    assert "100 " not in out
+    assert re.search(r"connection lost; could not resume \(gave up after \d+ tries\)", err), err
+    assert "error: the connection to the server was lost and could not be resumed within 1 s" in err
+
+
+def test_no_resume_ends_the_chat_when_the_connection_drops(proxy: TcpProxy) -> None:
+    process = chat_through(proxy, "--no-resume", "-m", "count 100 0.02")
+    try:
+        assert process.stdout.read(4) == "1 2 "
+        proxy.cut()
+    finally:
+        out, err = finish(process)
+    assert process.returncode == 1
+    assert "100 " not in out
+    assert "error: the connection to the server was lost" in err
+    assert "resume" not in err
+
+
+def test_an_expired_session_goes_on_anew_with_the_conversation(proxy: TcpProxy) -> None:
+    """The network is down longer than the resume window, mid-reply and then between
+    messages: the terminal says so each time, the reply in progress fails, and the next
+    line goes to a new session with the conversation so far, so the model still sees it."""
+
+    def outage() -> None:
+        proxy.hold()  # the resume's handshake waits past the window
+        proxy.cut()
+        time.sleep(1.6)
+        proxy.release()
+
+    process = chat_through(proxy, piped=True)
+    try:
+        process.stdin.write("count 2\ncount 100 0.02\n")
+        process.stdin.flush()
+        assert process.stdout.read(9) == "1 2 \n1 2 "
+        outage()
+        notice = process.stderr.readline()
+        assert notice.startswith("connection lost; could not resume (resume_expired: ")
+        assert notice.endswith("a new session goes on with the conversation so far\n")
+        assert "could not be resumed" in process.stderr.readline()  # the reply failed
+        assert "100 " not in process.stdout.readline()  # the rest of the cut reply
+        process.stdin.write("recall\n")
+        process.stdin.flush()
+        assert process.stdout.readline() == "You said 2 things: count 2 | recall\n"
+        outage()  # idle this time
+        assert "could not resume (resume_expired: " in process.stderr.readline()
+        process.stdin.write("recall\n")
+    finally:
+        out, err = finish(process)
+    assert process.returncode == 1, err  # one of the turns failed
+    assert out == "You said 3 things: count 2 | recall | recall\n"

@@ -5,24 +5,32 @@ Each test leaves a screenshot of where it ended in test-output/screenshots/.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 import shutil
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import pytest
 from conftest import (
+    BROWSER_MODELS,
     CHROMIUM_PROBLEM,
     OUTPUT_DIR,
     SHIPPED_MODELS,
     ServerProcess,
     client_models,
     http,
+    launch_server,
 )
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, WebSocket, expect, sync_playwright
 from system_packages import CHROMIUM
+from websockets.sync.client import connect as ws_connect
+from websockets.typing import Subprotocol
 
 pytestmark = pytest.mark.browser
 
@@ -425,6 +433,381 @@ def test_the_page_recovers_after_a_server_restart_and_the_conversation_goes_on(
         "You said 2 things: before the restart | recall"
     )
     assert second.stop() == 0
+
+
+# ---------------------------------------------------------------------- resuming
+COUNTED = "".join(f"<{number}>" for number in range(1, 41))  # the counter model's reply
+SAVED_CHAT = "anything-agent.chat.counter"  # where the page keeps its chat, in sessionStorage
+T = TypeVar("T")
+
+
+def counter_models(target: Path) -> Path:
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(BROWSER_MODELS / "counter", target / "counter")
+    return target
+
+
+@pytest.fixture(scope="module")
+def resume_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server with the counter model (40 numbered chunks in 2 s) and the default resume
+    window (30 s)."""
+    models = counter_models(tmp_path_factory.mktemp("resume-models"))
+    running = launch_server(models, tmp_path_factory.mktemp("resume-events"))
+    yield running
+    assert running.stop() == 0, running.log
+
+
+class Wire:
+    """Every frame of every WebSocket the page opens, per socket, in order: ("in" or "out",
+    the parsed frame)."""
+
+    def __init__(self, page: Page) -> None:
+        self.sockets: list[list[tuple[str, Any]]] = []
+        page.on("websocket", self._opened)
+
+    def _opened(self, socket: WebSocket) -> None:
+        frames: list[tuple[str, Any]] = []
+        self.sockets.append(frames)
+        socket.on("framereceived", lambda payload: frames.append(("in", self._parse(payload))))
+        socket.on("framesent", lambda payload: frames.append(("out", self._parse(payload))))
+
+    @staticmethod
+    def _parse(payload: str | bytes) -> Any:
+        try:
+            return json.loads(payload)
+        except ValueError:
+            return payload
+
+    def received(self, kind: str) -> list[dict[str, Any]]:
+        return self._frames("in", kind)
+
+    def sent(self, kind: str) -> list[dict[str, Any]]:
+        return self._frames("out", kind)
+
+    def _frames(self, way: str, kind: str) -> list[dict[str, Any]]:
+        return [
+            frame
+            for frames in self.sockets
+            for went, frame in frames
+            if went == way and isinstance(frame, dict) and frame.get("type") == kind
+        ]
+
+
+class CuttableProxy:
+    """A TCP proxy on 127.0.0.1 for the page to reach a server through, in a thread of its
+    own (asyncio streams): ``cut()`` drops every connection through it at once, as a network
+    failure would (no close frame either way); while ``refusing``, it drops new ones as they
+    come; while ``swallowing``, what the page sends is lost on the way."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.refusing = False
+        self.swallowing = False
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._links: set[tuple[asyncio.WriteTransport, asyncio.WriteTransport]] = set()
+        self._server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> CuttableProxy:
+        self._thread.start()
+        self._server = self._call(asyncio.start_server(self._accept, "127.0.0.1", 0))
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            assert self._server is not None
+            self._server.close()
+            self._cut()
+
+        self._call(stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def cut(self) -> int:
+        """Drop every connection now; how many there were."""
+
+        async def cut() -> int:
+            return self._cut()
+
+        return self._call(cut())
+
+    def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(10)
+
+    def _cut(self) -> int:
+        links = list(self._links)
+        self._links.clear()
+        for near, far in links:
+            near.abort()
+            far.abort()
+        return len(links)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.transport.abort()
+            return
+        try:
+            far_reader, far_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        link = (writer.transport, far_writer.transport)
+        self._links.add(link)
+        try:
+            await asyncio.gather(
+                self._pipe(reader, far_writer, upstream=True),
+                self._pipe(far_reader, writer, upstream=False),
+            )
+        finally:
+            self._links.discard(link)
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool
+    ) -> None:
+        try:
+            while data := await reader.read(65536):
+                if upstream and self.swallowing:
+                    continue
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+        except OSError:
+            writer.transport.abort()
+
+
+def assert_session_ended(server: ServerProcess, saved: dict[str, Any]) -> None:
+    """The session a page saved can no longer be resumed."""
+    token, after = saved["resume"]["token"], saved["resume"]["after"]
+    time.sleep(0.2)  # the page's close reaches the server
+    with ws_connect(
+        server.chat_url("counter"),
+        subprotocols=[Subprotocol("anything-agent.v1"), Subprotocol(f"resume.{token}.{after}")],
+        open_timeout=10,
+    ) as old:
+        first = json.loads(old.recv(timeout=10))
+    assert first["type"] == "error" and first["code"] == "resume_expired", first
+
+
+def reply_text(page: Page, index: int = 0) -> str:
+    return str(replies(page).nth(index).locator(".body").inner_text())
+
+
+@pytest.fixture
+def proxy_to() -> Iterator[Any]:
+    """``proxy_to(server)``: a CuttableProxy in front of it, for this test. Ask for this
+    (and ``start_server``) before ``page``, so that both still run when ``page`` takes its
+    last screenshot."""
+    opened: list[CuttableProxy] = []
+
+    def start(server: ServerProcess) -> CuttableProxy:
+        proxy = CuttableProxy(server.port).__enter__()
+        opened.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in opened:
+        proxy.__exit__()
+
+
+def test_a_reload_mid_reply_resumes_it_with_nothing_repeated_or_missing(
+    page: Page, resume_server: ServerProcess
+) -> None:
+    wire = Wire(page)
+    open_chat(page, resume_server, "counter")
+    say(page, "count")
+    expect(replies(page).first.locator(".body")).to_contain_text("<8>")
+    page.reload()
+    # The conversation is back, and the reply goes on where it was: the resumed session
+    # sends the frames the reload missed, then the rest as it comes.
+    expect(page.locator(".message.user .body")).to_have_text("count")
+    screenshot(page, "reload_mid_reply-reloaded")
+    reply = finished_reply(page)
+    expect(reply).to_have_attribute("data-reason", "stop")
+    assert reply_text(page) == COUNTED
+    expect(replies(page)).to_have_count(1)
+    [resumed] = wire.received("resumed")
+    # The page had shown chunks up to at least <8>, never the end (seq 41 is the done).
+    assert resumed["turn"] == 1 and 8 <= resumed["after"] < 41, resumed
+    assert wire.sent("messages") == []  # the session had the history: nothing resent
+
+    # The session goes on; a reload after the reply shows the whole conversation again.
+    say(page, "recall")
+    expect(finished_reply(page).locator(".body")).to_have_text("You said 2 things: count | recall")
+    page.reload()
+    expect(page.locator(".message")).to_have_count(4)
+    expect(replies(page).first.locator(".body")).to_have_text(COUNTED)
+    expect(replies(page).last).to_have_attribute("data-reason", "stop")
+    expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+
+    # New chat ends the session on the server (a close with 1000) and forgets it here.
+    saved = json.loads(page.evaluate(f"sessionStorage.getItem('{SAVED_CHAT}')"))
+    page.locator("#new-chat").click()
+    expect(page.locator(".message")).to_have_count(0)
+    expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+    fresh = json.loads(page.evaluate(f"sessionStorage.getItem('{SAVED_CHAT}')"))
+    assert fresh["log"] == [] and fresh["history"] == []
+    assert fresh["resume"]["token"] != saved["resume"]["token"]
+    assert_session_ended(resume_server, saved)
+    page.reload()
+    expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+    expect(page.locator(".message")).to_have_count(0)
+
+
+def test_a_connection_cut_mid_reply_resumes_it_with_nothing_repeated_or_missing(
+    proxy_to: Any, page: Page, resume_server: ServerProcess
+) -> None:
+    proxy = proxy_to(resume_server)
+    wire = Wire(page)
+    page.goto(f"{proxy.url}/#counter")
+    expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+    say(page, "count")
+    expect(replies(page).first.locator(".body")).to_contain_text("<8>")
+    assert proxy.cut() >= 1
+    assert "<40>" not in reply_text(page)
+    screenshot(page, "connection_cut-mid_reply")
+    reply = finished_reply(page)
+    expect(reply).to_have_attribute("data-reason", "stop")
+    assert reply_text(page) == COUNTED
+    [resumed] = wire.received("resumed")
+    assert 8 <= resumed["after"] < 41, resumed
+    seqs = [f["seq"] for f in wire.received("chunk")]
+    assert len(set(seqs)) == 40  # each chunk reached the page, and the page kept each once
+
+    # Stop pressed while the connection is down reaches the server once it is back.
+    say(page, "count 400")  # 20 s
+    expect(replies(page).last.locator(".body")).to_contain_text("<3>")
+    proxy.refusing = True
+    assert proxy.cut() >= 1
+    page.locator("#stop").click()
+    expect(page.locator("#stop-label")).to_have_text("Stopping…")
+    proxy.refusing = False
+    stopped = finished_reply(page)
+    expect(stopped).to_have_attribute("data-reason", "cancelled")
+    expect(stopped.locator(".tag")).to_have_text("Stopped")
+    partial = reply_text(page, 1)
+    assert partial.startswith("<1><2><3>") and "<400>" not in partial, partial
+    assert partial == "".join(f"<{n}>" for n in range(1, partial.count("<") + 1))
+
+    say(page, "recall")
+    expect(finished_reply(page).locator(".body")).to_have_text(
+        "You said 3 things: count | count 400 | recall"
+    )
+    assert wire.sent("messages") == []
+
+    # New chat while the connection is down still ends the session on the server.
+    saved = json.loads(page.evaluate(f"sessionStorage.getItem('{SAVED_CHAT}')"))
+    assert proxy.cut() >= 1
+    page.locator("#new-chat").click()
+    expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+    expect(page.locator(".message")).to_have_count(0)
+    assert_session_ended(resume_server, saved)
+
+
+def test_a_message_lost_with_the_connection_is_given_back_to_send_again(
+    proxy_to: Any, page: Page, resume_server: ServerProcess
+) -> None:
+    proxy = proxy_to(resume_server)
+    wire = Wire(page)
+    page.goto(f"{proxy.url}/#counter")
+    expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+    say(page, "first")
+    finished_reply(page)
+    proxy.swallowing = True  # the next message never reaches the server
+    say(page, "second")
+    expect(replies(page).last).to_have_class(re.compile("streaming"))
+    proxy.swallowing = False
+    assert proxy.cut() >= 1
+    # The resumed session ran no turn after the first: the message is given back.
+    lost = finished_reply(page)
+    expect(lost).to_have_attribute("data-reason", "refused")
+    expect(lost.locator('.inline-error[data-code="not_delivered"]')).to_contain_text("Send it")
+    expect(page.locator("#input")).to_have_value("second")
+    [resumed] = wire.received("resumed")
+    assert resumed["turn"] == 1 and resumed["running"] is False, resumed
+    screenshot(page, "message_lost-given_back")
+    page.locator("#input").press("Enter")
+    expect(finished_reply(page).locator(".body")).to_have_text("second")
+    say(page, "recall")
+    expect(finished_reply(page).locator(".body")).to_have_text(
+        "You said 3 things: first | second | recall"
+    )
+
+
+def test_after_the_resume_window_the_chat_goes_on_in_a_new_session(
+    start_server: Any, proxy_to: Any, page: Page, tmp_path: Path
+) -> None:
+    server = start_server(counter_models(tmp_path / "models"), "--resume-window", "1")
+    proxy = proxy_to(server)
+    wire = Wire(page)
+    page.goto(f"{proxy.url}/#counter")
+    expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+    say(page, "count")
+    expect(replies(page).first.locator(".body")).to_contain_text("<5>")
+    proxy.refusing = True  # no way back until the session's window is over
+    assert proxy.cut() >= 1
+    expect(page.locator("#connection")).to_have_attribute("data-state", "reconnecting")
+    page.wait_for_timeout(2500)
+    proxy.refusing = False
+    # The resume fails (resume_expired), a new session starts: the reply stays as far as it
+    # came, and the next message sends the whole conversation to the new session.
+    reply = finished_reply(page)
+    expect(reply).to_have_attribute("data-reason", "lost")
+    expect(reply.locator(".tag")).to_have_text("Interrupted: the connection was lost")
+    partial = reply_text(page)
+    assert partial and COUNTED.startswith(partial) and partial != COUNTED
+    expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+    assert [f["code"] for f in wire.received("error")] == ["resume_expired"]
+    say(page, "recall")
+    expect(finished_reply(page).locator(".body")).to_have_text("You said 2 things: count | recall")
+    [resent] = wire.sent("messages")
+    assert resent["messages"] == [
+        {"role": "user", "content": "count"},
+        {"role": "assistant", "content": partial},
+        {"role": "user", "content": "recall"},
+    ]
+
+
+def test_a_tab_opened_from_this_one_takes_its_session_over_and_both_chats_go_on(
+    page: Page, resume_server: ServerProcess
+) -> None:
+    wire = Wire(page)
+    open_chat(page, resume_server, "counter")
+    say(page, "first")
+    finished_reply(page)
+    opened_wire: list[Wire] = []
+    page.context.on("page", lambda opened: opened_wire.append(Wire(opened)))
+    # A tab opened from this one starts with a copy of its sessionStorage: the same chat,
+    # and the same resume token. It resumes the session, which closes this tab's connection
+    # (4001); this tab goes on in a new session rather than take the session back.
+    with page.context.expect_page() as opening:
+        page.evaluate("window.open(location.href)")
+    other = opening.value
+    errors: list[str] = []
+    other.on("pageerror", lambda error: errors.append(str(error)))
+    expect(other.locator(".message")).to_have_count(2)
+    expect(other.locator("#connection")).to_have_attribute("data-state", "connected")
+    say(other, "recall")
+    expect(finished_reply(other).locator(".body")).to_have_text("You said 2 things: first | recall")
+    expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+    say(page, "recall")
+    expect(finished_reply(page).locator(".body")).to_have_text("You said 2 things: first | recall")
+    assert len(opened_wire[0].received("resumed")) == 1
+    assert opened_wire[0].sent("messages") == []
+    assert len(wire.received("ready")) == 2  # this tab's first session, then its new one
+    assert len(wire.sent("messages")) == 1  # which got the conversation with the next message
+    page.wait_for_timeout(1000)  # and neither takes the other's session (back) meanwhile
+    assert len(wire.sockets) == 2 and len(opened_wire[0].sockets) == 1
+    expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+    expect(other.locator("#connection")).to_have_attribute("data-state", "connected")
+    screenshot(other, "opened_tab-took_the_session_over")
+    other.close()
+    assert not errors, errors
 
 
 # ---------------------------------------------------------------------- API keys

@@ -1,8 +1,12 @@
 // The chat page: a model picker filled from /v1/models, one conversation at a time.
 //
-// The conversation's history is kept here as well as on the server. When the connection
-// comes back after a drop (a server restart), the new session knows nothing, so the next
-// turn sends the whole history as a "messages" frame and the conversation carries on.
+// The conversation's history is kept here as well as on the server, and so is what the page
+// shows (the reply in progress included), in this tab's sessionStorage, per model, with the
+// session's resume token and the seq of the last frame shown. After a dropped connection or
+// a reload, the session is resumed (see connection.js): the frames missed come in and the
+// reply goes on where it stopped. When the server no longer has the session (it restarted,
+// or the resume window passed), a new session starts knowing nothing, so the next turn
+// sends the whole history as a "messages" frame and the conversation carries on.
 
 import { ChatConnection, apiKey, authHeaders, setApiKey } from "./connection.js";
 import { renderPlain, renderReply } from "./render.js";
@@ -33,6 +37,8 @@ const ui = {
 };
 
 const MODEL_REFRESH_MS = 10000;
+const SAVE_DELAY_MS = 200; // a streaming reply is saved at most this often (and on pagehide)
+const STORE_PREFIX = "anything-agent.chat."; // + model name, in sessionStorage
 const STATUS_TEXT = { ready: "ready", building: "building…", failed: "failed", draining: "draining" };
 
 const app = {
@@ -45,7 +51,10 @@ const app = {
   listing: "", // the last /v1/models answer, to redraw the picker only when it changed
   countdown: null,
   turnCount: 0,
-  turn: null, // {number, text, element, body, userMessage, stopping, frame}
+  log: [], // what the conversation shows: [{kind: "user"|"assistant", text, ...}] (saved)
+  turn: null, // {number, entry, element, body, userMessage, stopping, frame, started, resync}
+  replay: null, // after a resume, until the frames missed are in: {until, running, turn}
+  saveTimer: 0,
 };
 
 // ------------------------------------------------------------------ model picker
@@ -73,7 +82,7 @@ async function loadModels() {
     const wanted = hashModel() || localStorage.getItem("anything-agent.model");
     const pick = app.models.find((m) => m.id === wanted && m.status === "ready")
       || app.models.find((m) => m.status === "ready");
-    if (pick) selectModel(pick.id);
+    if (pick) selectModel(pick.id, { restore: true }); // this tab's chat with it, after a reload
     else showEmpty("No model is ready", app.models.length ? "The models are still loading or failed; see their status on the left." : "Add a directory under models/ and reload.");
   }
   const current = app.models.find((m) => m.id === app.model);
@@ -169,7 +178,7 @@ function modelError(text, open) {
   return box;
 }
 
-function selectModel(name) {
+function selectModel(name, { restore = false } = {}) {
   if (name === app.model && app.connection && app.connection.state !== "stopped") return;
   app.model = name;
   history.replaceState(null, "", `#${encodeURIComponent(name)}`);
@@ -177,7 +186,7 @@ function selectModel(name) {
   for (const li of ui.models.children) li.setAttribute("aria-selected", String(li.dataset.model === name));
   const info = app.models.find((m) => m.id === name);
   if (info) showModelHeader(info);
-  newChat();
+  newChat({ restore });
 }
 
 // Another #model in an open tab (a link, the address bar, Back): a new chat with that model.
@@ -219,20 +228,34 @@ function showEmpty(title, description) {
 }
 
 // ------------------------------------------------------------------ session
-function newChat() {
-  if (app.connection) app.connection.close();
+/** A new conversation with app.model; with `restore`, this tab's saved one with it, if any
+ * (its session resumed). The conversation shown before is ended, on the server too. */
+function newChat({ restore = false } = {}) {
+  const previous = app.connection;
+  app.connection = null;
+  if (previous) {
+    previous.close();
+    forgetChat(previous.model);
+  }
+  clearTimeout(app.saveTimer);
+  app.saveTimer = 0;
+  const saved = restore && app.model !== null ? savedChat(app.model) : null;
+  if (app.model !== null && !saved) forgetChat(app.model);
   app.turn = null;
   app.history = [];
+  app.log = [];
   app.resync = false;
+  app.replay = null;
   app.sessionVersion = null;
   app.turnCount = 0;
   ui.log.replaceChildren(ui.empty);
   ui.empty.hidden = false;
   const info = app.models.find((m) => m.id === app.model);
   if (info) showEmpty(info.id, info.description || "Say something to start.");
+  if (saved) restoreChat(saved);
   updateComposer();
   if (app.model === null) return;
-  const connection = new ChatConnection(app.model);
+  const connection = new ChatConnection(app.model, saved ? saved.resume : null);
   app.connection = connection;
   connection.addEventListener("state", (event) => connection === app.connection && onState(event.detail));
   connection.addEventListener("frame", (event) => connection === app.connection && onFrame(event.detail));
@@ -241,7 +264,7 @@ function newChat() {
   ui.input.focus();
 }
 
-function onState({ state, retryIn, reason, version, auth }) {
+function onState({ state, retryIn, reason, version, auth, resumed }) {
   ui.connection.dataset.state = state;
   clearInterval(app.countdown);
   ui.connectionLabel.textContent =
@@ -252,10 +275,16 @@ function onState({ state, retryIn, reason, version, auth }) {
     ui.version.textContent = `v${version}`;
   }
   ui.connection.title = reason || "";
-  if (state === "connected") {
-    app.turnCount = 0; // a new session on the server numbers its turns from 1 again
+  if (state !== "connected") app.replay = null;
+  if (state === "connected" && !resumed) {
+    // A new session on the server: it knows nothing of this conversation, and numbers its
+    // turns from 1 again. A reply that was coming can't go on.
+    if (app.turn) endTurn("lost");
+    app.turnCount = 0;
     app.resync = app.history.length > 0;
   }
+  if (state === "stopped" && app.turn) endTurn("lost");
+  if (state === "connected") saveChat();
   if (state === "reconnecting" || state === "connected") loadModels();
   if (state === "stopped" && auth) {
     askForKey();
@@ -275,7 +304,7 @@ function countDown(seconds) {
   app.countdown = setInterval(show, 250);
 }
 
-function onClosed({ code }) {
+function onClosed({ code, resuming }) {
   const turn = app.turn;
   if (!turn) return;
   if (code === 1009 && !turn.started) {
@@ -287,6 +316,7 @@ function onClosed({ code }) {
     endTurn("refused");
     return;
   }
+  if (resuming) return; // the reply goes on once the session is resumed
   endTurn("lost");
 }
 
@@ -294,19 +324,25 @@ function onFrame(frame) {
   const turn = app.turn;
   if (turn && frame.turn === turn.number) turn.started = true;
   switch (frame.type) {
+    case "resumed":
+      onResumed(frame);
+      return;
     case "chunk":
-      if (turn && frame.turn === turn.number) {
-        turn.text += frame.content;
+      if (turn && frame.turn === turn.number && typeof frame.content === "string") {
+        turn.entry.text += frame.content;
         scheduleRender();
+        saveSoon();
       }
       break;
     case "done":
       if (turn && frame.turn === turn.number) endTurn(frame.reason);
       break;
     case "error":
-      if (turn && frame.turn === turn.number) {
+      if (frame.code === "resume_expired") {
+        // The session is gone; the new one's ready follows (see onState).
+      } else if (turn && frame.turn === turn.number) {
         turnError(turn, frame);
-      } else if (turn && frame.turn == null && !turn.text && !turn.started) {
+      } else if (turn && frame.turn == null && !turn.entry.text && !turn.started) {
         turnError(turn, frame); // the message itself was refused (busy, rate limited, …)
         endTurn("refused");
       } else {
@@ -316,6 +352,47 @@ function onFrame(frame) {
     default:
       break;
   }
+  if (app.replay && typeof frame.seq === "number" && frame.seq >= app.replay.until) settleReplay();
+}
+
+// The session was resumed: the frames missed (seq after+1 … after+replayed) follow, then
+// the live stream. A Stop pressed while disconnected may never have reached the server.
+function onResumed(frame) {
+  app.replay = {
+    until: frame.after + frame.replayed,
+    running: Boolean(frame.running),
+    turn: frame.turn,
+  };
+  const turn = app.turn;
+  if (turn && turn.stopping && frame.running) app.connection.send({ type: "cancel" });
+  if (app.connection.after >= app.replay.until) settleReplay();
+}
+
+// The frames missed are all in. A reply still open here whose turn no longer runs there
+// ended unseen, or never began: its message was lost with the connection.
+function settleReplay() {
+  const replay = app.replay;
+  app.replay = null;
+  const turn = app.turn;
+  if (!turn) {
+    // (a turn running there that this page never knew of ends unseen; the next is after it)
+    if (Number.isInteger(replay.turn)) app.turnCount = replay.turn;
+    return;
+  }
+  if (replay.running) return; // it goes on live
+  if (Number.isInteger(replay.turn) && turn.number > replay.turn) {
+    turnError(turn, {
+      code: "not_delivered",
+      message: "The connection dropped before the server got this message. Send it again.",
+    });
+    if (!ui.input.value) {
+      ui.input.value = turn.userMessage.content;
+      autosize();
+    }
+    endTurn("refused");
+    return;
+  }
+  endTurn("lost");
 }
 
 // ------------------------------------------------------------------ turns
@@ -332,12 +409,13 @@ function sendMessage() {
   ui.input.value = "";
   autosize();
   ui.empty.hidden = true;
-  addMessage("user", text);
-  const element = addMessage("assistant", "");
+  addMessage({ kind: "user", text });
+  const entry = { kind: "assistant", text: "", errors: [], tags: [] };
+  const element = addMessage(entry);
   element.classList.add("streaming");
   app.turn = {
     number: app.turnCount + 1,
-    text: "",
+    entry,
     element,
     body: element.querySelector(".body"),
     userMessage,
@@ -346,6 +424,7 @@ function sendMessage() {
     started: false,
     resync, // this turn carries the whole history; if it is refused, the next one must
   };
+  saveChat(); // now: a reload from here on must know this turn
   updateComposer();
   ui.input.focus();
 }
@@ -354,7 +433,8 @@ function stopTurn() {
   const turn = app.turn;
   if (!turn || turn.stopping) return;
   turn.stopping = true;
-  app.connection.send({ type: "cancel" });
+  app.connection.send({ type: "cancel" }); // while reconnecting: sent again once resumed
+  saveSoon();
   updateComposer();
   ui.input.focus();
 }
@@ -364,60 +444,78 @@ function scheduleRender() {
   if (turn.frame) return;
   turn.frame = requestAnimationFrame(() => {
     turn.frame = 0;
-    renderReply(turn.body, turn.text);
+    renderReply(turn.body, turn.entry.text);
     stickToBottom();
   });
 }
 
 function endTurn(reason) {
   const turn = app.turn;
+  const entry = turn.entry;
   app.turn = null;
   if (turn.frame) cancelAnimationFrame(turn.frame);
-  renderReply(turn.body, turn.text);
+  renderReply(turn.body, entry.text);
   turn.element.classList.remove("streaming");
+  entry.reason = reason;
   turn.element.dataset.reason = reason;
   if (reason === "refused") {
+    entry.refused = true;
     turn.element.classList.add("refused");
     if (turn.resync) app.resync = true;
   } else {
     app.turnCount = turn.number;
     app.history.push(turn.userMessage);
-    if (turn.text) app.history.push({ role: "assistant", content: turn.text });
+    if (entry.text) app.history.push({ role: "assistant", content: entry.text });
   }
   const tags = {
     cancelled: turn.stopping ? "Stopped" : "Cancelled by the server",
     lost: "Interrupted: the connection was lost",
   };
-  if (tags[reason]) tag(turn.element, tags[reason]);
-  if (!turn.text && reason === "stop") tag(turn.element, "(no reply)");
+  if (tags[reason]) entry.tags.push(tags[reason]);
+  if (!entry.text && reason === "stop") entry.tags.push("(no reply)");
+  for (const text of entry.tags) tag(turn.element, text);
+  saveChat();
   updateComposer();
   stickToBottom();
 }
 
 function turnError(turn, frame) {
-  const box = document.createElement("div");
-  box.className = "inline-error";
-  box.dataset.code = frame.code;
-  const code = document.createElement("span");
-  code.className = "code";
-  code.textContent = frame.code;
-  const message = document.createElement("span");
-  message.textContent = frame.message;
-  box.append(code, message);
-  turn.element.append(box);
+  const error = { code: String(frame.code), message: String(frame.message) };
+  turn.entry.errors.push(error);
+  inlineError(turn.element, error);
+  saveSoon();
   stickToBottom();
 }
 
+function inlineError(element, { code, message }) {
+  const box = document.createElement("div");
+  box.className = "inline-error";
+  box.dataset.code = code;
+  const label = document.createElement("span");
+  label.className = "code";
+  label.textContent = code;
+  const text = document.createElement("span");
+  text.textContent = message;
+  box.append(label, text);
+  element.append(box);
+}
+
 // ------------------------------------------------------------------ log
-function addMessage(role, text) {
+/** Show one entry of the conversation ({kind: "user"|"assistant", text}) and keep it. */
+function addMessage(entry) {
+  app.log.push(entry);
+  return drawMessage(entry);
+}
+
+function drawMessage(entry) {
   const element = document.createElement("article");
-  element.className = `message ${role}`;
+  element.className = `message ${entry.kind}`;
   const who = document.createElement("div");
   who.className = "who";
-  who.textContent = role === "user" ? "You" : app.model;
+  who.textContent = entry.kind === "user" ? "You" : app.model;
   const body = document.createElement("div");
   body.className = "body";
-  if (role === "user") renderPlain(body, text);
+  if (entry.kind === "user") renderPlain(body, entry.text);
   element.append(who, body);
   ui.log.append(element);
   stickToBottom(true);
@@ -429,6 +527,113 @@ function tag(element, text) {
   span.className = "tag";
   span.textContent = text;
   element.append(span);
+}
+
+// ------------------------------------------------------------------ saved in this tab
+// sessionStorage lives as long as the tab, survives reloads, and is this tab's alone.
+function storageKey(model) {
+  return STORE_PREFIX + model;
+}
+
+/** Save the conversation shown with app.connection, with what resumes its session. */
+function saveChat() {
+  clearTimeout(app.saveTimer);
+  app.saveTimer = 0;
+  const connection = app.connection;
+  if (!connection) return;
+  const turn = app.turn;
+  const state = {
+    resume: connection.resumeState,
+    sessionVersion: app.sessionVersion,
+    turnCount: app.turnCount,
+    resync: app.resync,
+    history: app.history,
+    log: app.log,
+    turn: turn && {
+      number: turn.number,
+      index: app.log.indexOf(turn.entry),
+      userMessage: turn.userMessage,
+      stopping: turn.stopping,
+      started: turn.started,
+      resync: turn.resync,
+    },
+  };
+  try {
+    sessionStorage.setItem(storageKey(connection.model), JSON.stringify(state));
+  } catch {
+    forgetChat(connection.model); // too big for this tab's storage: a reload starts afresh
+  }
+}
+
+/** Save soon: a streaming reply changes with every chunk. */
+function saveSoon() {
+  if (!app.saveTimer) app.saveTimer = setTimeout(saveChat, SAVE_DELAY_MS);
+}
+
+function forgetChat(model) {
+  try {
+    sessionStorage.removeItem(storageKey(model));
+  } catch {
+    // no storage here: nothing was kept
+  }
+}
+
+/** This tab's saved conversation with `model`, or null. */
+function savedChat(model) {
+  let state;
+  try {
+    state = JSON.parse(sessionStorage.getItem(storageKey(model)));
+  } catch {
+    return null;
+  }
+  const text = (value) => typeof value === "string";
+  const message = (m) => m && text(m.role) && text(m.content);
+  const entry = (e) => e && (e.kind === "user" || e.kind === "assistant") && text(e.text)
+    && (e.kind === "user" || (Array.isArray(e.errors) && Array.isArray(e.tags)));
+  const valid = state && typeof state === "object"
+    && Array.isArray(state.history) && state.history.every(message)
+    && Array.isArray(state.log) && state.log.every(entry)
+    && Number.isInteger(state.turnCount)
+    && (state.resume === null || (state.resume && text(state.resume.token) && Number.isSafeInteger(state.resume.after)))
+    && (state.turn === null || (state.turn && Number.isInteger(state.turn.number)
+      && message(state.turn.userMessage) && state.log[state.turn.index]
+      && state.log[state.turn.index].kind === "assistant"));
+  return valid ? state : null;
+}
+
+function restoreChat(saved) {
+  app.history = saved.history;
+  app.log = saved.log;
+  app.turnCount = saved.turnCount;
+  app.resync = Boolean(saved.resync);
+  app.sessionVersion = saved.sessionVersion || null;
+  if (app.log.length) ui.empty.hidden = true;
+  const open = saved.turn ? app.log[saved.turn.index] : null;
+  for (const entry of app.log) {
+    const element = drawMessage(entry);
+    if (entry.kind !== "assistant") continue;
+    const body = element.querySelector(".body");
+    renderReply(body, entry.text);
+    for (const error of entry.errors) inlineError(element, error);
+    if (entry === open) {
+      element.classList.add("streaming");
+      app.turn = {
+        ...saved.turn,
+        stopping: Boolean(saved.turn.stopping),
+        started: Boolean(saved.turn.started),
+        resync: Boolean(saved.turn.resync),
+        entry,
+        element,
+        body,
+        frame: 0,
+      };
+      continue;
+    }
+    if (entry.reason) element.dataset.reason = entry.reason;
+    if (entry.refused) element.classList.add("refused");
+    for (const text of entry.tags) tag(element, text);
+  }
+  stickToBottom(true);
 }
 
 function notice(kind, code, text) {
@@ -514,6 +719,7 @@ document.addEventListener("keydown", (event) => {
   if (event.key === "Escape" && app.turn) stopTurn();
 });
 window.addEventListener("hashchange", followHash);
+window.addEventListener("pagehide", saveChat); // a reload: the next page resumes from here
 
 loadModels();
 setInterval(() => {

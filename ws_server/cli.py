@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help=f"file holding the API key, for servers that require one (or env {CHAT_KEY_ENV})",
     )
+    chat.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="end the chat when the connection drops, rather than resuming the session",
+    )
 
     check = commands.add_parser(
         "check", help="load every model without serving; exit 1 if any failed"
@@ -78,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "chat":
             restore_ctrl_c()  # before anything can block: Ctrl-C must work from the start
             key = chat_api_key(args.api_key_file)
-            return run_chat(ChatOptions(args.url, args.model, args.message, args.json, key))
+            options = ChatOptions(args.url, args.model, args.message, args.json, key, args.resume)
+            return run_chat(options)
         if args.command == "check":
             return check(models_dir_from(args))
         return new(models_dir_from(args), args.name)

@@ -258,7 +258,10 @@ class AnythingAgentServer:
         message = f"{problem}; a new session follows (resend your history if you keep one)"
         log.info("resume refused: %s", problem)
         if session is not None:
+            attached = session.attachment
             session.end()
+            if isinstance(attached, ChatConnection):  # its session is over: so is it
+                await attached.replaced()
         try:
             await connection.send(protocol.encode_error("resume_expired", message))
         except ConnectionClosed:

@@ -4,7 +4,13 @@ The WebSocket session lives on an event loop in a background thread, so it keeps
 pings while the main thread waits at the prompt; the main thread owns the terminal (line
 editing, Ctrl-C). Ctrl-C during a reply cancels the turn; a second one, or one at the
 prompt, quits. ``-m`` sends one message and exits non-zero if the turn failed; ``--json``
-prints every frame exactly as received, one per line, for bots.
+prints every frame exactly as received, one per line, for bots (after a resume, frames the
+server replayed are printed once: those already printed are skipped).
+
+A dropped connection is resumed (``--no-resume`` turns that off), with a one-line notice on
+stderr; a reply being streamed carries on where it stopped. When the server no longer has
+the session, it says so, and the next message goes to the new session together with the
+conversation so far (``messages``), so the model still sees it.
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Literal, TextIO, TypeVar
 
-from ws_server.client.chat import ChatClient, Turn
-from ws_server.exceptions import ClientError, TurnFailed
+from ws_server.client.chat import ChatClient, ResumeNotice, Turn
+from ws_server.exceptions import ClientError, ConnectionLost, TurnFailed
 
 T = TypeVar("T")
 
@@ -52,6 +58,7 @@ class ChatOptions:
     message: str | None = None  # -m: one message, then exit
     json: bool = False  # --json: raw frames on stdout
     api_key: str | None = None
+    resumable: bool = True  # --no-resume: a dropped connection ends the chat
 
 
 class _Style:
@@ -113,6 +120,9 @@ class TerminalChat:
         self.raw_output = not stdout.isatty()
         self.io = _IoThread()
         self.client: ChatClient | None = None
+        # The server started a new session after a failed resume: the next message carries
+        # the conversation so far. Set on the I/O thread, read on the main one.
+        self._carry_history = False
 
     def run(self) -> int:
         try:
@@ -139,6 +149,8 @@ class TerminalChat:
                 self.options.model,
                 api_key=self.options.api_key,
                 on_frame=on_frame,
+                resumable=self.options.resumable,
+                on_resume=self._on_resume,
             )
         )
         if self.options.message is not None:
@@ -182,8 +194,14 @@ class TerminalChat:
 
     def _turn(self, text: str) -> Outcome:
         """Send one message and stream its reply."""
-        assert self.client is not None
-        turn: Turn = self.io.run(self.client.send(text))
+        client = self.client
+        assert client is not None
+        try:
+            turn = self._send(client, text)
+        except ConnectionLost:
+            if not client.is_open:
+                raise
+            turn = self._send(client, text)  # the session expired while idle: the new one
         cancelling = False
 
         def interrupt() -> bool:
@@ -201,11 +219,41 @@ class TerminalChat:
             self._end_line(turn)
             self._fail(f"{exc.code}: {exc.message}")
             return "failed"
+        except ConnectionLost as exc:
+            if not client.is_open:
+                raise  # lost for good: the chat ends
+            self._end_line(turn)  # the session expired mid-reply: a new one goes on
+            self._fail(exc.message)
+            return "failed"
         self._end_line(turn)
         if turn.reason == "cancelled":
             self._note("[stopped]")
             return "stopped"
         return "ok"
+
+    def _send(self, client: ChatClient, text: str) -> Turn:
+        """Start a turn; the first one in a session that replaced an expired one sends the
+        conversation so far with it (the model's history went with the old session)."""
+        if self._carry_history:
+            messages = [*client.previous_history, {"role": "user", "content": text}]
+            turn: Turn = self.io.run(client.replace_history(messages))
+            self._carry_history = False  # only once sent: a refusal keeps it for the retry
+            return turn
+        return self.io.run(client.send(text))
+
+    def _on_resume(self, notice: ResumeNotice) -> None:
+        """A dropped connection was resumed, or could not be: one line on stderr."""
+        if notice.outcome == "resumed":
+            plural = "" if notice.replayed == 1 else "s"
+            self._note(f"connection lost; resumed ({notice.replayed} frame{plural} replayed)")
+        elif notice.outcome == "new_session":
+            self._carry_history = True
+            self._note(
+                f"connection lost; could not resume ({notice.message}); a new session "
+                "goes on with the conversation so far"
+            )
+        else:
+            self._note(f"connection lost; could not resume (gave up after {notice.attempts} tries)")
 
     async def _stream(self, turn: Turn) -> None:
         async for chunk in turn:

@@ -61,12 +61,21 @@ class Outbox:
         return len(data)
 
     async def done(self, turn: int, reason: protocol.DoneReason) -> None:
+        await self._room_first()
         self.seq += 1
         await self._final(protocol.encode_done(self.seq, turn, reason).encode())
 
     async def error(self, code: protocol.ErrorCode, message: str, turn: int | None = None) -> None:
+        await self._room_first()
         self.seq += 1
         await self._final(protocol.encode_error(code, message, turn, self.seq).encode())
+
+    async def _room_first(self) -> None:
+        """A frame that ends a turn is stamped only once it fits: a ``done`` in the buffer
+        means the turn is over (a resume reports it so, and the next message is no
+        ``busy``), never still waiting behind a full buffer."""
+        if self._sink is None and self._limit:
+            await self._wait_for_room()
 
     async def _final(self, data: bytes) -> None:
         if self._limit:
@@ -74,8 +83,6 @@ class Outbox:
         sink = self._sink
         if sink is not None:
             await sink.write_now(data)
-        elif self._limit:
-            await self._wait_for_room()
 
     def _keep(self, data: bytes) -> None:
         self._buffer.append((self.seq, data))
