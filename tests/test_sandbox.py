@@ -424,7 +424,9 @@ def ancestors_below(pid: int, top: int) -> list[int]:
 async def test_seccomp_refuses_what_no_model_needs(sandboxed: ServerProcess) -> None:
     async with chat(sandboxed, "hostile") as ws:
         refused = json.loads((await run_turn(ws, "syscalls")).text)
+    io_uring = refused.pop("io_uring_setup")
     assert refused == dict.fromkeys(refused, "EPERM") and len(refused) == 13, refused
+    assert io_uring == "ENOSYS"  # as if the kernel had none: libraries fall back
 
 
 async def test_the_listing_says_which_protections_hold(sandboxed: ServerProcess) -> None:
@@ -468,3 +470,25 @@ async def test_a_model_directory_closed_to_the_sandbox_user_fails_naming_it(
         "isolation: the sandbox runs as nobody (the server is root), which cannot read "
         f"{models / 'sandbox_probe'}: chmod o+rX it"
     )
+
+
+async def test_a_model_cannot_link_its_venv_or_requirements_out_of_its_directory(
+    start_server: Any, tmp_path: Path, env_cache: Path
+) -> None:
+    """Links a model ships are its to forge: followed by a root server, they would bind or
+    read (into the listing) what the model may not see."""
+    elsewhere = tmp_path / "private"
+    (elsewhere / "bin").mkdir(parents=True)
+    (elsewhere / "bin" / "python").symlink_to(sys.executable)
+    (elsewhere / "secret.txt").write_text("TOPSECRET")
+    models = copy_models(tmp_path / "models", "sandbox_probe", source=ISOLATED_MODELS)
+    copy_models(models, "hostile", source=ISOLATED_MODELS)
+    (models / "sandbox_probe" / "venv").symlink_to(elsewhere)
+    (models / "hostile" / "requirements.txt").symlink_to(elsewhere / "secret.txt")
+    live = start_server(models, *("--env-cache-dir", str(env_cache), "--sandbox", "on"))
+    wait_until_built(live)
+    for name, what in (("sandbox_probe", "venv/"), ("hostile", "requirements.txt")):
+        row = http(live, f"/v1/models/{name}")[2]
+        assert row["status"] == "failed"
+        assert row["error"] == f"{what} must be inside the model directory, not a link out of it"
+    assert "TOPSECRET" not in json.dumps(http(live, "/v1/models")[2])

@@ -200,7 +200,9 @@ class AnythingAgentServer:
                 connection.transport.abort()
             await self._ws_server.wait_closed()
         await self.registry.close()
-        cgroups.close()  # the workers' cgroups are gone: remove this server's directory
+        # The workers' cgroups are gone: remove this server's directory (a few blocking
+        # system calls, retried while the kernel reaps; not on the loop).
+        await asyncio.to_thread(cgroups.close)
         if self._loop_watch is not None:
             self._loop_watch.stop()
         log.info("stopped")

@@ -7,6 +7,7 @@ field: which of these protections hold for the model on this host.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import pwd
@@ -82,6 +83,20 @@ async def confine(request: Request, worker_command: list[str]) -> Confinement:
     far as this host allows; raises ``ModelLoadError`` when ``--sandbox on`` can't be met."""
     bwrap = await sandbox.choose(request.sandbox_mode)
     group = _cgroup(request)
+    try:
+        return _confined(request, worker_command, bwrap, group)
+    except BaseException:
+        if group is not None:  # refused (or cancelled) before a worker existed
+            group.remove()
+        raise
+
+
+def _confined(
+    request: Request,
+    worker_command: list[str],
+    bwrap: sandbox.Bubblewrap | None,
+    group: cgroups.WorkerGroup | None,
+) -> Confinement:
     limited = group is not None and request.memory_bytes is not None
     if bwrap is None:
         environment = {
@@ -92,7 +107,6 @@ async def confine(request: Request, worker_command: list[str]) -> Confinement:
         report = _report(request, None, group, seccomp=False, user=None)
         return Confinement(command, environment, (), group, False, report, memory_limited=limited)
     shared = sandbox.shared_variables(request.sandbox_share)
-    seccomp_fd = _seccomp_fd()
     user = sandbox.host_user()
     box = sandbox.SandboxSpec(
         python=request.python,
@@ -101,10 +115,11 @@ async def confine(request: Request, worker_command: list[str]) -> Confinement:
         network=request.network,
         shared=tuple(Path(path) for path in shared.values()),
         tmp_bytes=request.memory_bytes,
-        seccomp_fd=seccomp_fd,
         staged=user is not None,
     )
     stage = _readable_by(user, box) if user else []
+    seccomp_fd = _seccomp_fd()  # last: nothing after it can fail and leave it open
+    box = dataclasses.replace(box, seccomp_fd=seccomp_fd)
     instructions = launcher.plan(group.procs_files if group else [], stage, user)
     command = _launched(instructions, [*sandbox.command(bwrap, box), *worker_command])
     environment = sandbox.worker_environment(os.environ, request.python, shared)

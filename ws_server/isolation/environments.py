@@ -71,9 +71,12 @@ class EnvironmentBuilder:
         """The interpreter to run ``model`` with, building its environment if needed."""
         hand_made = model_dir / "venv" / "bin" / "python"
         if hand_made.exists():
+            _own(model_dir, model_dir / "venv", "venv/")
             return hand_made
         base = find_python(isolation.python_version)
         requirements_file = model_dir / REQUIREMENTS
+        if requirements_file.exists():
+            _own(model_dir, requirements_file, REQUIREMENTS)
         requirements = (
             requirements_file.read_text(encoding="utf-8") if requirements_file.is_file() else ""
         )
@@ -329,6 +332,14 @@ _INSTALLER_ENV: Final = {
     **{k: v for k, v in os.environ.items() if not k.startswith("ANYTHING_AGENT_")},
     "UV_PYTHON_DOWNLOADS": "never",
 }
+
+
+def _own(model_dir: Path, path: Path, name: str) -> None:
+    """A model's own file or directory must be in its directory, symlinks followed: one
+    pointing elsewhere would have the server (as root, maybe) read or bind what the model
+    may not see."""
+    if not path.resolve().is_relative_to(model_dir.resolve()):
+        raise ModelLoadError(f"{name} must be inside the model directory, not a link out of it")
 
 
 def find_python(version: str | None) -> Path:

@@ -67,8 +67,8 @@ class FrameDecoder:
                 break
             try:
                 message = _DECODER.decode(buffer[offset + 4 : end].decode())
-            except ValueError as exc:  # UnicodeDecodeError included
-                raise ChannelError(f"invalid frame: {exc}") from None
+            except (ValueError, RecursionError) as exc:  # UnicodeDecodeError included
+                raise ChannelError(f"invalid frame: {type(exc).__name__}") from None
             if not isinstance(message, list) or not message:
                 raise ChannelError("a frame must be a non-empty JSON array")
             messages.append(message)

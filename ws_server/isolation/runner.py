@@ -206,7 +206,7 @@ class IsolatedRunner:
             if confinement is not None:
                 confinement.ended(None)
             raise ModelLoadError(f"isolation: cannot start {self.spec.python}: {exc}") from None
-        except ModelLoadError:
+        except BaseException:  # ModelLoadError, or cancelled while starting
             parent.close()
             if confinement is not None:
                 confinement.ended(None)
@@ -317,7 +317,11 @@ class IsolatedRunner:
                 ModelLoadError(f"main.py: the worker exited while loading the model ({reason})")
             )
             return
-        self._crashed(reason, counted=self._exiting != generation and not memory, memory=memory)
+        # A memory kill during a turn is that turn's breach; one with no turn running (the
+        # model's own background work) counts as a crash: a model that keeps doing it is
+        # backed off and, at the crash limit, failed rather than restarted for ever.
+        planned = self._exiting == generation or (memory and self._turn_running())
+        self._crashed(reason, counted=not planned, memory=memory)
 
     def _crashed(self, reason: str, counted: bool = True, memory: bool = False) -> None:
         """A worker died: tell its sessions, then restart it (with backoff) or give up.
@@ -369,6 +373,9 @@ class IsolatedRunner:
         except ModelLoadError as exc:
             raise WorkerCrashed(f"the model's worker could not restart: {exc.message}") from None
         return self.generation
+
+    def _turn_running(self) -> bool:
+        return any(session.turn_running for session in self.sessions.values())
 
     def _breached(self) -> bool:
         confinement = self._confinement
@@ -489,6 +496,10 @@ class IsolatedSession:
             reply = self._replies.pop(kind, None)
             if reply is not None and not reply.done():
                 reply.set_result(args[0])
+
+    @property
+    def turn_running(self) -> bool:
+        return self._queue is not None
 
     def worker_died(self, reason: str, memory: bool = False) -> None:
         self._sent_start_to = None  # nothing of this session lives on in any worker

@@ -25,10 +25,10 @@ BURN = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhile tim
 NUMBERS = {
     "x86_64": {"bpf": 321, "keyctl": 250, "perf_event_open": 298, "userfaultfd": 323,
                "kexec_load": 246, "init_module": 175, "open_by_handle_at": 304,
-               "process_vm_readv": 310, "pivot_root": 155, "add_key": 248},
+               "process_vm_readv": 310, "pivot_root": 155, "add_key": 248, "io_uring_setup": 425},
     "aarch64": {"bpf": 280, "keyctl": 219, "perf_event_open": 241, "userfaultfd": 282,
                 "kexec_load": 104, "init_module": 105, "open_by_handle_at": 265,
-                "process_vm_readv": 270, "pivot_root": 41, "add_key": 217},
+                "process_vm_readv": 270, "pivot_root": 41, "add_key": 217, "io_uring_setup": 425},
 }
 CLONE_NEWUSER = 0x10000000
 PTRACE_TRACEME = 0
@@ -110,6 +110,7 @@ def syscalls():
         "init_module": lambda: libc.syscall(numbers["init_module"], None, 0, b""),
         "open_by_handle_at": lambda: libc.syscall(numbers["open_by_handle_at"], -100, None, 0),
         "pivot_root": lambda: libc.syscall(numbers["pivot_root"], b"/tmp", b"/tmp"),
+        "io_uring_setup": lambda: libc.syscall(numbers["io_uring_setup"], 8, bytes(120)),
     }
     return {name: errno.errorcode.get(code, str(code)) if code else "allowed"
             for name, code in ((name, _errno_of(call)) for name, call in calls.items())}
