@@ -124,6 +124,10 @@ async def test_no_network_unless_the_model_asks_for_it(
     assert accepted == [True]
     host = sorted(name for _, name in socket.if_nameindex())
     assert (await ask(sandboxed, "net", "interfaces"))["value"] == host
+    # ...but never the server's own port (its listing, its admin routes).
+    server = await ask(sandboxed, "net", f"get 127.0.0.1 {sandboxed.port} /v1/models")
+    assert not server["ok"], server  # (told apart by its host user: the server is root)
+    sandboxed.wait_for_log("refused a connection from a networked sandbox")
 
 
 async def test_other_models_and_the_servers_files_are_out_of_sight(

@@ -14,9 +14,10 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from ws_server import metrics, protocol
-from ws_server.exceptions import HandshakeRefused
+from ws_server.exceptions import AdminOnly, HandshakeRefused
+from ws_server.http import peers
 from ws_server.http.limits import ConnectionCounter
-from ws_server.http.routes import HttpApi, chat_model_name
+from ws_server.http.routes import HttpApi, chat_model_name, error_response
 from ws_server.http.security import (
     AccessPolicy,
     key_digest,
@@ -24,7 +25,7 @@ from ws_server.http.security import (
     offered_subprotocols,
     select_subprotocol,
 )
-from ws_server.isolation import cgroups
+from ws_server.isolation import cgroups, sandbox
 from ws_server.isolation.environments import EnvironmentBuilder, default_cache_dir
 from ws_server.loop_watch import LoopWatch
 from ws_server.registry.catalog import Registry
@@ -211,7 +212,22 @@ class AnythingAgentServer:
     async def _process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
+        if self._from_a_sandbox(connection):
+            log.warning("refused a connection from a networked sandbox to the server's port")
+            connection.transport.abort()  # as if there were no route: nothing to read
+            return error_response(AdminOnly("sandboxed models may not use this server"))
         return await self.http.respond(request, _peer_address(connection))
+
+    def _from_a_sandbox(self, connection: ServerConnection) -> bool:
+        """Whether a loopback peer is a sandboxed model with network: its host user is
+        the sandbox's own (told apart when the server is root; see http/peers.py)."""
+        user = sandbox.host_user()
+        if user is None or not self.registry.networked_sandboxes():
+            return False
+        address = connection.remote_address
+        if not isinstance(address, tuple) or not peers.is_loopback(str(address[0])):
+            return False
+        return peers.socket_owner(str(address[0]), int(address[1])) == user[0]
 
     async def _handle_connection(self, connection: ServerConnection) -> None:
         assert connection.request is not None

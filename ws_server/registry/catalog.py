@@ -206,6 +206,14 @@ class Registry:
             self._dispose_later(version)
 
     # ------------------------------------------------------------------ listing
+    def networked_sandboxes(self) -> bool:
+        """Whether a sandboxed model with network is serving."""
+        for entry in self._entries.values():
+            report = entry.serving.runner.sandbox if entry.serving is not None else None
+            if report is not None and report["bubblewrap"] and report["network"]:
+                return True
+        return False
+
     def list_models(self) -> list[dict[str, Any]]:
         """Every model, OpenAI list style plus our fields, sorted by name."""
         names = sorted(set(self._entries) | set(self._draining))

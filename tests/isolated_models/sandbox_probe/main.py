@@ -1,6 +1,6 @@
 """Tries things on request inside its sandbox and reports, as JSON, what happened.
 
-Each message is a command and its arguments: ``connect HOST PORT``, ``interfaces``,
+Each message is a command and its arguments: ``connect HOST PORT``, ``get HOST PORT PATH``, ``interfaces``,
 ``routes``, ``read PATH``, ``write PATH``, ``listdir PATH``, ``environ`` or ``whoami``. The answer is
 ``{"ok": true, "value": ...}`` or ``{"ok": false, "error": "OSError: [Errno ...] ..."}``.
 """
@@ -15,6 +15,14 @@ from ws_server import AnythingBaseModel
 def connect(host, port):
     with socket.create_connection((host, int(port)), timeout=3):
         return "connected"
+
+
+def get(host, port, path):
+    """An HTTP GET; the status it answered with."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=3) as response:
+        return response.status
 
 
 def interfaces():
@@ -59,6 +67,7 @@ def whoami():
 COMMANDS = {
     "connect": connect,
     "interfaces": interfaces,
+    "get": get,
     "routes": routes,
     "read": read,
     "write": write,
