@@ -26,7 +26,6 @@ def socket_key(host: str, port: int) -> str:
     return f"{address}:{port:04X}"
 
 
-
 def socket_owner(host: str, port: int) -> int | None:
     """The uid owning the TCP socket bound to ``host:port`` on this machine, if any."""
     try:
