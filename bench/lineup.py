@@ -5,13 +5,22 @@ Every one speaks protocol v1 at ``/v1/chat/{model}`` and streams the bench model
 runs as an operator would start it: its defaults plus ``--no-limits`` (the rate and
 connection limits would throttle a load generator on 127.0.0.1); only where it listens and
 which models directory it serves are given.
+
+Two AnythingAgent rows differ from the others in what is measured rather than how: the
+"resumable" row is the same server driven by clients that offer the ``resumable``
+subprotocol entry (so every frame is numbered and kept in a replay buffer), and the
+"before" row is the server as it was at ``BEFORE`` (before sessions could outlive their
+connection), run from a copy of that commit's tree with the same virtualenv.
 """
 
 from __future__ import annotations
 
+import io
 import shutil
+import subprocess
 import sys
-from dataclasses import dataclass
+import tarfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -19,6 +28,9 @@ HERE: Final = Path(__file__).resolve().parent
 SERVERS_DIR: Final = HERE / "servers"
 BENCH_MODEL: Final = HERE / "models" / "bench"
 REFERENCE: Final = "websockets"  # every figure is a ratio to this server's, same run
+BEFORE: Final = "cd360c5"  # "Group ws_server by role": the server before resumable sessions
+SUBPROTOCOL: Final = "anything-agent.v1"
+RESUMABLE: Final = (SUBPROTOCOL, "resumable")  # what a client that can resume offers
 
 
 @dataclass(frozen=True)
@@ -30,6 +42,15 @@ class ServerSpec:
     command: tuple[str, ...]
     builds_model: bool = False  # isolated: wait until GET /v1/models/bench says ready
     spawns: bool = False  # a process per turn: slow, so latency runs need fewer samples
+    offers: tuple[str, ...] = ()  # subprotocol entries its clients offer
+    env: dict[str, str] = field(default_factory=dict)  # added to the runner's environment
+    cwd: Path | None = None  # where it starts (a checkout's tree: `-m` imports from there)
+    checkout: str | None = None  # a commit whose tree ``check_out`` lays out in ``cwd``
+
+    @property
+    def resumable(self) -> bool:
+        """Its clients offer ``resumable``: the resume and detached modes apply."""
+        return "resumable" in self.offers
 
 
 def _script(name: str, *args: str) -> tuple[str, ...]:
@@ -44,6 +65,24 @@ def _anything_agent(models_dir: Path) -> tuple[str, ...]:
     )
 
 
+def check_out(revision: str, tree: Path) -> str:
+    """Lay out ``revision``'s files in ``tree`` (``git archive``: the repository's work tree,
+    index and worktree list are left alone); returns its short commit."""
+    git = ("git", "-C", str(HERE.parent))
+    commit = subprocess.run(
+        [*git, "rev-parse", "--short", f"{revision}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if not (tree / "ws_server").is_dir():
+        archive = subprocess.run([*git, "archive", commit], capture_output=True, check=True)
+        tree.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as files:
+            files.extractall(tree, filter="data")
+    return commit
+
+
 def prepare(scratch: Path) -> None:
     """Lay out what the lineup's commands expect in ``scratch``: a copy of the bench model
     whose config.yaml asks for isolation."""
@@ -53,14 +92,29 @@ def prepare(scratch: Path) -> None:
         (model / "config.yaml").write_text("isolation: true\n")
 
 
-def lineup(scratch: Path) -> list[ServerSpec]:
+def lineup(scratch: Path, before: str = BEFORE) -> list[ServerSpec]:
     """Every server, the reference first and the client's ceiling last (``prepare``
-    lays out ``scratch`` for them)."""
+    lays out ``scratch`` for them; ``check_out`` the before row's tree)."""
+    before_tree = scratch / "before"
     return [
         ServerSpec(REFERENCE, "bare websockets", _script("websockets_server.py")),
         ServerSpec("aiohttp", "aiohttp", _script("aiohttp_server.py")),
         ServerSpec("starlette", "Starlette+uvicorn", _script("starlette_server.py")),
+        ServerSpec(
+            "before",
+            f"AnythingAgent @{before}",
+            _anything_agent(BENCH_MODEL.parent),
+            env={"PYTHONPATH": str(before_tree)},
+            cwd=before_tree,
+            checkout=before,
+        ),
         ServerSpec("shared", "AnythingAgent shared", _anything_agent(BENCH_MODEL.parent)),
+        ServerSpec(
+            "resumable",
+            "AnythingAgent resumable",
+            _anything_agent(BENCH_MODEL.parent),
+            offers=RESUMABLE,
+        ),
         ServerSpec(
             "isolated",
             "AnythingAgent isolated",

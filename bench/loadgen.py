@@ -6,7 +6,7 @@ stays well ahead of every real server (the "no model, batched writes" server in 
 shows how far: that row is the client's ceiling). A frame's kind is read from one byte:
 every server here sends ``{"type":"…`` first, as AnythingAgent does.
 
-Three modes, each against a server already listening:
+Five modes, each against a server already listening:
 
 - ``throughput``: C connections run turns of N chunks of S bytes back to back; chunks/s
   and MB/s of chunk frames' payloads over a window after a warm-up.
@@ -15,6 +15,17 @@ Three modes, each against a server already listening:
 - ``capacity``: open K idle sessions (up to ``concurrency`` handshakes in flight) as fast
   as possible; handshakes/s until the last ``ready``, and the server's RSS growth per
   session.
+- ``resume``: one connection at a time, the time from starting a new connection (TCP
+  connect, handshake) to its ``ready``; for a client offering ``resumable``, each session
+  then runs a turn, is dropped without a close frame, and is resumed: the time from starting
+  the new connection (offering ``resume.<token>.<after>``) to its ``resumed``.
+- ``detached``: K resumable sessions flood (a turn of endless chunks), all are dropped
+  mid-turn, and once every model is paused on its full replay buffer, the server's RSS
+  growth per session against the buffer's bound.
+
+Every mode takes ``offers``: the subprotocol entries the client offers in
+``Sec-WebSocket-Protocol`` (none by default, as wscat; ``anything-agent.v1, resumable`` for
+a client that can resume).
 """
 
 from __future__ import annotations
@@ -23,22 +34,32 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 _TYPE_PREFIX: Final = b'{"type":"'
-_CHUNK, _DONE, _READY = ord("c"), ord("d"), ord("r")
+_CHUNK, _DONE, _READY = ord("c"), ord("d"), ord("r")  # "r": ready, or resumed
+_RESUMED_PREFIX: Final = b'{"type":"resumed"'
 CONNECT_TIMEOUT: Final = 60.0
 MAX_EXTENSION: Final = 60.0  # how long a window may run past its duration to get a sample
 ERRORS_KEPT: Final = 5
 
 
-def request_frame(chunks: int, size: int) -> bytes:
-    """A ``message`` frame asking the bench model for ``chunks`` chunks of ``size`` chars."""
-    content = json.dumps({"chunks": chunks, "size": size})
+def request_frame(chunks: int, size: int, awaits: bool = False) -> bytes:
+    """A ``message`` frame asking the bench model for ``chunks`` chunks of ``size`` chars
+    (``awaits``: giving the server's event loop a turn after each)."""
+    request: dict[str, Any] = {"chunks": chunks, "size": size}
+    if awaits:
+        request["awaits"] = True
+    content = json.dumps(request)
     return json.dumps({"type": "message", "content": content}).encode()
+
+
+def _headers(offers: Sequence[str]) -> dict[str, str] | None:
+    """The handshake's extra headers: the subprotocol entries offered, if any."""
+    return {"Sec-WebSocket-Protocol": ", ".join(offers)} if offers else None
 
 
 class Session(WSListener):
@@ -58,6 +79,7 @@ class Session(WSListener):
         self.turns = 0
         self.sent_at = 0  # perf_counter_ns() of the last message; 0 once its chunk came
         self.latencies: list[int] | None = None  # first-chunk times in ns, when timing
+        self.drop_after = 0  # when set: drop the connection (no close frame) at that chunk
         self.errors: list[str] = []
 
     # ------------------------------------------------------------------ picows callbacks
@@ -80,6 +102,9 @@ class Session(WSListener):
                 if self.latencies is not None:
                     self.latencies.append(time.perf_counter_ns() - self.sent_at)
                 self.sent_at = 0
+            if self.drop_after and self.chunks >= self.drop_after:
+                self.drop_after = 0
+                transport.disconnect(graceful=False)
         elif kind == _DONE:
             self.turns += 1
             self.in_turn = False
@@ -126,14 +151,19 @@ class Session(WSListener):
             self.transport.disconnect(graceful=False)
 
 
-async def open_sessions(url: str, count: int, concurrency: int = 64) -> list[Session]:
+async def open_sessions(
+    url: str, count: int, concurrency: int = 64, offers: Sequence[str] = ()
+) -> list[Session]:
     """Open ``count`` sessions, ``concurrency`` handshakes at a time, each waited for until
     its ``ready``; raises (after closing those that opened) if any fails."""
     gate = asyncio.Semaphore(concurrency)
+    headers = _headers(offers)
 
     async def one() -> Session:
         async with gate:
-            _, session = await ws_connect(Session, url, websocket_handshake_timeout=CONNECT_TIMEOUT)
+            _, session = await ws_connect(
+                Session, url, websocket_handshake_timeout=CONNECT_TIMEOUT, extra_headers=headers
+            )
             assert isinstance(session, Session)
             try:
                 await asyncio.wait_for(session.ready, CONNECT_TIMEOUT)
@@ -202,10 +232,11 @@ async def throughput(
     duration: float,
     warmup: float,
     write_calls: Callable[[], int] | None = None,
+    offers: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Chunks/s and MB/s with ``connections`` sessions each streaming turns back to back;
     given the server's ``write_calls`` counter, also its socket writes per chunk."""
-    sessions = await open_sessions(url, connections)
+    sessions = await open_sessions(url, connections, offers=offers)
     try:
         for session in sessions:
             session.start(request_frame(chunks, size))
@@ -240,11 +271,16 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 async def latency(
-    url: str, connections: int, size: int, duration: float, warmup: float
+    url: str,
+    connections: int,
+    size: int,
+    duration: float,
+    warmup: float,
+    offers: Sequence[str] = (),
 ) -> dict[str, Any]:
     """First-chunk latency of one-chunk turns, ``connections`` sessions at once; the window
     lasts until every session has given at least one sample."""
-    sessions = await open_sessions(url, connections)
+    sessions = await open_sessions(url, connections, offers=offers)
     try:
         for session in sessions:
             session.latencies = []
@@ -274,15 +310,16 @@ async def capacity(
     rss_kib: Callable[[], int],
     settle: Callable[[], Awaitable[None]],
     concurrency: int = 64,
+    offers: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Open ``count`` idle sessions as fast as possible: handshakes/s, and the server's RSS
     growth divided by ``count`` (measured once it has settled, after one warm-up session
     so that first-use allocations are not charged to the sessions)."""
-    await close_sessions(await open_sessions(url, 1))
+    await close_sessions(await open_sessions(url, 1, offers=offers))
     await settle()
     before = rss_kib()
     started = time.perf_counter()
-    sessions = await open_sessions(url, count, concurrency)
+    sessions = await open_sessions(url, count, concurrency, offers)
     elapsed = time.perf_counter() - started
     try:
         await settle()
@@ -297,4 +334,217 @@ async def capacity(
         "rss_before_kib": before,
         "rss_after_kib": after,
         "rss_per_session_kib": (after - before) / count,
+    }
+
+
+class Probe(WSListener):
+    """One connection of the resume mode: when its first frame came (``ready``,
+    ``resumed`` or an error) and what it was, and the ``seq`` of its turn's ``done``."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.first: asyncio.Future[bytes | None] = loop.create_future()  # None: closed
+        self.first_at = 0  # perf_counter_ns() when it came
+        self.done: asyncio.Future[int | None] = loop.create_future()  # None: no done
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.transport: WSTransport | None = None
+        self.error = ""
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type is not WSMsgType.TEXT:
+            if frame.msg_type is WSMsgType.CLOSE:
+                if not transport.is_close_frame_sent:
+                    transport.send_close(frame.get_close_code())
+                transport.disconnect()
+            return
+        if not self.first.done():
+            self.first_at = time.perf_counter_ns()
+            self.first.set_result(frame.get_payload_as_bytes())
+            return
+        payload = frame.get_payload_as_bytes()
+        if payload.startswith(b'{"type":"done"') and not self.done.done():
+            self.done.set_result(int(json.loads(payload).get("seq", 0)))
+        elif payload.startswith(b'{"type":"error"') and not self.error:
+            self.error = payload[:200].decode(errors="replace")
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        for future in (self.first, self.done):
+            if not future.done():
+                future.set_result(None)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    async def close(self) -> None:
+        """A normal close (1000): the session ends; wait for the server's answer."""
+        assert self.transport is not None
+        if not self.transport.is_disconnected and not self.transport.is_close_frame_sent:
+            self.transport.send_close(WSCloseCode.OK)
+        await asyncio.wait([self.closed], timeout=CONNECT_TIMEOUT)
+        self.transport.disconnect(graceful=False)
+
+    async def drop(self) -> None:
+        """Gone without a close frame, as a lost network would leave it."""
+        assert self.transport is not None
+        self.transport.disconnect(graceful=False)
+        await asyncio.wait([self.closed], timeout=CONNECT_TIMEOUT)
+
+
+async def _timed_connect(url: str, offers: Sequence[str]) -> tuple[Probe, int, bytes | None]:
+    """A new connection: the probe, the ns from starting it (TCP connect and handshake) to
+    its first frame, and that frame (None if it closed first)."""
+    started = time.perf_counter_ns()
+    _, probe = await ws_connect(
+        Probe, url, websocket_handshake_timeout=CONNECT_TIMEOUT, extra_headers=_headers(offers)
+    )
+    assert isinstance(probe, Probe)
+    first = await asyncio.wait_for(probe.first, CONNECT_TIMEOUT)
+    return probe, probe.first_at - started, first
+
+
+def _spread(prefix: str, samples_ns: list[int]) -> dict[str, float]:
+    """p50, p99 and max of ``samples_ns``, in µs, named ``<prefix>_p50_us`` etc."""
+    if not samples_ns:
+        return {}
+    ordered = sorted(ns / 1000 for ns in samples_ns)
+    return {
+        f"{prefix}_p50_us": percentile(ordered, 0.50),
+        f"{prefix}_p99_us": percentile(ordered, 0.99),
+        f"{prefix}_max_us": ordered[-1],
+    }
+
+
+async def resume(url: str, samples: int, size: int, offers: Sequence[str] = ()) -> dict[str, Any]:
+    """``samples`` times, one connection at a time: start a new connection and time it to
+    ``ready``. With ``resumable`` among ``offers``, that session then runs a one-chunk turn,
+    its connection is dropped without a close frame, and a new connection offering
+    ``resume.<token>.<after>`` (``after``: the turn's ``done``) is timed to ``resumed``;
+    a normal close of the last connection ends each session."""
+    resumable = "resumable" in offers
+    plain = [entry for entry in offers if entry != "resumable"]
+    request = request_frame(1, size)
+    ready_ns: list[int] = []
+    resumed_ns: list[int] = []
+    replayed = 0
+    errors: list[str] = []
+
+    def failed(what: str) -> None:
+        if len(errors) < ERRORS_KEPT:
+            errors.append(what[:200])
+
+    started = time.perf_counter()
+    for _ in range(samples):
+        probe, took, first = await _timed_connect(url, offers)
+        if first is None or not first.startswith(b'{"type":"ready"'):
+            failed(f"no ready: {first!r}")
+            await probe.close()
+            continue
+        ready_ns.append(took)
+        if not resumable:
+            await probe.close()
+            continue
+        token = json.loads(first)["resume_token"]
+        assert probe.transport is not None
+        probe.transport.send(WSMsgType.TEXT, request)
+        after = await asyncio.wait_for(probe.done, CONNECT_TIMEOUT)
+        if after is None:
+            failed(probe.error or "closed before done")
+            await probe.close()
+            continue
+        await probe.drop()
+        again, took, first = await _timed_connect(url, [*plain, f"resume.{token}.{after}"])
+        if first is not None and first.startswith(_RESUMED_PREFIX):
+            resumed_ns.append(took)
+            replayed += int(json.loads(first)["replayed"])
+        else:
+            failed(f"no resumed: {first!r}")
+        await again.close()
+    elapsed = time.perf_counter() - started
+    figures: dict[str, Any] = {"samples": len(ready_ns), "seconds": elapsed}
+    figures.update(_spread("ready", ready_ns))
+    if resumable:
+        figures["resumes"] = len(resumed_ns)
+        figures["replayed"] = replayed
+        figures.update(_spread("resumed", resumed_ns))
+    figures["errors"] = errors
+    return figures
+
+
+FLOOD: Final = 10**9  # chunks: a turn that outlasts any measurement
+
+
+async def detached(
+    url: str,
+    count: int,
+    size: int,
+    buffer_bytes: int,
+    rss_kib: Callable[[], int],
+    settle: Callable[[], Awaitable[None]],
+    gauges: Callable[[], Awaitable[dict[str, float]]],
+    offers: Sequence[str],
+    awaits: bool = True,
+    within: float = 120.0,
+) -> dict[str, Any]:
+    """The memory a detached session holds: ``count`` resumable sessions each start an
+    endless turn of ``size``-character chunks and are dropped (no close frame) at their
+    first chunk; once every one is detached and its model paused on a full replay buffer
+    (the server's ``gauges``: detached sessions and buffered bytes, unchanged and the
+    server idle), the server's RSS growth per session, against ``buffer_bytes``.
+
+    The same load runs once first, its sessions closed normally mid-turn (they end and
+    free what they held), so that what streaming to ``count`` connections leaves allocated
+    in the server is not charged to the detached sessions. ``awaits``: the model gives the
+    loop a turn after each chunk (else it yields as fast as the server takes chunks)."""
+
+    async def flood(drop: bool) -> list[Session]:
+        sessions = await open_sessions(url, count, offers=offers)
+        for session in sessions:
+            session.drop_after = 1 if drop else 0
+            session.start(request_frame(FLOOD, size, awaits))
+            session.running = False  # one turn only
+        await _until(lambda: all(s.chunks for s in sessions), time.monotonic() + within)
+        return sessions
+
+    warm = await flood(drop=False)
+    for session in warm:
+        session.close()
+    await asyncio.wait([s.closed for s in warm], timeout=CONNECT_TIMEOUT)
+    for session in warm:
+        session.abort()
+    await settle()
+    await gauges()  # still answering after clients left mid-turn (raises if not)
+    before = rss_kib()
+    started = time.perf_counter()
+    sessions = await flood(drop=True)
+    await asyncio.wait([s.closed for s in sessions], timeout=CONNECT_TIMEOUT)
+    deadline = time.monotonic() + within
+    last: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        await settle()
+        now = await gauges()
+        if now == last and now.get("detached", 0) >= count:
+            break
+        last = now
+        await asyncio.sleep(0.2)
+    else:
+        raise RuntimeError(f"the detached sessions did not pause within {within:g} s: {last}")
+    paused = time.perf_counter() - started
+    after = rss_kib()
+    per_session = (after - before) / count
+    return {
+        "sessions": count,
+        "chunk_size": size,
+        "buffer_bytes": buffer_bytes,
+        "buffer_kib": buffer_bytes / 1024,
+        "seconds": paused,
+        "rss_before_kib": before,
+        "rss_after_kib": after,
+        "rss_per_session_kib": per_session,
+        "rss_per_buffer": per_session * 1024 / buffer_bytes,
+        "detached": last.get("detached"),
+        "buffered_per_session_kib": last.get("buffered", 0.0) / count / 1024,
+        "chunks_before_drop": sum(s.chunks for s in sessions) / count,
+        "errors": _errors(sessions),
     }

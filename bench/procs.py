@@ -17,7 +17,7 @@ import resource
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -127,16 +127,25 @@ class Server:
         self.process.wait()
 
 
-def start(command: Sequence[str], log: Path, timeout: float = 120.0) -> Server:
+def start(
+    command: Sequence[str],
+    log: Path,
+    timeout: float = 120.0,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Server:
     """Start a server on ``SERVER_CPU`` and return it once its log says where it listens.
 
     It gets a process group of its own (so a Ctrl-C at the terminal reaches only the
-    runner, which stops it) and inherits the runner's RLIMIT_NOFILE.
+    runner, which stops it) and inherits the runner's RLIMIT_NOFILE; ``env`` adds to (or
+    overrides) the runner's environment, ``cwd`` is where it starts (default: here).
     """
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as sink:
         process = subprocess.Popen(
             list(command),
+            env={**os.environ, **env} if env else None,
+            cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=sink,

@@ -1,9 +1,12 @@
-"""What a bench run reports: one table of every figure with its ratio to bare websockets
-(measured in the same run), issue 7's targets met or missed, the raw JSON, a PNG chart.
+"""What a bench run reports: tables of every figure with its ratio to a reference measured
+in the same run (bare websockets; for a resume, the same server's new connection; for a
+detached session, the replay buffer's bound), the resumable server against the one before
+resumable sessions, the targets met or missed, the raw JSON, a PNG chart.
 
 Input is the run's JSON payload (see ``bench/run.py``): ``servers`` maps a server's key to
 its ``label`` and one dict of figures per mode (``throughput``, ``latency_1``,
-``latency_crowd``, ``capacity``), or an ``error`` when it could not be measured.
+``latency_crowd``, ``capacity``, ``resume``, ``detached``), or an ``error`` when it could
+not be measured.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import Any, Final
 
 REFERENCE: Final = "websockets"
+BEFORE: Final = "before"  # the server before resumable sessions (bench/lineup.py)
 MISSING: Final = "-"
 
 
@@ -25,6 +29,7 @@ class Column:
     field: str
     header: str
     lower_is_better: bool = False
+    base: tuple[str, str] | None = None  # (mode, field) of the same server: the ratio's base
 
 
 COLUMNS: Final = (
@@ -40,6 +45,17 @@ COLUMNS: Final = (
     Column("capacity", "handshakes_per_s", "opens/s"),
     Column("capacity", "rss_per_session_kib", "KiB/sess", lower_is_better=True),
 )
+RESUME_COLUMNS: Final = (
+    Column("resume", "ready_p50_us", "ready p50", lower_is_better=True),
+    Column("resume", "ready_p99_us", "ready p99", lower_is_better=True),
+    Column("resume", "resumed_p50_us", "resumed p50", True, ("resume", "ready_p50_us")),
+    Column("resume", "resumed_p99_us", "resumed p99", True, ("resume", "ready_p99_us")),
+    Column("resume", "resumed_max_us", "resumed max", True, ("resume", "ready_max_us")),
+    Column("detached", "rss_per_session_kib", "KiB/sess", True, ("detached", "buffer_kib")),
+    Column(
+        "detached", "buffered_per_session_kib", "buffered KiB", True, ("detached", "buffer_kib")
+    ),
+)
 CELL: Final = 13
 LABEL: Final = 26
 
@@ -50,13 +66,23 @@ def figure(payload: dict[str, Any], server: str, mode: str, field: str) -> float
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def ratio(payload: dict[str, Any], server: str, mode: str, field: str) -> float | None:
-    """``server``'s figure over bare websockets' same figure."""
+def ratio(
+    payload: dict[str, Any],
+    server: str,
+    mode: str,
+    field: str,
+    reference: str = REFERENCE,
+    base: tuple[str, str] | None = None,
+) -> float | None:
+    """``server``'s figure over ``reference``'s same figure, or over its own ``base``."""
     value = figure(payload, server, mode, field)
-    reference = figure(payload, REFERENCE, mode, field)
-    if value is None or not reference:
+    if base is not None:
+        divisor = figure(payload, server, *base)
+    else:
+        divisor = figure(payload, reference, mode, field)
+    if value is None or not divisor:
         return None
-    return value / reference
+    return value / divisor
 
 
 def _number(value: float) -> str:
@@ -74,17 +100,54 @@ def _ratio(value: float) -> str:
     return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
 
-def _cell(payload: dict[str, Any], server: str, column: Column) -> str:
+def _cell(payload: dict[str, Any], server: str, column: Column, reference: str = REFERENCE) -> str:
     value = figure(payload, server, column.mode, column.field)
     if value is None:
         return f"{MISSING:>{CELL}}"
-    share = ratio(payload, server, column.mode, column.field)
+    share = ratio(payload, server, column.mode, column.field, reference, column.base)
     text = _number(value) + (f" ×{_ratio(share)}" if share is not None else "")
     return f"{text:>{CELL}}"
 
 
+def _grid(
+    payload: dict[str, Any],
+    columns: tuple[Column, ...],
+    groups: dict[str, str],
+    servers: list[str],
+    reference: str = REFERENCE,
+) -> list[str]:
+    """The header and one row per server of ``columns``, those of a mode no server has
+    left out; no lines at all when none has any."""
+    present = {
+        c.mode for c in columns for k in servers if figure(payload, k, c.mode, c.field) is not None
+    }
+    columns = tuple(c for c in columns if c.mode in present)
+    if not columns:
+        return []
+    head1, head2 = " " * LABEL, f"{'server':<{LABEL}}"
+    for mode, title in groups.items():
+        width = CELL * sum(1 for c in columns if c.mode == mode)
+        if width:
+            head1 += f"{title:^{width}}"
+    for column in columns:
+        head2 += f"{column.header:>{CELL}}"
+    lines = [head1.rstrip(), head2, "-" * len(head2)]
+    for key in servers:
+        server = payload["servers"][key]
+        label = server.get("label", key)[: LABEL - 1]
+        if "error" in server:
+            lines.append(f"{label:<{LABEL}}failed: {server['error'].splitlines()[0][:100]}")
+            continue
+        cells = [_cell(payload, key, c, reference) for c in columns]
+        if all(cell.strip() == MISSING for cell in cells):
+            continue
+        lines.append(f"{label:<{LABEL}}" + "".join(cells))
+    return lines
+
+
 def table(payload: dict[str, Any]) -> str:
-    """The whole run as one table: each cell a figure and its ratio to bare websockets."""
+    """The whole run as tables: each cell a figure and its ratio to bare websockets (the
+    resume and detached figures: to the server's own, see ``RESUME_COLUMNS``)."""
     settings = payload["settings"]
     groups = {
         "throughput": f"throughput ({settings['connections']} conn)",
@@ -102,19 +165,19 @@ def table(payload: dict[str, Any]) -> str:
         f"Measured {payload.get('created', '?')} at revision {payload.get('revision') or '?'}.",
         "",
     ]
-    head1, head2 = " " * LABEL, f"{'server':<{LABEL}}"
-    for mode, title in groups.items():
-        width = CELL * sum(1 for c in COLUMNS if c.mode == mode)
-        head1 += f"{title:^{width}}"
-    for column in COLUMNS:
-        head2 += f"{column.header:>{CELL}}"
-    lines += [head1.rstrip(), head2, "-" * len(head2)]
-    for key, server in payload["servers"].items():
-        label = server.get("label", key)[: LABEL - 1]
-        if "error" in server:
-            lines.append(f"{label:<{LABEL}}failed: {server['error'].splitlines()[0][:100]}")
-            continue
-        lines.append(f"{label:<{LABEL}}" + "".join(_cell(payload, key, c) for c in COLUMNS))
+    servers = list(payload["servers"])
+    lines += _grid(payload, COLUMNS, groups, servers)
+    resuming = _grid(
+        payload,
+        RESUME_COLUMNS,
+        {
+            "resume": "new connection → ready / resumed (µs)",
+            "detached": "detached, per session",
+        },
+        servers,
+    )
+    if resuming:
+        lines += ["", *_resuming_legend(payload), "", *resuming]
     errors = [
         f"  {payload['servers'][key].get('label', key)} ({mode}): {error}"
         for key, server in payload["servers"].items()
@@ -124,12 +187,62 @@ def table(payload: dict[str, Any]) -> str:
     ]
     if errors:
         lines += ["", "Error frames received (figures above may be off):", *errors]
+    failures = [
+        f"  {server.get('label', key)} ({mode}): {figures['failed']}"
+        for key, server in payload["servers"].items()
+        for mode, figures in server.items()
+        if isinstance(figures, dict) and "failed" in figures
+    ]
+    if failures:
+        lines += ["", "Modes that could not be measured:", *failures]
     return "\n".join(lines)
 
 
+def _resuming_legend(payload: dict[str, Any]) -> list[str]:
+    """What the resume and detached columns measure, for those the run has."""
+    settings = payload["settings"]
+    measured = {mode for server in payload["servers"].values() for mode in server}
+    lines = []
+    if "resume" in measured:
+        lines += [
+            f"Resume: {settings.get('resume_samples', '?')} new connections, one at a time, "
+            "each timed from TCP connect to ready (×ratio to bare websockets); a resumable "
+            "session then runs a one-chunk turn, is dropped without a close frame and resumed: "
+            "timed from TCP connect to resumed (×ratio to the same server's ready)."
+        ]
+    if "detached" in measured:
+        flood = "awaiting" if settings.get("flood", "awaits") == "awaits" else "never awaiting"
+        lines += [
+            f"Detached: {settings.get('detached_sessions', '?')} resumable sessions dropped at "
+            f"the first chunk of an endless turn ({flood} between chunks), every model then "
+            f"paused on its {settings.get('replay_buffer_bytes', 0) / 1024:g} KiB replay buffer: "
+            "the server's RSS growth per session and its own count of buffered bytes per "
+            "session (×ratio to the buffer's bound)."
+        ]
+    return lines
+
+
+def comparisons(payload: dict[str, Any]) -> str:
+    """The server before resumable sessions against today's, driven by clients that offer
+    ``resumable`` and by clients that don't: each cell ×its ratio to the before server."""
+    servers = [k for k in (BEFORE, "shared", "resumable") if k in payload["servers"]]
+    if BEFORE not in servers or len(servers) < 2:
+        return ""
+    settings = payload["settings"]
+    groups = {
+        "throughput": f"throughput ({settings['connections']} conn)",
+        "latency_1": "first chunk, 1 connection",
+        "latency_crowd": f"first chunk, {settings['crowd']} connections",
+        "capacity": f"{settings['sessions']} idle sessions",
+    }
+    label = payload["servers"][BEFORE].get("label", BEFORE)
+    lines = [f"Against {label}, the server before resumable sessions (×ratio to it, same run):"]
+    return "\n".join([*lines, *_grid(payload, COLUMNS, groups, servers, reference=BEFORE)])
+
+
 def targets(payload: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 7's targets, each with the measured value and whether it is met (None: not
-    measured in this run)."""
+    """The targets (issue 7's, and resuming's), each with the measured value and whether it
+    is met (None: not measured in this run)."""
 
     def get(server: str, mode: str, field: str) -> float | None:
         return figure(payload, server, mode, field)
@@ -213,14 +326,64 @@ def targets(payload: dict[str, Any]) -> list[dict[str, Any]]:
         False,
         "×",
     )
+    # Resuming: the resumable row (clients offering `resumable`) against the server before.
+    settings = payload["settings"]
+    before = f"@{settings.get('before', BEFORE)}"
+    for field, limit in (("resumed_p50_us", 2.0), ("resumed_p99_us", 10.0)):
+        value = get("resumable", "resume", field)
+        check(
+            f"reconnect to resumed {field.split('_')[1]} ≤ {limit:g} ms",
+            None if value is None else value / 1000,
+            limit,
+            False,
+            " ms",
+        )
+    check(
+        f"resumable chunks/s ≥ 0.95× {before}",
+        over(get("resumable", *tp), get(BEFORE, *tp)),
+        0.95,
+        True,
+        "×",
+    )
+    for mode, where in (
+        ("latency_1", "1 connection"),
+        ("latency_crowd", f"{settings['crowd']} connections"),
+    ):
+        check(
+            f"resumable first-chunk p50 ≤ {before} + 20 µs ({where})",
+            minus(get("resumable", mode, "p50_us"), get(BEFORE, mode, "p50_us")),
+            20.0,
+            False,
+            " µs",
+        )
+    check(
+        f"resumable RSS per idle session ≤ 1.3× bare ({settings['sessions']} sessions)",
+        over(get("resumable", *rss), get(REFERENCE, *rss)),
+        1.3,
+        False,
+        "×",
+    )
+    held = get("resumable", "detached", "rss_per_session_kib")
+    check(
+        f"detached session's RSS ≤ 1.3× --replay-buffer-bytes "
+        f"({settings.get('detached_sessions')} sessions, "
+        f"{settings.get('replay_buffer_bytes', 0) / 1024:g} KiB)",
+        over(held, get("resumable", "detached", "buffer_kib")),
+        1.3,
+        False,
+        "×",
+    )
     return found
 
 
 def targets_text(found: list[dict[str, Any]]) -> str:
     marks = {True: "met   ", False: "MISSED", None: "n/a   "}
-    lines = ["Targets (issue 7):"]
+    lines = ["Targets:"]
     lines += [f"  {marks[t['met']]}  {t['target']}: {t['shown']}" for t in found]
     return "\n".join(lines)
+
+
+RESUME_BASES: Final = {(c.mode, c.field): c.base for c in RESUME_COLUMNS if c.base}
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -246,15 +409,26 @@ def chart(path: Path, payload: dict[str, Any]) -> None:
         ("latency_crowd", "p50_us", f"first chunk p50 µs, {settings['crowd']} connections", True),
         ("latency_crowd", "p99_us", f"first chunk p99 µs, {settings['crowd']} connections", True),
         ("capacity", "rss_per_session_kib", "server RSS KiB per idle session", False),
+        ("resume", "ready_p50_us", "new connection to ready p50 µs", True),
+        ("resume", "resumed_p50_us", "reconnect to resumed p50 µs", True),
+        ("resume", "resumed_p99_us", "reconnect to resumed p99 µs", True),
+        ("detached", "rss_per_session_kib", "RSS KiB per detached session", False),
     ]
     keys = [k for k, s in payload["servers"].items() if "error" not in s]
     labels = [payload["servers"][k].get("label", k) for k in keys]
     colours = [
-        "#444444" if k == REFERENCE else "#d95f02" if k in ("shared", "isolated") else "#7fa7c9"
+        "#444444"
+        if k == REFERENCE
+        else "#d95f02"
+        if k in ("shared", "resumable", "isolated")
+        else "#e6ab02"
+        if k == BEFORE
+        else "#7fa7c9"
         for k in keys
     ]
-    fig, axes = plt.subplots(2, 4, figsize=(22, 9), constrained_layout=True)
+    fig, axes = plt.subplots(3, 4, figsize=(22, 13), constrained_layout=True)
     for axis, (mode, field, title, log) in zip(axes.flat, panels, strict=True):
+        base = RESUME_BASES.get((mode, field))
         values = [figure(payload, k, mode, field) or 0.0 for k in keys]
         positions = list(range(len(keys)))[::-1]
         axis.barh(positions, values, color=colours)
@@ -263,7 +437,7 @@ def chart(path: Path, payload: dict[str, Any]) -> None:
         if log and any(values):
             axis.set_xscale("log")
         for position, key, value in zip(positions, keys, values, strict=True):
-            share = ratio(payload, key, mode, field)
+            share = ratio(payload, key, mode, field, base=base)
             if value and share is not None:
                 axis.text(value, position, f" ×{_ratio(share)}", va="center", fontsize=8)
         axis.margins(x=0.25)

@@ -1,15 +1,18 @@
-"""AnythingAgent against bare websockets and its peers: throughput, first-chunk latency and
-idle-session capacity, every figure a ratio to bare websockets measured in the same run.
+"""AnythingAgent against bare websockets and its peers: throughput, first-chunk latency,
+idle-session capacity, reconnect-to-resumed latency and the memory of detached sessions,
+every figure a ratio to a reference measured in the same run.
 
     .venv/bin/python bench/run.py [--servers KEYS] [--modes MODES] [--json PATH] ...
 
 Every server (bench/lineup.py) is started on CPU 1 while the load generator
 (bench/loadgen.py, picows) runs here on CPU 0. Capacity is measured first, on each fresh
-server (so RSS growth is the sessions' own); then ``--rounds`` rounds in which each server
-in turn takes the throughput load, then latency with 1 and with ``--crowd`` connections:
-each figure is the median of its rounds, and drift of the machine falls on all servers
-alike. Prints one table and issue 7's targets; writes the raw figures as JSON and a PNG
-chart (default bench/results/bench-<time>.json and .png beside it).
+server (so RSS growth is the sessions' own), and the detached sessions' memory on a fresh
+server of its own per resumable row (started with ``--replay-buffer-bytes``); then
+``--rounds`` rounds in which each server in turn takes the throughput load, then latency
+with 1 and with ``--crowd`` connections, then the resume probe: each figure is the median of
+its rounds, and drift of the machine falls on all servers alike. Prints one table, the
+comparisons with the server before resumable sessions, and the targets; writes the raw
+figures as JSON and a PNG chart (default bench/results/bench-<time>.json and .png beside it).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import shutil
@@ -36,10 +40,10 @@ import procs
 import profiling
 import report
 import uvloop
-from lineup import KEYS, REFERENCE, ServerSpec, lineup, prepare
+from lineup import BEFORE, KEYS, REFERENCE, ServerSpec, check_out, lineup, prepare
 
 HERE = Path(__file__).resolve().parent
-MODES = ("capacity", "throughput", "latency")
+MODES = ("capacity", "throughput", "latency", "resume", "detached")
 READY_TIMEOUT = 600.0  # an isolated model's environment is built on first start
 
 
@@ -63,6 +67,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--crowd", type=int, default=100, help="latency: the concurrent run's connections")
     add("--sessions", type=int, default=10_000, help="capacity: idle sessions opened (K)")
     add("--concurrency", type=int, default=64, help="capacity: handshakes in flight at once")
+    add(
+        "--resume-samples",
+        type=int,
+        default=2000,
+        help="resume: connections timed to ready (and resumes), in all, split over the rounds",
+    )
+    add("--detached-sessions", type=int, default=200, help="detached: sessions dropped (K)")
+    add(
+        "--replay-buffer-bytes",
+        type=int,
+        default=64 * 1024,
+        help="detached: the server's --replay-buffer-bytes (B)",
+    )
+    add(
+        "--flood",
+        choices=("awaits", "tight"),
+        default="awaits",
+        help="detached: the model awaits between chunks, or yields without ever waiting",
+    )
+    add("--before", default=BEFORE, help="the commit whose server the 'before' row runs")
     add("--servers", default=",".join(KEYS), help=f"comma-separated, from {','.join(KEYS)}")
     add("--modes", default=",".join(MODES), help=f"comma-separated, from {','.join(MODES)}")
     add("--json", type=Path, help="raw figures (default bench/results/bench-<time>.json)")
@@ -125,10 +149,16 @@ class Entry:
 
 def start_all(entries: list[Entry], scratch: Path) -> None:
     for entry in entries:
-        entry.result = {"label": entry.spec.label, "command": list(entry.spec.command)}
+        spec = entry.spec
+        entry.result = {"label": spec.label, "command": list(spec.command)}
+        if spec.offers:
+            entry.result["offers"] = list(spec.offers)
         try:
+            if spec.checkout is not None:
+                assert spec.cwd is not None
+                entry.result["commit"] = check_out(spec.checkout, spec.cwd)
             entry.server = procs.start(
-                entry.spec.command, scratch / "logs" / f"{entry.spec.key}.log"
+                spec.command, scratch / "logs" / f"{spec.key}.log", env=spec.env, cwd=spec.cwd
             )
             if entry.spec.builds_model:
                 wait_ready(entry.server.port, "bench")
@@ -146,9 +176,9 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             figures[name] = [e for v in values for e in v][: loadgen.ERRORS_KEPT]
         elif not isinstance(first, (int, float)) or isinstance(first, bool):
             figures[name] = first
-        elif name == "max_us":
+        elif name.endswith("max_us"):
             figures[name] = max(values)
-        elif name in ("samples", "seconds"):
+        elif name in ("samples", "seconds", "resumes", "replayed"):
             figures[name] = sum(values)
         else:
             figures[name] = statistics.median(values)
@@ -157,7 +187,7 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return figures
 
 
-async def measure_all(entries: list[Entry], args: argparse.Namespace) -> None:
+async def measure_all(entries: list[Entry], args: argparse.Namespace, scratch: Path) -> None:
     """Capacity on each fresh server, then ``--rounds`` rounds in which every server takes
     each load in turn: slow drift of the machine falls on all servers alike, and each
     figure is the median of its rounds."""
@@ -172,22 +202,37 @@ async def measure_all(entries: list[Entry], args: argparse.Namespace) -> None:
                     entry.server.rss_kib,
                     entry.server.settle,
                     args.concurrency,
+                    entry.spec.offers,
                 )
             except Exception as exc:
                 entry.fail(exc)
-    loads: dict[str, Callable[[str, procs.Server], Awaitable[dict[str, Any]]]] = {}
+    if "detached" in args.modes:
+        for entry in [e for e in entries if e.ok and e.spec.resumable]:
+            print(f"detached: {entry.spec.label}", file=sys.stderr, flush=True)
+            try:
+                entry.result["detached"] = await detached(entry, args, scratch)
+            except Exception as exc:  # a server of its own: the entry's other figures stand
+                entry.result["detached"] = {"failed": f"{type(exc).__name__}: {exc}"}
+                print(f"  detached failed: {exc}", file=sys.stderr)
+    loads: dict[str, Callable[[Entry], Awaitable[dict[str, Any]]]] = {}
     if "throughput" in args.modes:
-        loads["throughput"] = lambda url, server: loadgen.throughput(
-            url,
+        loads["throughput"] = lambda entry: loadgen.throughput(
+            entry.url,
             *(args.connections, args.chunks, args.size, args.duration, args.warmup),
-            write_calls=server.write_calls,
+            write_calls=entry.server.write_calls if entry.server else None,
+            offers=entry.spec.offers,
         )
     if "latency" in args.modes:
-        loads["latency_1"] = lambda url, _: loadgen.latency(
-            url, 1, args.size, args.duration, args.warmup
+        loads["latency_1"] = lambda entry: loadgen.latency(
+            entry.url, 1, args.size, args.duration, args.warmup, entry.spec.offers
         )
-        loads["latency_crowd"] = lambda url, _: loadgen.latency(
-            url, args.crowd, args.size, args.duration, args.warmup
+        loads["latency_crowd"] = lambda entry: loadgen.latency(
+            entry.url, args.crowd, args.size, args.duration, args.warmup, entry.spec.offers
+        )
+    if "resume" in args.modes:
+        per_round = math.ceil(args.resume_samples / args.rounds)
+        loads["resume"] = lambda entry: loadgen.resume(
+            entry.url, per_round, args.size, entry.spec.offers
         )
     for number in range(1, args.rounds + 1):
         for mode, load in loads.items():
@@ -196,7 +241,7 @@ async def measure_all(entries: list[Entry], args: argparse.Namespace) -> None:
                 assert entry.server is not None
                 try:
                     await entry.server.settle()
-                    entry.rounds.setdefault(mode, []).append(await load(entry.url, entry.server))
+                    entry.rounds.setdefault(mode, []).append(await load(entry))
                 except Exception as exc:
                     entry.fail(exc)
     for entry in entries:
@@ -213,23 +258,90 @@ async def measure_all(entries: list[Entry], args: argparse.Namespace) -> None:
         await entry.server.settle()  # let it finish closing before it is stopped
 
 
+async def metric_gauges(port: int) -> dict[str, float]:
+    """An AnythingAgent server's detached sessions and replay-buffer bytes (GET /metrics)."""
+
+    def read() -> str:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+                return str(answer.read().decode())
+        except OSError as exc:
+            raise RuntimeError(
+                f"GET /metrics unanswered ({exc}): is the server's event loop blocked? "
+                "(its log says, if so)"
+            ) from exc
+
+    names = {
+        "anything_agent_sessions_detached": "detached",
+        "anything_agent_replay_buffer_bytes": "buffered",
+    }
+    found: dict[str, float] = {}
+    for line in (await asyncio.to_thread(read)).splitlines():
+        name, _, value = line.partition(" ")
+        if name in names:
+            found[names[name]] = float(value)
+    return found
+
+
+async def detached(entry: Entry, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    """The detached sessions' memory, on a fresh server of ``entry``'s started with
+    ``--replay-buffer-bytes`` (and a resume window that outlasts the measurement); it is
+    stopped afterwards, its sessions unresumed."""
+    spec = entry.spec
+    command = (
+        *spec.command,
+        *("--replay-buffer-bytes", str(args.replay_buffer_bytes), "--resume-window", "3600"),
+    )
+    log = scratch / "logs" / f"{spec.key}-detached.log"
+    server = procs.start(command, log, env=spec.env, cwd=spec.cwd)
+    try:
+        await server.settle()
+        figures = await loadgen.detached(
+            f"ws://127.0.0.1:{server.port}/v1/chat/bench",
+            *(args.detached_sessions, args.size, args.replay_buffer_bytes),
+            server.rss_kib,
+            server.settle,
+            lambda: metric_gauges(server.port),
+            spec.offers,
+            awaits=args.flood == "awaits",
+        )
+    except Exception:
+        print(server.log_tail(), file=sys.stderr)
+        raise
+    finally:
+        await asyncio.to_thread(server.stop, 5.0)  # paused turns need no grace
+    figures["command"] = list(command)
+    return figures
+
+
 async def profile(entry: Entry, args: argparse.Namespace) -> None:
     """Run each selected mode once more under py-spy (latency with one connection); write
     the raw stacks and a summary per mode into ``--profile``."""
     server = entry.server
     assert server is not None
     url = entry.url
+    offers = entry.spec.offers
     runs: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = {}
     if "throughput" in args.modes:
         runs["throughput"] = lambda: loadgen.throughput(
-            url, args.connections, args.chunks, args.size, args.duration, args.warmup
+            url,
+            args.connections,
+            args.chunks,
+            args.size,
+            args.duration,
+            args.warmup,
+            offers=offers,
         )
     if "latency" in args.modes:
-        runs["latency"] = lambda: loadgen.latency(url, 1, args.size, args.duration, args.warmup)
+        runs["latency"] = lambda: loadgen.latency(
+            url, 1, args.size, args.duration, args.warmup, offers
+        )
     if "capacity" in args.modes:
         runs["capacity"] = lambda: loadgen.capacity(
-            url, args.sessions, server.rss_kib, server.settle, args.concurrency
+            url, args.sessions, server.rss_kib, server.settle, args.concurrency, offers
         )
+    if "resume" in args.modes:
+        runs["resume"] = lambda: loadgen.resume(url, args.resume_samples, args.size, offers)
     for name, run in runs.items():
         print(f"profiling {name}: {entry.spec.label}", file=sys.stderr, flush=True)
         await server.settle()
@@ -276,11 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     code_revision = revision()  # before the servers start: the code they run
     scratch = Path(tempfile.mkdtemp(prefix="aa-bench-"))
     prepare(scratch)
-    entries = [Entry(spec) for spec in lineup(scratch) if spec.key in args.servers]
+    entries = [Entry(spec) for spec in lineup(scratch, args.before) if spec.key in args.servers]
     try:
         print(f"starting {len(entries)} servers", file=sys.stderr, flush=True)
         start_all(entries, scratch)
-        uvloop.run(measure_all(entries, args))
+        uvloop.run(measure_all(entries, args, scratch))
     finally:
         for entry in entries:
             if entry.server is not None:
@@ -291,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         k: getattr(args, k)
         for k in (
             *("connections", "chunks", "size", "duration", "warmup", "rounds", "crowd"),
-            *("sessions", "concurrency"),
+            *("sessions", "concurrency", "resume_samples", "detached_sessions"),
+            *("replay_buffer_bytes", "flood", "before"),
         )
     }
     payload: dict[str, Any] = {
@@ -309,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     payload["targets"] = report.targets(payload)
     print(report.table(payload))
+    comparisons = report.comparisons(payload)
+    if comparisons:
+        print()
+        print(comparisons)
     print()
     print(report.targets_text(payload["targets"]))
     report.write_json(args.json, payload)

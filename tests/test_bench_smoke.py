@@ -14,13 +14,18 @@ SERVERS = {
     "websockets",
     "aiohttp",
     "starlette",
+    "before",
     "shared",
+    "resumable",
     "isolated",
     "spawn",
     "nomodel-1",
     "nomodel",
 }
-MODES = {"throughput", "latency_1", "latency_crowd", "capacity"}
+MODES = {"throughput", "latency_1", "latency_crowd", "capacity", "resume"}
+RESUME_SAMPLES = 6
+DETACHED = 4
+BUFFER = 16 * 1024
 
 
 def test_bench_runs_every_server_and_mode_and_writes_json_and_chart(tmp_path: Path) -> None:
@@ -28,11 +33,13 @@ def test_bench_runs_every_server_and_mode_and_writes_json_and_chart(tmp_path: Pa
     chart = tmp_path / "bench.png"
     tiny = ["--connections", "2", "--chunks", "50", "--duration", "0.2", "--warmup", "0.05"]
     tiny += ["--crowd", "3", "--sessions", "20", "--rounds", "1"]
+    tiny += ["--resume-samples", str(RESUME_SAMPLES), "--detached-sessions", str(DETACHED)]
+    tiny += ["--replay-buffer-bytes", str(BUFFER)]
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), *tiny, "--json", str(output)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=240,
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -50,12 +57,28 @@ def test_bench_runs_every_server_and_mode_and_writes_json_and_chart(tmp_path: Pa
             assert 0 < latency["p50_us"] <= latency["p99_us"] <= latency["max_us"], (key, mode)
         assert figures["capacity"]["handshakes_per_s"] > 0, key
         assert figures["capacity"]["rss_after_kib"] > 0, key
+        resume = figures["resume"]
+        assert resume["samples"] == RESUME_SAMPLES, (key, resume)
+        assert 0 < resume["ready_p50_us"] <= resume["ready_p99_us"] <= resume["ready_max_us"]
         assert not any(figures[mode]["errors"] for mode in MODES - {"capacity"}), key
+    assert "detached" not in servers["shared"], "only clients offering resumable detach"
+    resume = servers["resumable"]["resume"]
+    assert resume["resumes"] == RESUME_SAMPLES and resume["replayed"] == 0, resume
+    assert 0 < resume["resumed_p50_us"] <= resume["resumed_p99_us"] <= resume["resumed_max_us"]
+    detached = servers["resumable"]["detached"]
+    assert "failed" not in detached, detached
+    assert detached["detached"] == DETACHED and detached["buffer_bytes"] == BUFFER, detached
+    # Every model paused once its buffer went past the bound, not before and not long after.
+    assert BUFFER / 1024 <= detached["buffered_per_session_kib"] < BUFFER / 1024 + 1, detached
+    assert detached["rss_after_kib"] > 0 and not detached["errors"], detached
+    assert servers["before"]["commit"] == "cd360c5", servers["before"]
     assert {t["met"] for t in payload["targets"]} <= {True, False}  # all measured
     assert chart.read_bytes().startswith(b"\x89PNG"), "the chart sits beside the JSON"
     table = result.stdout
     assert "chunks/s" in table and "×1.00" in table and "Targets" in table
     assert "AnythingAgent isolated" in table and "failed" not in table
+    assert "resumed p50" in table and "Against AnythingAgent @cd360c5" in table
+    assert "could not be measured" not in table
 
 
 def test_bench_profile_writes_a_summary_per_mode(tmp_path: Path) -> None:
@@ -63,6 +86,7 @@ def test_bench_profile_writes_a_summary_per_mode(tmp_path: Path) -> None:
     profiles = tmp_path / "profiles"
     tiny = ["--servers", "websockets", "--rounds", "1", "--duration", "0.3", "--warmup", "0.05"]
     tiny += ["--connections", "2", "--chunks", "50", "--crowd", "2", "--sessions", "10"]
+    tiny += ["--resume-samples", "200", "--modes", "throughput,latency,capacity,resume"]
     tiny += ["--json", str(tmp_path / "b.json"), "--profile", str(profiles)]
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), *tiny],
@@ -72,6 +96,6 @@ def test_bench_profile_writes_a_summary_per_mode(tmp_path: Path) -> None:
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    for mode in ("throughput", "latency", "capacity"):
+    for mode in ("throughput", "latency", "capacity", "resume"):
         summary = (profiles / f"websockets-{mode}-summary.txt").read_text()
         assert "samples of CPU" in summary and "self (own time):" in summary, summary

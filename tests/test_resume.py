@@ -16,6 +16,7 @@ from conftest import (
     SHIPPED_MODELS,
     ServerProcess,
     copy_models,
+    http,
     launch_server,
     recv_frame,
     wait_until_built,
@@ -390,3 +391,28 @@ async def test_a_token_presented_with_another_api_key_is_expired(
     first = json.loads(await other.recv())
     assert first["code"] == "resume_expired" and "another API key" in first["message"]
     await other.close()
+
+
+@pytest.mark.parametrize("leaving", ["close", "drop"])
+@pytest.mark.parametrize("resumable", [False, True])
+async def test_a_client_leaving_a_model_that_never_awaits_stalls_nothing(
+    resuming: ServerProcess, leaving: str, resumable: bool
+) -> None:
+    """The model yields without ever awaiting: once its client is gone, its turn must
+    wait (for a resume, or to be stopped), not spin the server's event loop."""
+    offers = [V1, "resumable"] if resumable else [V1]
+    # The close handshake can't finish while megabytes queue ahead of it: don't wait it out.
+    url = resuming.chat_url("counter")
+    ws = await connect(url, subprotocols=offers, close_timeout=0.5)  # type: ignore[list-item]
+    session = (await recv_frame(ws))["session_id"]
+    await ws.send("flood 100000000")
+    await recv_frame(ws)
+    if leaving == "close":
+        await ws.close()
+    else:
+        await drop(ws)
+    started = time.monotonic()
+    status, _, body = await asyncio.to_thread(http, resuming, "/healthz")
+    assert status == 200 and time.monotonic() - started < 2, body
+    if not resumable or leaving == "close":  # ended at once; else it waits for a resume
+        await asyncio.to_thread(resuming.wait_for_log, f"session={session} closed after 1")

@@ -20,7 +20,9 @@ from typing import Final, Protocol
 from ws_server import protocol
 
 DEFAULT_REPLAY_BYTES: Final = 1024 * 1024
-_FRAME_OVERHEAD: Final = 64  # bytes a buffered frame costs beyond its own (tuple, deque slot)
+# What a buffered frame costs beyond its bytes: the bytes object's header and its slot in
+# the deque (measured: a 67-byte frame takes about 120 bytes), so the bound is on memory.
+FRAME_OVERHEAD: Final = 56
 
 
 class Sink(Protocol):
@@ -36,12 +38,15 @@ class Sink(Protocol):
 class Outbox:
     """Numbers, buffers and delivers one session's frames."""
 
-    __slots__ = ("_buffer", "_buffered", "_limit", "_room", "_sink", "seq")
+    __slots__ = ("_buffer", "_buffered", "_first", "_limit", "_room", "_sink", "seq")
 
     def __init__(self, replay_bytes: int = DEFAULT_REPLAY_BYTES) -> None:
         self.seq = 0  # the last seq stamped
         self._limit = replay_bytes  # 0: keep nothing (a client that can't resume)
-        self._buffer: collections.deque[tuple[int, bytes]] = collections.deque()
+        # The kept frames, oldest first; the first one's seq is ``_first`` (seqs are
+        # contiguous, so none is stored). Made with the first frame: idle sessions are many.
+        self._buffer: collections.deque[bytes] | None = None
+        self._first = 1
         self._buffered = 0
         self._sink: Sink | None = None
         self._room: asyncio.Future[None] | None = None  # set when a detached producer waits
@@ -56,7 +61,7 @@ class Outbox:
         sink = self._sink
         if sink is not None:
             await sink.write(data)
-        elif self._limit:
+        else:
             await self._wait_for_room()
         return len(data)
 
@@ -85,16 +90,28 @@ class Outbox:
             await sink.write_now(data)
 
     def _keep(self, data: bytes) -> None:
-        self._buffer.append((self.seq, data))
-        self._buffered += len(data) + _FRAME_OVERHEAD
-        if self._sink is not None:  # sent already: the oldest may go to make room
-            while self._buffered > self._limit and len(self._buffer) > 1:
-                _, old = self._buffer.popleft()
-                self._buffered -= len(old) + _FRAME_OVERHEAD
+        buffer = self._buffer
+        if buffer is None:
+            buffer = self._buffer = collections.deque()
+            self._first = self.seq
+        buffer.append(data)
+        self._buffered += len(data) + FRAME_OVERHEAD
+        if self._sink is not None and self._buffered > self._limit:
+            self._evict()
+
+    def _evict(self) -> None:
+        """Attached: the oldest frames (sent already) make room, the newest always stays."""
+        buffer = self._buffer
+        assert buffer is not None
+        while self._buffered > self._limit and len(buffer) > 1:
+            self._buffered -= len(buffer.popleft()) + FRAME_OVERHEAD
+            self._first += 1
 
     async def _wait_for_room(self) -> None:
-        """Detached: past the buffer's bound, the producer waits for a connection."""
-        while self._sink is None and self._buffered > self._limit:
+        """Detached, the producer waits for a connection once the buffer is past its
+        bound; a session that keeps nothing (its client can't resume) waits at once, so a
+        model that never awaits can't spin while its session winds up."""
+        while self._sink is None and (self._buffered > self._limit or not self._limit):
             if self._room is None or self._room.done():
                 self._room = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._room)
@@ -117,9 +134,8 @@ class Outbox:
         self._sink = sink
         if self._room is not None and not self._room.done():
             self._room.set_result(None)
-        while self._buffered > self._limit and len(self._buffer) > 1:
-            _, old = self._buffer.popleft()
-            self._buffered -= len(old) + _FRAME_OVERHEAD
+        if self._buffer is not None and self._buffered > self._limit:
+            self._evict()
 
     def detach(self) -> None:
         """The connection is gone: frames go to the buffer only."""
@@ -132,7 +148,8 @@ class Outbox:
             return None
         if after == self.seq:
             return []
-        if not self._buffer or self._buffer[0][0] > after + 1:
+        buffer = self._buffer
+        if not buffer or self._first > after + 1:
             return None
-        first = self._buffer[0][0]
-        return [data for _, data in list(self._buffer)[after + 1 - first :]]
+        start = after + 1 - self._first
+        return [buffer[index] for index in range(start, len(buffer))]

@@ -46,6 +46,7 @@ class FrameWriter:
         raises: a connection that is closing takes no more (the outbox keeps the frame
         for a resume), and its adapter notices the close on its own."""
         if self._protocol.state is not State.OPEN:
+            await self._until_closed()
             return
         self._protocol.send_text(data)
         self._pending += len(data)
@@ -67,6 +68,7 @@ class FrameWriter:
     async def write_now(self, data: bytes) -> None:
         """Send one frame that ends a run (done, error) with whatever is batched, now."""
         if self._protocol.state is not State.OPEN:
+            await self._until_closed()
             return
         self.enqueue(data)
         self.flush()
@@ -78,6 +80,15 @@ class FrameWriter:
             self._protocol.send_text(data)
             self._pending += len(data)
             self._frames += 1
+
+    async def _until_closed(self) -> None:
+        """The connection is closing: wait until it is gone (and its session has let go
+        of this writer), rather than let a model that never awaits spin the loop."""
+        try:
+            await self.connection.wait_closed()
+        except Exception:
+            pass
+        await asyncio.sleep(0)  # the adapter's read loop notices, and detaches
 
     async def _drain(self) -> None:
         """Wait here while the peer is slow: backpressure reaches the model."""

@@ -1,7 +1,8 @@
 """Counts: ``count N [DELAY]`` yields "0 ", "1 ", ... "N-1 " (DELAY seconds apart, 0 by
-default); ``forever [PAUSE]`` yields "start ", waits PAUSE seconds, then yields numbered chunks as
-fast as it can until stopped, recording how far it got.
-Hook calls are recorded in $MODEL_TEST_EVENTS/counter-<instance>.log."""
+default); ``flood N`` yields N chunks without ever awaiting; ``forever [PAUSE]`` yields
+"start ", waits PAUSE seconds, then yields numbered chunks as fast as it can until
+stopped, recording how far it got. Hook calls are recorded in
+$MODEL_TEST_EVENTS/counter-<instance>.log."""
 
 import asyncio
 import os
@@ -32,6 +33,10 @@ class Counter(AnythingBaseModel):
                     await asyncio.sleep(delay)
                 elif index % 50 == 0:
                     await asyncio.sleep(0)
+            return
+        if command == "flood":  # "flood N": N chunks, never awaiting between them
+            for index in range(int(arguments[0])):
+                yield f"{index} "
             return
         if command == "forever":  # "forever [PAUSE]": one chunk, PAUSE s, then a flood
             index = 0
