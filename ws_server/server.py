@@ -247,10 +247,15 @@ class AnythingAgentServer:
                     frames = await self.store.frames_after(session, offer.resume.after)
                     if frames is not None:
                         await adapter.resume(session, offer.resume.after, frames)
+                        await adapter.serve(session)
                         return
                     problem = f"frames after {offer.resume.after} are no longer buffered"
                 await self._resume_failed(connection, session, problem)
-            await self._open_session(connection, adapter, name, key, offer.resumable)
+            opened = await self._open_session(connection, name, key, offer.resumable)
+            if opened is not None and await adapter.open(*opened):
+                # Served from here, not from a deeper call: an idle session's stack of
+                # suspended coroutines is part of what each one costs.
+                await adapter.serve(opened[0])
         finally:
             adapter.gone()
 
@@ -286,18 +291,14 @@ class AnythingAgentServer:
             pass
 
     async def _open_session(
-        self,
-        connection: ServerConnection,
-        adapter: ChatConnection,
-        name: str,
-        key: str,
-        resumable: bool,
-    ) -> None:
+        self, connection: ServerConnection, name: str, key: str, resumable: bool
+    ) -> tuple[LiveSession, str | None] | None:
+        """A new session on the version serving ``name``, and its resume token."""
         try:
             version = self.registry.acquire(name)
         except HandshakeRefused as exc:  # changed between handshake and now
             await _refuse_open(connection, exc)
-            return
+            return None
         window = self.settings.resume_window if resumable else 0.0
         token = new_token() if window > 0 else None
         outbox = Outbox(self.settings.replay_buffer_bytes if token is not None else 0)
@@ -309,7 +310,7 @@ class AnythingAgentServer:
         )
         await self.store.add(session)
         metrics.SESSIONS.labels(model=version.name).inc()
-        await adapter.open(session, token)
+        return session, token
 
     def _ended(self, session: LiveSession) -> None:
         """A session ended (on_chat_end has run): forget it, release its version."""

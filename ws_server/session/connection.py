@@ -81,9 +81,9 @@ class ChatConnection:
         self._last_activity = time.monotonic()
 
     # ------------------------------------------------------------------ opening
-    async def open(self, session: LiveSession, token: str | None) -> None:
-        """A new session: run ``on_chat_start``, send ``ready`` (with ``token`` for a
-        client that can resume), then serve it."""
+    async def open(self, session: LiveSession, token: str | None) -> bool:
+        """A new session: run ``on_chat_start`` and send ``ready`` (with ``token`` for a
+        client that can resume); False when it could not start (it has ended then)."""
         conversation = session.conversation
         conversation.log(logging.INFO, "opened from %s", peer(self.connection))
         session.attach(self)  # before ready: a shutdown meanwhile closes us with 1001
@@ -97,7 +97,7 @@ class ChatConnection:
             if code != DISCONNECTED:
                 await self._fail_start(code, message)
             await session.end(DISCONNECTED)
-            return
+            return False
         version = conversation.version
         ready = protocol.encode_ready(
             conversation.id,
@@ -109,7 +109,7 @@ class ChatConnection:
         self.writer.enqueue(ready.encode())
         conversation.outbox.attach(self.writer)
         self.writer.flush()
-        await self._serve(session)
+        return True
 
     async def resume(self, session: LiveSession, after: int, frames: list[bytes]) -> None:
         """Carry on ``session`` here: ``resumed``, the ``frames`` after ``after`` exactly as
@@ -143,7 +143,6 @@ class ChatConnection:
         )
         if previous is not None:
             await previous.replaced()
-        await self._serve(session)
 
     def gone(self) -> None:
         """The socket is closed (once): give back what it held."""
@@ -167,7 +166,8 @@ class ChatConnection:
             pass
 
     # ------------------------------------------------------------------ serving
-    async def _serve(self, session: LiveSession) -> None:
+    async def serve(self, session: LiveSession) -> None:
+        """Feed the socket's frames to ``session`` until the socket goes, then tell it."""
         self._arm_idle_timer(session)
         try:
             async for data in self.connection:

@@ -56,9 +56,16 @@ class Outbox:
         """A piece the model yielded; the bytes of its frame (for /metrics)."""
         self.seq += 1
         data = protocol.encode_chunk(self.seq, turn, content).encode()
-        if self._limit:
-            self._keep(data)
         sink = self._sink
+        if self._limit:  # _keep, inlined: this is the hot path
+            buffer = self._buffer
+            if buffer is None:
+                buffer = self._buffer = collections.deque()
+                self._first = self.seq
+            buffer.append(data)
+            self._buffered += len(data) + FRAME_OVERHEAD
+            if self._buffered > self._limit and sink is not None:
+                self._evict()
         if sink is not None:
             await sink.write(data)
         else:
@@ -100,12 +107,16 @@ class Outbox:
             self._evict()
 
     def _evict(self) -> None:
-        """Attached: the oldest frames (sent already) make room, the newest always stays."""
+        """Attached: the oldest frames (sent already) make room, the newest always stays.
+        An eighth of the bound goes at once, so a full buffer isn't trimmed per frame."""
         buffer = self._buffer
         assert buffer is not None
-        while self._buffered > self._limit and len(buffer) > 1:
-            self._buffered -= len(buffer.popleft()) + FRAME_OVERHEAD
-            self._first += 1
+        target = self._limit - (self._limit >> 3)
+        buffered, first, popleft = self._buffered, self._first, buffer.popleft
+        while buffered > target and len(buffer) > 1:
+            buffered -= len(popleft()) + FRAME_OVERHEAD
+            first += 1
+        self._buffered, self._first = buffered, first
 
     async def _wait_for_room(self) -> None:
         """Detached, the producer waits for a connection once the buffer is past its

@@ -33,6 +33,9 @@ MAX_FRAMES: Final = 64
 class FrameWriter:
     """The frames of one session on one connection."""
 
+    # Slots: one per open connection, and idle connections are the many.
+    __slots__ = ("_frames", "_loop", "_pending", "_protocol", "_scheduled", "connection")
+
     def __init__(self, connection: ServerConnection) -> None:
         self.connection = connection
         self._protocol = connection.protocol

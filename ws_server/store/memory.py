@@ -17,11 +17,9 @@ class MemoryStore:
         self.node = node
         self._by_token: dict[str, LiveSession] = {}
         self._sessions: set[LiveSession] = set()
-        self._owners: dict[LiveSession, str] = {}
 
     async def add(self, session: LiveSession) -> None:
         self._sessions.add(session)
-        self._owners[session] = self.node
         if session.token_digest is not None:
             self._by_token[session.token_digest] = session
 
@@ -30,17 +28,14 @@ class MemoryStore:
         return session if session is not None and not session.ended else None
 
     async def take_over(self, session: LiveSession, expected_owner: str) -> bool:
-        if self._owners.get(session) != expected_owner:
-            return False
-        self._owners[session] = self.node
-        return True
+        # One node: every session here is this node's, and stays so.
+        return expected_owner == self.node and session in self._sessions
 
     async def frames_after(self, session: LiveSession, after: int) -> list[bytes] | None:
         return session.conversation.outbox.frames_after(after)
 
     async def remove(self, session: LiveSession) -> None:
         self._sessions.discard(session)
-        self._owners.pop(session, None)
         if session.token_digest is not None:
             self._by_token.pop(session.token_digest, None)
 
