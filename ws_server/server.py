@@ -224,10 +224,11 @@ class AnythingAgentServer:
         user = sandbox.host_user()
         if user is None or not self.registry.networked_sandboxes():
             return False
-        address = connection.remote_address
-        if not isinstance(address, tuple) or not peers.is_loopback(str(address[0])):
+        peer, ours = connection.remote_address, connection.local_address
+        if not isinstance(peer, tuple) or not peers.is_loopback(str(peer[0])):
             return False
-        return peers.socket_owner(str(address[0]), int(address[1])) == user[0]
+        owner = peers.socket_owner((str(peer[0]), int(peer[1])), (str(ours[0]), int(ours[1])))
+        return owner == user[0]
 
     async def _handle_connection(self, connection: ServerConnection) -> None:
         assert connection.request is not None

@@ -26,10 +26,12 @@ def socket_key(host: str, port: int) -> str:
     return f"{address}:{port:04X}"
 
 
-def socket_owner(host: str, port: int) -> int | None:
-    """The uid owning the TCP socket bound to ``host:port`` on this machine, if any."""
+def socket_owner(peer: tuple[str, int], ours: tuple[str, int]) -> int | None:
+    """The uid owning the peer's end of our connection ``ours`` ⇄ ``peer``, if it is on
+    this machine. Both ends are matched: an old socket in TIME_WAIT (owned by root) may
+    share the peer's port with another destination."""
     try:
-        key = socket_key(host, port)
+        key, remote = socket_key(*peer), socket_key(*ours)
     except ValueError:
         return None
     for table in TABLES:
@@ -38,7 +40,7 @@ def socket_owner(host: str, port: int) -> int | None:
                 next(entries, None)
                 for line in entries:
                     fields = line.split()
-                    if len(fields) > _UID_FIELD and fields[1] == key:
+                    if len(fields) > _UID_FIELD and fields[1] == key and fields[2] == remote:
                         return int(fields[_UID_FIELD])
         except OSError:
             continue
