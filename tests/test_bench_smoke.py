@@ -85,7 +85,9 @@ def test_bench_profile_writes_a_summary_per_mode(tmp_path: Path) -> None:
     """--profile samples a server with py-spy and summarizes where its CPU went."""
     profiles = tmp_path / "profiles"
     tiny = ["--servers", "websockets", "--rounds", "1", "--duration", "0.3", "--warmup", "0.05"]
-    tiny += ["--connections", "2", "--chunks", "50", "--crowd", "2", "--sessions", "10"]
+    # Enough sessions that opening them lasts past a few of py-spy's samples (10 opened in
+    # a few milliseconds and sometimes left the capacity profile empty).
+    tiny += ["--connections", "2", "--chunks", "50", "--crowd", "2", "--sessions", "500"]
     tiny += ["--resume-samples", "200", "--modes", "throughput,latency,capacity,resume"]
     tiny += ["--json", str(tmp_path / "b.json"), "--profile", str(profiles)]
     result = subprocess.run(
