@@ -29,6 +29,8 @@ from system_packages import BWRAP, CHROMIUM, PackageUnavailable, ensure_package
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
+from ws_server.isolation import cgroups
+
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODELS = ROOT / "models"
 TEST_MODELS = Path(__file__).resolve().parent / "models"
@@ -290,10 +292,22 @@ def start_server(tmp_path: Path) -> Iterator[Any]:
         return running
 
     yield start
-    for running in started:
+    for running in started:  # as an operator stops it: its workers and cgroups go too
         if running.process.poll() is None:
-            running.process.kill()
-            running.process.wait()
+            running.process.send_signal(signal.SIGTERM)
+            try:
+                running.process.wait(20)
+            except subprocess.TimeoutExpired:
+                running.process.kill()
+                running.process.wait()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_cgroups_left_behind() -> Iterator[None]:
+    """Servers a test killed outright (kill -9 is tested) can't remove their cgroups;
+    the run removes what its servers left, as the next server start would."""
+    yield
+    cgroups.remove_stale()
 
 
 # ---------------------------------------------------------------------- client helpers

@@ -395,6 +395,15 @@ def available() -> Cgroups | str:
     return _cgroups
 
 
+def remove_stale() -> None:
+    """Remove the cgroups servers of ours left in this process's cgroups when they were
+    killed outright (a server does this itself when it starts its first worker)."""
+    found = discover()
+    if isinstance(found, Hierarchy):
+        for server_dir in set(found.server_dirs.values()):
+            _remove_stale(server_dir)
+
+
 def close() -> None:
     """Remove this server's cgroup directory, if it made one."""
     if isinstance(_cgroups, Cgroups):
