@@ -375,6 +375,19 @@ async def test_memory_bounds_the_whole_process_tree(sandboxed: ServerProcess) ->
     assert "on_chat_end raised" not in sandboxed.log  # a planned replacement: no error
 
 
+async def test_a_memory_kill_between_turns_is_not_blamed_on_the_next_turn(
+    sandboxed: ServerProcess,
+) -> None:
+    """Children the model left running go past the limit after their turn ended: the
+    kernel kills one, and the next turn (another session's) is not a breach for it."""
+    async with chat(sandboxed, "hostile") as ws:
+        assert json.loads((await run_turn(ws, "later 0.5 2 150")).text) == {"started": 2}
+    await asyncio.sleep(2.5)  # both wake, one is killed for memory meanwhile
+    async with chat(sandboxed, "hostile") as other:
+        turn = await run_turn(other, "fill /tmp/small 1")
+        assert turn.errors == [] and json.loads(turn.text)["error"] is None, turn.frames
+
+
 async def test_process_count_is_bounded_and_children_end_with_the_worker(
     sandboxed: ServerProcess,
 ) -> None:

@@ -73,9 +73,16 @@ class Confinement:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
 
-    def memory_breached(self) -> bool:
-        """Whether the kernel killed one of the worker's processes for memory."""
-        return self.memory_limited and self.group is not None and self.group.had_oom_kill()
+    def memory_breached(self, since: int | None = None) -> bool:
+        """Whether the kernel killed one of the worker's processes for memory (since the
+        worker started, or since ``oom_kills()`` said ``since``)."""
+        if not self.memory_limited or self.group is None:
+            return False
+        return self.group.oom_kills() > (self.group.oom_baseline if since is None else since)
+
+    def oom_kills(self) -> int:
+        """The kernel's count of memory kills in the worker's group (0 without a limit)."""
+        return self.group.oom_kills() if self.memory_limited and self.group else 0
 
 
 async def confine(request: Request, worker_command: list[str]) -> Confinement:

@@ -377,9 +377,13 @@ class IsolatedRunner:
     def _turn_running(self) -> bool:
         return any(session.turn_running for session in self.sessions.values())
 
-    def _breached(self) -> bool:
+    def _breached(self, since: int) -> bool:
         confinement = self._confinement
-        return confinement is not None and confinement.memory_breached()
+        return confinement is not None and confinement.memory_breached(since)
+
+    def oom_kills(self) -> int:
+        """Memory kills in the current worker's group so far (a turn's starting mark)."""
+        return self._confinement.oom_kills() if self._confinement is not None else 0
 
     def kill_worker(self) -> None:
         """SIGKILL the current worker; requests wait for its replacement from now on."""
@@ -432,9 +436,15 @@ class IsolatedRunner:
             if self._ready is not None and not self._ready.done():
                 self._ready.set_exception(ModelLoadError(message[1], detail=message[2]))
             return
-        if kind == "turn_end" and message[3] != "resource_exhausted" and self._breached():
-            # One of the worker's processes was killed for memory during the turn: the
+        ending = self.sessions.get(message[1]) if kind == "turn_end" else None
+        if (
+            ending is not None
+            and message[3] != "resource_exhausted"
+            and self._breached(ending.oom_mark)
+        ):
+            # One of the worker's processes was killed for memory during this turn: the
             # turn is a breach, and the worker is replaced (its state is not to be trusted).
+            # A kill before the turn began is not blamed on it.
             message = [*message[:3], "resource_exhausted", "killed for memory by the kernel"]
             self.kill_worker()
         if kind == "turn_end" and message[3] == "resource_exhausted":
@@ -468,6 +478,7 @@ class IsolatedSession:
         self._paused = False
         self._overrun = False
         self._turn_id = 0  # numbers this session's turns on the channel
+        self.oom_mark = 0  # the worker group's memory kills when the running turn began
 
     # ------------------------------------------------------------------ from the worker
     def receive(self, kind: str, args: list[Any]) -> None:
@@ -545,6 +556,7 @@ class IsolatedSession:
         self._queue, self._queued_bytes, self._paused = queue, 0, False
         self._overrun = False
         self._turn_id += 1
+        self.oom_mark = self.runner.oom_kills()
         self.runner.send(["turn", self.sid, messages, self._turn_id])
         finished = False
         try:

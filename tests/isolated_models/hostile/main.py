@@ -1,7 +1,8 @@
 """A hostile model: on request, it tries to take more of the host than its limits allow.
 
 Commands (one per message): ``fill PATH MIB`` writes MIB mebibytes to PATH; ``children N
-MIB`` starts N processes that each hold MIB mebibytes and waits for them; ``spawn N MARK``
+MIB`` starts N processes that each hold MIB mebibytes and waits for them; ``later S N
+MIB`` starts N that do so after S seconds, and returns at once; ``spawn N MARK``
 starts N sleeping processes (their command line holds MARK) and leaves them running;
 ``burn SECONDS N`` keeps N processes busy for SECONDS of wall time; ``syscalls`` tries the
 system calls the seccomp filter refuses. Answers are JSON.
@@ -56,6 +57,18 @@ def children(count, mib):
         p.kill()
         p.wait()
     return {"held": held.count("held")}
+
+
+def later(seconds, count, mib):
+    """Start COUNT children that wait SECONDS, then each hold MIB mebibytes for a second;
+    return at once."""
+    code = (
+        f"import sys, time; time.sleep({float(seconds)}); "
+        "block = b'\\x01' * (int(sys.argv[1]) << 20); time.sleep(1)"
+    )
+    for _ in range(int(count)):
+        subprocess.Popen([sys.executable, "-c", code, mib], stdout=subprocess.DEVNULL)
+    return {"started": int(count)}
 
 
 def spawn(count, mark):
@@ -116,7 +129,14 @@ def syscalls():
             for name, code in ((name, _errno_of(call)) for name, call in calls.items())}
 
 
-COMMANDS = {"fill": fill, "children": children, "spawn": spawn, "burn": burn, "syscalls": syscalls}
+COMMANDS = {
+    "fill": fill,
+    "children": children,
+    "later": later,
+    "spawn": spawn,
+    "burn": burn,
+    "syscalls": syscalls,
+}
 
 
 class Hostile(AnythingBaseModel):
