@@ -34,6 +34,7 @@ from ws_server.isolation import cgroups
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODELS = ROOT / "models"
 TEST_MODELS = Path(__file__).resolve().parent / "models"
+RESUME_MODELS = Path(__file__).resolve().parent / "resume_models"
 LISTENING = re.compile(r"listening on ws://([\d.]+):(\d+)")
 RECV_TIMEOUT = 10.0
 # Where a test run leaves what a person may want to look at (the browser tests' screenshots).

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SHIPPED_MODELS, ServerProcess, client_models, launch_server
+from conftest import RESUME_MODELS, SHIPPED_MODELS, ServerProcess, client_models, launch_server
 from websockets.asyncio.client import connect as ws_connect
 from websockets.typing import Subprotocol
 
@@ -224,7 +224,6 @@ def test_chat_url_quotes_the_model_name_and_rejects_other_schemes() -> None:
 
 
 # ---------------------------------------------------------------------- resuming
-RESUME_MODELS = Path(__file__).resolve().parent / "resume_models"
 
 
 def resume_models(target: Path) -> Path:

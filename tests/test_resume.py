@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import (
+    RESUME_MODELS,
     SHIPPED_MODELS,
     ServerProcess,
     copy_models,
@@ -24,7 +25,6 @@ from conftest import (
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-RESUME_MODELS = Path(__file__).resolve().parent / "resume_models"
 V1 = "anything-agent.v1"
 
 
@@ -416,3 +416,33 @@ async def test_a_client_leaving_a_model_that_never_awaits_stalls_nothing(
     assert status == 200 and time.monotonic() - started < 2, body
     if not resumable or leaving == "close":  # ended at once; else it waits for a resume
         await asyncio.to_thread(resuming.wait_for_log, f"session={session} closed after 1")
+
+
+def metric(server: ServerProcess, name: str) -> float:
+    """One sample of /metrics (0 when absent)."""
+    text = http(server, "/metrics")[2]
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_metrics_count_detached_sessions_resumes_and_replayed_frames(
+    short_window: ServerProcess,
+) -> None:
+    ws = await open_resumable(short_window)
+    await ws.send("count 5")
+    await recv_frame(ws)
+    await drop(ws)
+    await wait_for(lambda: metric(short_window, "anything_agent_sessions_detached") == 1)
+    assert metric(short_window, "anything_agent_replay_buffer_bytes") > 0
+    again, resumed = await resume(short_window, ws.token, 1)  # type: ignore[attr-defined]
+    assert resumed["replayed"] == 5  # four chunks and the done
+    assert metric(short_window, "anything_agent_sessions_detached") == 0
+    resumes = 'anything_agent_resumes_total{outcome="resumed"}'
+    assert metric(short_window, resumes) == 1
+    assert metric(short_window, "anything_agent_replayed_frames_total") == 5
+    await again.close()
+    bogus, _ = await resume(short_window, ws.token, 0)  # type: ignore[attr-defined]
+    assert metric(short_window, 'anything_agent_resumes_total{outcome="expired"}') == 1
+    await bogus.close()

@@ -20,10 +20,12 @@ from typing import Any
 
 import pytest
 from conftest import (
+    RESUME_MODELS,
     SHIPPED_MODELS,
     TEST_MODELS,
     ServerProcess,
     chat,
+    copy_models,
     http,
     launch_server,
     read_events,
@@ -426,6 +428,19 @@ async def test_an_idle_session_is_closed_but_never_during_a_turn(
         turn = await run_turn(ws, "go")
         assert turn.text == "firstsecond"
         assert (await run_turn(ws, "again")).done["reason"] == "stop"
+
+
+async def test_the_idle_clock_starts_again_when_a_long_turn_ends(
+    start_server: Any, tmp_path: Path
+) -> None:
+    """A reader of a reply that took longer than the idle limit gets the whole limit after
+    it, not what was left when the turn began."""
+    models = copy_models(tmp_path / "models", "counter", source=RESUME_MODELS)
+    live = start_server(models, "--idle-timeout", "2")
+    async with chat(live, "counter") as ws:
+        assert len((await run_turn(ws, "count 25 0.1")).chunks) == 25  # 2.5 s
+        await asyncio.sleep(1.5)  # within 2 s of the turn's end
+        assert (await run_turn(ws, "count 1")).text == "0 "
 
 
 CLIENT = textwrap.dedent(

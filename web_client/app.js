@@ -488,16 +488,21 @@ function turnError(turn, frame) {
 }
 
 function inlineError(element, { code, message }) {
+  element.append(codedBox("inline-error", code, message));
+}
+
+/** A box showing an error code and its message, as text. */
+function codedBox(className, code, text) {
   const box = document.createElement("div");
-  box.className = "inline-error";
+  box.className = className;
   box.dataset.code = code;
   const label = document.createElement("span");
   label.className = "code";
   label.textContent = code;
-  const text = document.createElement("span");
-  text.textContent = message;
-  box.append(label, text);
-  element.append(box);
+  const message = document.createElement("span");
+  message.textContent = text;
+  box.append(label, message);
+  return box;
 }
 
 // ------------------------------------------------------------------ log
@@ -638,16 +643,7 @@ function restoreChat(saved) {
 
 function notice(kind, code, text) {
   ui.empty.hidden = true;
-  const box = document.createElement("div");
-  box.className = `notice ${kind}`;
-  box.dataset.code = code;
-  const label = document.createElement("span");
-  label.className = "code";
-  label.textContent = code;
-  const message = document.createElement("span");
-  message.textContent = text;
-  box.append(label, message);
-  ui.log.append(box);
+  ui.log.append(codedBox(`notice ${kind}`, code, text));
   stickToBottom(true);
 }
 

@@ -221,8 +221,10 @@ class AnythingAgentServer:
     def _from_a_sandbox(self, connection: ServerConnection) -> bool:
         """Whether a loopback peer is a sandboxed model with network: its host user is
         the sandbox's own (told apart when the server is root; see http/peers.py)."""
+        if not self.registry.networked_sandboxes():
+            return False
         user = sandbox.host_user()
-        if user is None or not self.registry.networked_sandboxes():
+        if user is None:
             return False
         peer, ours = connection.remote_address, connection.local_address
         if not isinstance(peer, tuple) or not peers.is_loopback(str(peer[0])):

@@ -86,14 +86,6 @@ class WorkerGroup:
         match = re.search(r"^oom_kill (\d+)$", text, re.MULTILINE)
         return int(match.group(1)) if match else 0
 
-    def had_oom_kill(self) -> bool:
-        """Whether the kernel killed a process of this group for memory since it started
-        (or since the last ``note_oom_kills``)."""
-        return self.oom_kills() > self.oom_baseline
-
-    def note_oom_kills(self) -> None:
-        self.oom_baseline = self.oom_kills()
-
     def pids(self) -> set[int]:
         found: set[int] = set()
         for procs in self.procs_files:
@@ -154,7 +146,7 @@ class Cgroups:
             for directory in dirs.values():
                 _rmdir(directory)
             raise CgroupUnavailable(f"cannot create a worker cgroup: {exc}") from None
-        group.note_oom_kills()
+        group.oom_baseline = group.oom_kills()
         return group
 
     def close(self) -> None:

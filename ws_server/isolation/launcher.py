@@ -26,11 +26,17 @@ from typing import Any, Final
 import ws_server
 
 PACKAGE_PARENT: Final = str(Path(ws_server.__file__).resolve().parent.parent)
+
+
+def boot(module: str) -> str:
+    """``python -c`` code that puts the directory holding ``ws_server`` (its first
+    argument) on the path and runs ``module``'s ``main``: how the launcher and the worker
+    start, importing nothing but the standard library and us."""
+    return f"import sys; sys.path.insert(0, sys.argv.pop(1)); from {module} import main; main()"
+
+
 # -I -S: nothing from the environment or site-packages; only the standard library and us.
-_BOOT: Final = (
-    "import sys; sys.path.insert(0, sys.argv.pop(1)); "
-    "from ws_server.isolation.launcher import main; main()"
-)
+_BOOT: Final = boot("ws_server.isolation.launcher")
 STAGE_DIR: Final = "/dev/shm"  # exists on every Linux; covered by our own tmpfs, privately
 EXIT_FAILED: Final = 126
 CLONE_NEWNS: Final = 0x00020000

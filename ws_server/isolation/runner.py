@@ -28,7 +28,7 @@ from typing import Any, Final, cast
 import ws_server
 from ws_server import metrics
 from ws_server.exceptions import ModelFailed, ModelLoadError, ResourceExhausted, WorkerCrashed
-from ws_server.isolation import containment, ipc
+from ws_server.isolation import containment, ipc, launcher
 from ws_server.redaction import redact
 from ws_server.sdk import Message
 
@@ -40,10 +40,7 @@ PACKAGE_PARENT: Final = PACKAGE_DIR.parent
 # directory holding ``ws_server`` on its path: -s and -E keep user site-packages and
 # PYTHON* variables out, -u keeps its prints in order with the log. In the sandbox, that
 # directory holds nothing but ``ws_server``.
-_BOOT: Final = (
-    "import sys; sys.path.insert(0, sys.argv.pop(1)); "
-    "from ws_server.isolation.worker import main; main()"
-)
+_BOOT: Final = launcher.boot("ws_server.isolation.worker")
 CRASH_LIMIT: Final = 5
 CRASH_WINDOW: Final = 60.0
 LOAD_TIMEOUT: Final = 300.0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import pwd
@@ -137,6 +138,7 @@ def staged_sources(spec: SandboxSpec) -> list[Path]:
     return [*read_only_paths(spec), *spec.shared]
 
 
+@functools.cache
 def host_user() -> tuple[int, int] | None:
     """The (uid, gid) bwrap runs as on the host: ``nobody`` when the server is root (a
     sandboxed process must not be root outside its namespace either), else None: the

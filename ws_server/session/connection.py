@@ -215,15 +215,20 @@ class ChatConnection:
         limit = self.limits.idle_timeout
         if limit is None or session.conversation.closing:
             return
-        remaining = self._last_activity + limit - time.monotonic()
+        remaining = self._idle_since(session) + limit - time.monotonic()
         loop = asyncio.get_running_loop()
         self._idle_timer = loop.call_later(max(remaining, 0.0), self._idle_check, session)
+
+    def _idle_since(self, session: LiveSession) -> float:
+        """The last frame from the client, or the end of the last turn: a long reply
+        being read is not idleness."""
+        return max(self._last_activity, session.conversation.last_activity)
 
     def _idle_check(self, session: LiveSession) -> None:
         limit = self.limits.idle_timeout
         assert limit is not None
         running = session.conversation.turn_running
-        if running or time.monotonic() - self._last_activity < limit:
+        if running or time.monotonic() - self._idle_since(session) < limit:
             if running:  # a running turn is not idleness: look again later
                 self._last_activity = max(self._last_activity, time.monotonic() - limit + 1.0)
             self._arm_idle_timer(session)

@@ -94,7 +94,7 @@ class Conversation:
         self.turn = 0
         self._ended_turn = 0  # the last turn whose done frame was sent
         self.closing = False  # the server is stopping: no new turns
-        self.last_activity = time.monotonic()
+        self.last_activity = time.monotonic()  # when it started, or its last turn ended
         self._metrics = metrics.for_model(version.name)
         self._model: ModelSession | None = None
         self._starting: asyncio.Task[None] | None = None
@@ -197,7 +197,6 @@ class Conversation:
     async def receive(self, frame: protocol.ClientFrame) -> None:
         """A client frame, parsed: run a turn, or cancel one; refusals become ``error``
         frames in the outbox."""
-        self.last_activity = time.monotonic()
         if isinstance(frame, protocol.CancelTurn):
             await self.stop_turn("cancelled")
             return

@@ -15,7 +15,7 @@ import hashlib
 import logging
 import secrets
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from ws_server import metrics
 from ws_server.session.conversation import DISCONNECTED, Conversation
@@ -142,5 +142,5 @@ class LiveSession:
             self._on_end(self)
 
     def __repr__(self) -> str:
-        state: Any = "ended" if self.ended else ("detached" if self.detached else "attached")
+        state = "ended" if self.ended else ("detached" if self.detached else "attached")
         return f"<LiveSession {self.conversation.id} {state}>"

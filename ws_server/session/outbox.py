@@ -57,15 +57,8 @@ class Outbox:
         self.seq += 1
         data = protocol.encode_chunk(self.seq, turn, content).encode()
         sink = self._sink
-        if self._limit:  # _keep, inlined: this is the hot path
-            buffer = self._buffer
-            if buffer is None:
-                buffer = self._buffer = collections.deque()
-                self._first = self.seq
-            buffer.append(data)
-            self._buffered += len(data) + FRAME_OVERHEAD
-            if self._buffered > self._limit and sink is not None:
-                self._evict()
+        if self._limit:
+            self._keep(data)
         if sink is not None:
             await sink.write(data)
         else:
@@ -128,10 +121,6 @@ class Outbox:
             await asyncio.shield(self._room)
 
     # ------------------------------------------------------------------ connection side
-    @property
-    def attached(self) -> bool:
-        return self._sink is not None
-
     @property
     def buffered_bytes(self) -> int:
         return self._buffered
