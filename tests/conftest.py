@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from system_packages import BWRAP, CHROMIUM, PackageUnavailable, ensure_package
+from system_packages import (
+    BWRAP,
+    CHROMIUM,
+    NGINX,
+    REDIS_SERVER,
+    PackageUnavailable,
+    ensure_package,
+)
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
@@ -41,25 +48,28 @@ RECV_TIMEOUT = 10.0
 OUTPUT_DIR = Path(os.environ.get("ANYTHING_AGENT_TEST_OUTPUT", ROOT / "test-output"))
 CHROMIUM_PROBLEM = pytest.StashKey[str]()
 BWRAP_PROBLEM = pytest.StashKey[str]()
+CLUSTER_PROBLEM = pytest.StashKey[str]()
 BROWSER_TESTS = pytest.StashKey[bool]()
-# Tests with this marker need this program from this Debian package; why it is missing
-# (if it is, and cannot be installed) is stashed under this key.
+# Tests with this marker need these programs from these Debian packages; why one is
+# missing (if it is, and cannot be installed) is stashed under this key.
 SYSTEM_PACKAGES = {
-    "browser": (CHROMIUM, "chromium", CHROMIUM_PROBLEM),
-    "sandbox": (BWRAP, "bubblewrap", BWRAP_PROBLEM),
+    "browser": ([(CHROMIUM, "chromium")], CHROMIUM_PROBLEM),
+    "sandbox": ([(BWRAP, "bubblewrap")], BWRAP_PROBLEM),
+    "cluster": ([(REDIS_SERVER, "redis-server"), (NGINX, "nginx")], CLUSTER_PROBLEM),
 }
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """When browser or sandbox tests are about to run, make sure Chromium or bubblewrap
-    is there (installing it if it can); a failure is kept for those tests to report, so
-    the others still run."""
-    for marker, (binary, package, problem) in SYSTEM_PACKAGES.items():
+    """When browser, sandbox or cluster tests are about to run, make sure Chromium,
+    bubblewrap, or Redis and nginx are there (installing them if it can); a failure is
+    kept for those tests to report, so the others still run."""
+    for marker, (programs, problem) in SYSTEM_PACKAGES.items():
         if any(item.get_closest_marker(marker) for item in session.items):
             if marker == "browser":
                 session.config.stash[BROWSER_TESTS] = True
             try:
-                ensure_package(binary, package)
+                for binary, package in programs:
+                    ensure_package(binary, package)
             except (PackageUnavailable, OSError, subprocess.SubprocessError) as exc:
                 session.config.stash[problem] = str(exc)
 

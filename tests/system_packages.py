@@ -1,8 +1,9 @@
 """Makes sure the Debian packages some tests drive are there, installing them when it can.
 
-The browser tests need Chromium, the sandbox tests bubblewrap. Those tests never skip: on
-a machine without the program, the test run installs its package (``apt-get``, as root or
-through password-less sudo) and fails with the reason if it can't.
+The browser tests need Chromium, the sandbox tests bubblewrap, the cluster tests Redis and
+nginx. Those tests never skip: on a machine without the program, the test run installs its
+package (``apt-get``, as root or through password-less sudo) and fails with the reason if
+it can't.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 
 CHROMIUM = Path(os.environ.get("ANYTHING_AGENT_TEST_CHROMIUM", "/usr/bin/chromium"))
 BWRAP = Path("/usr/bin/bwrap")
+REDIS_SERVER = Path("/usr/bin/redis-server")
+NGINX = Path("/usr/sbin/nginx")
 INSTALL_TIMEOUT = 900
 
 

@@ -1,17 +1,21 @@
-"""The ``anything-agent`` command: serve, chat, check, new."""
+"""The ``anything-agent`` command: serve, chat, check, new, cluster."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
+import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from ws_server import __version__
 from ws_server.client.chat import DEFAULT_URL
 from ws_server.client.terminal import ChatOptions, restore_ctrl_c, run_chat
+from ws_server.deploy.local_cluster import ClusterError, LocalCluster
 from ws_server.exceptions import SettingsError
 from ws_server.logs import configure_logging
 from ws_server.registry.catalog import Registry
@@ -72,6 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
     new = commands.add_parser("new", help="create a model directory that runs as generated")
     new.add_argument("name", help="model name: lowercase letters, digits, underscores")
     new.add_argument("--models-dir", type=Path, default=None, help="default ./models")
+
+    cluster = commands.add_parser(
+        "cluster",
+        help="run several nodes on this machine: Redis, the nodes and nginx in front",
+        description="Start a Redis (on a private unix socket), NODES server nodes sharing it "
+        "and nginx balancing them round-robin on 127.0.0.1:PORT, in the foreground; Ctrl-C "
+        "stops them all. Needs Debian's redis-server and nginx, and the redis extra. Serve "
+        "options for every node go after --, e.g.: anything-agent cluster -- --resume-window 60",
+    )
+    cluster.add_argument("--nodes", type=int, default=3, help="how many nodes (default 3)")
+    cluster.add_argument(
+        "--port", type=int, default=8080, help="nginx's port on 127.0.0.1 (default 8080)"
+    )
+    cluster.add_argument("--models-dir", type=Path, default=None, help="default ./models")
+    cluster.add_argument("--quiet", action="store_true", help="do not show the nodes' logs")
+    cluster.add_argument(
+        "serve_options", nargs="*", metavar="-- SERVE_OPTION", help="passed to every node"
+    )
     return parser
 
 
@@ -88,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_chat(options)
         if args.command == "check":
             return check(models_dir_from(args))
+        if args.command == "cluster":
+            restore_ctrl_c()
+            return cluster(args)
         return new(models_dir_from(args), args.name)
     except SettingsError as exc:
         print(f"anything-agent: error: {exc.message}", file=sys.stderr)
@@ -169,3 +194,98 @@ def new(models_dir: Path, name: str) -> int:
     print("load it with:  curl -X POST http://127.0.0.1:8000/v1/models/reload")
     print(f"chat with it:  wscat -c ws://127.0.0.1:8000/v1/chat/{name}")
     return 0
+
+
+# Set by the cluster itself: one Redis, one port and one node id per node.
+CLUSTER_OWNS = ("host", "port", "models_dir", "node_id", "redis_url", "workers")
+
+
+def cluster(args: argparse.Namespace) -> int:
+    """Run ``LocalCluster`` in the foreground until Ctrl-C or SIGTERM."""
+    options = list(args.serve_options)
+    if options[:1] == ["--"]:
+        options = options[1:]
+    check_cluster_options(options)
+    if args.nodes < 1:
+        raise SettingsError("--nodes must be at least 1")
+    if importlib.util.find_spec("redis") is None:
+        print(
+            "anything-agent: error: several nodes need redis-py: "
+            "pip install 'anything-agent[redis]'",
+            file=sys.stderr,
+        )
+        return 1
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    running = LocalCluster(
+        args.nodes,
+        models_dir=models_dir_from(args),
+        port=args.port,
+        extra_args=options,
+        echo=not args.quiet,
+    )
+    try:
+        running.start()
+        print_cluster(running)
+        return watch_cluster(running)
+    except ClusterError as exc:
+        print(f"anything-agent: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping the cluster", file=sys.stderr)
+        return 0
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):  # stop() must not be cut short
+            signal.signal(signum, signal.SIG_IGN)
+        running.stop()
+
+
+def check_cluster_options(options: list[str]) -> None:
+    """The serve options given after ``--``, checked before anything starts."""
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    add_serve_options(parser)
+    try:
+        parsed, unknown = parser.parse_known_args(options)
+    except argparse.ArgumentError as exc:
+        raise SettingsError(f"after --: {exc}") from None
+    if unknown:
+        raise SettingsError(f"unknown serve option after --: {' '.join(unknown)}")
+    owned = [
+        f"--{name.replace('_', '-')}" for name in CLUSTER_OWNS if getattr(parsed, name) is not None
+    ]
+    if owned:
+        raise SettingsError(f"the cluster sets {', '.join(owned)} itself")
+
+
+def print_cluster(running: LocalCluster) -> None:
+    print(
+        f"\n{len(running.nodes)} nodes sharing a Redis (on a private unix socket), "
+        f"behind nginx round-robin:"
+    )
+    print(f"  nginx   {running.url}/  (the browser page; chats at {running.ws_url}/v1/chat/MODEL)")
+    for node in running.nodes:
+        print(f"  {node.node_id:<7} {node.url}  (pid {node.process.pid})")
+    print(f"chat with:  anything-agent chat --url {running.ws_url} echo")
+    print("Ctrl-C stops everything.", flush=True)
+
+
+def watch_cluster(running: LocalCluster) -> int:
+    """Until interrupted; 1 if nginx or Redis went away (a lost node is only reported:
+    nginx sends its clients to the others)."""
+    reported: set[str] = set()
+    while True:
+        time.sleep(0.5)
+        for name, process in (("nginx", running.nginx_process), ("redis", running.redis_process)):
+            if process is not None and process.poll() is not None:
+                print(f"anything-agent: {name} exited with {process.returncode}", file=sys.stderr)
+                return 1
+        for node in running.nodes:
+            if not node.running and node.node_id not in reported:
+                reported.add(node.node_id)
+                print(
+                    f"anything-agent: {node.node_id} exited with {node.process.returncode}",
+                    file=sys.stderr,
+                )

@@ -28,6 +28,11 @@ class CgroupUnavailable(AnythingAgentError):
     """No cgroup can be created for a worker here; it runs with per-process limits."""
 
 
+class StoreUnavailable(AnythingAgentError):
+    """The session store a setting asks for cannot be used (``--redis-url`` without
+    redis-py installed); the server does not start."""
+
+
 class ModelLoadError(AnythingAgentError):
     """A model directory could not be turned into a servable model.
 

@@ -7,16 +7,39 @@ which has none of the server's dependencies.
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 __version__ = "0.1.0"
 
-__all__ = ["AnythingBaseModel", "Message", "__version__"]
+__all__ = ["AnythingBaseModel", "Message", "__version__", "context_snapshot"]
+
+CONTEXT_SNAPSHOT_LIMIT = 64 * 1024  # bytes of JSON kept of a session's context
 
 Message = dict[str, str]
 """One chat message: ``{"role": "user" | "assistant" | "system", "content": "..."}``."""
+
+
+def context_snapshot(context: dict[Any, Any]) -> dict[str, Any]:
+    """The part of ``self.context`` that can move to another node: every entry whose key is
+    a string and whose value is JSON, as long as the whole stays under 64 KiB (entries
+    past that are left out). A client object or an open file stays behind."""
+    kept: dict[str, Any] = {}
+    size = 2
+    for key, value in list(context.items()):
+        if not isinstance(key, str):
+            continue
+        try:
+            text = json.dumps(value)
+        except (TypeError, ValueError, RecursionError):
+            continue
+        size += len(key) + len(text) + 4
+        if size > CONTEXT_SNAPSHOT_LIMIT:
+            break
+        kept[key] = json.loads(text)
+    return kept
 
 
 class AnythingBaseModel:

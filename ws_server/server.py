@@ -28,13 +28,16 @@ from ws_server.http.security import (
 from ws_server.isolation import cgroups, sandbox
 from ws_server.isolation.environments import EnvironmentBuilder, default_cache_dir
 from ws_server.loop_watch import LoopWatch
-from ws_server.registry.catalog import Registry
+from ws_server.registry.catalog import ModelVersion, Registry
 from ws_server.session.connection import ChatConnection, ConnectionLimits
 from ws_server.session.conversation import Conversation, HistoryLimits
+from ws_server.session.handover import Handover, ResumeFailed
 from ws_server.session.live import LiveSession, digest, new_token
 from ws_server.session.outbox import Outbox
 from ws_server.settings import ServerSettings
+from ws_server.store.base import SessionRecord, SessionStore
 from ws_server.store.memory import MemoryStore
+from ws_server.store.redis import RedisStore, default_node_id
 from ws_server.supervisor import notify_reloaded
 
 log = logging.getLogger("anything_agent.server")
@@ -63,10 +66,17 @@ class AnythingAgentServer:
         self.history_limits = HistoryLimits(
             settings.max_history_messages, settings.max_history_bytes
         )
+        self.redis: RedisStore | None = None  # several nodes: sessions shared in Redis
+        self.handover: Handover | None = None
+        self.store: SessionStore = self._make_store()  # where sessions live between connections
         self.http = HttpApi(
-            self.registry, self.access, self.connections, on_reload=self._reloaded_here
+            self.registry,
+            self.access,
+            self.connections,
+            on_reload=self._reloaded_here,
+            store_status=lambda: self.store.status,
+            cluster=self.redis.cluster if self.redis is not None else None,
         )
-        self.store = MemoryStore()  # where sessions live between connections
         metrics.REPLAY_BUFFER_BYTES.set_function(
             lambda: sum(s.conversation.outbox.buffered_bytes for s in self.store.local())
         )
@@ -74,6 +84,26 @@ class AnythingAgentServer:
         self._stopping = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self._loop_watch: LoopWatch | None = None
+
+    def _make_store(self) -> SessionStore:
+        settings = self.settings
+        if settings.redis_url is None:
+            return MemoryStore()
+        node = settings.node_id or default_node_id()
+        if settings.node_id and settings.worker_index is not None:
+            node = f"{node}-{settings.worker_index}"  # --workers: one node per process
+        self.redis = RedisStore(
+            settings.redis_url,
+            node,
+            node_ttl=settings.node_ttl,
+            replay_bytes=settings.replay_buffer_bytes,
+            revisions=self.registry.serving_revisions,
+            on_reload=self._reload_from_cluster,
+            window=settings.resume_window,
+            frames_per_minute=self.connection_limits.frames_per_minute,
+        )
+        self.handover = Handover(self.redis, self.registry, self._held_session)
+        return self.redis
 
     @property
     def port(self) -> int:
@@ -110,6 +140,9 @@ class AnythingAgentServer:
         self._loop_watch = LoopWatch(asyncio.get_running_loop())
         self._loop_watch.start()
         await self.registry.reload()
+        if self.redis is not None:
+            await self.redis.start()
+            log.info("node %s: sessions, heartbeats and reloads shared in Redis", self.redis.node)
         await self._ws_server.start_serving()
         self._log_protections()
         log.info(
@@ -166,8 +199,22 @@ class AnythingAgentServer:
         report = await self.registry.reload()
         log.info("SIGHUP: reloaded %s", report.as_dict())
 
+    async def _reload_from_cluster(self) -> None:
+        """Another node reloaded through its API: rescan this node's directory too."""
+        if self._stopping.is_set():
+            return
+        report = await self.registry.reload()
+        log.info("cluster reload: %s", report.as_dict())
+
     def _reloaded_here(self) -> None:
-        notify_reloaded(self.settings)
+        """A reload through this node's API reaches every node: through Redis where there
+        is one (``--workers`` included), else through the supervisor's pipe."""
+        if self.redis is None:
+            notify_reloaded(self.settings)
+            return
+        task = asyncio.get_running_loop().create_task(self.redis.publish_reload())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _on_signal(self, signum: int) -> None:
         if self._stopping.is_set():
@@ -187,13 +234,22 @@ class AnythingAgentServer:
 
     async def shutdown(self) -> None:
         """Stop accepting, give running turns the grace period, then cancel them, close
-        every connection with 1001, run every ``on_chat_end`` and stop the runners."""
+        every connection with 1001, run every ``on_chat_end`` and stop the runners.
+
+        With Redis this is a drain: a turn past the grace period ends with
+        ``interrupted``, and each resumable session is released (written out, its
+        holder cleared) before its connection closes, so that its client resumes on
+        another node at once."""
         assert self._ws_server is not None
         grace = self.settings.grace_period
         self._ws_server.close(close_connections=False)
         sessions = self.store.local()
         log.info("stopping: %d open sessions, grace period %g s", len(sessions), grace)
-        await asyncio.gather(*(self._shutdown_session(s, grace) for s in sessions))
+        relays = list(self.redis.relays.values()) if self.redis is not None else []
+        await asyncio.gather(
+            *(self._shutdown_session(s, grace) for s in sessions),
+            *(relay.adapter.close_going_away() for relay in relays),
+        )
         try:  # handshakes still in progress, peers that never answer the close
             await asyncio.wait_for(self._ws_server.wait_closed(), CLOSE_LIMIT)
         except TimeoutError:
@@ -201,6 +257,8 @@ class AnythingAgentServer:
                 connection.transport.abort()
             await self._ws_server.wait_closed()
         await self.registry.close()
+        if self.redis is not None:
+            await self.redis.close()
         # The workers' cgroups are gone: remove this server's directory (a few blocking
         # system calls, retried while the kernel reaps; not on the loop).
         await asyncio.to_thread(cgroups.close)
@@ -246,14 +304,25 @@ class AnythingAgentServer:
         try:
             if offer.resume is not None:
                 session, problem = await self._resumable(name, key, offer.resume)
-                if session is not None and problem is None:
-                    frames = await self.store.frames_after(session, offer.resume.after)
+                after = offer.resume.after
+                if isinstance(session, SessionRecord) and problem is None:
+                    assert self.handover is not None  # records come from the Redis store
+                    try:
+                        await self.handover.resume(adapter, session, after)
+                        return
+                    except ResumeFailed as exc:
+                        problem = exc.message
+                        session = None
+                elif isinstance(session, LiveSession) and problem is None:
+                    frames = await self.store.frames_after(session, after)
                     if frames is not None:
-                        await adapter.resume(session, offer.resume.after, frames)
+                        await adapter.resume(session, after, frames)
                         await adapter.serve(session)
                         return
-                    problem = f"frames after {offer.resume.after} are no longer buffered"
-                await self._resume_failed(connection, session, problem)
+                    problem = f"frames after {after} are no longer buffered"
+                await self._resume_failed(
+                    connection, session if isinstance(session, LiveSession) else None, problem
+                )
             opened = await self._open_session(connection, name, key, offer.resumable)
             if opened is not None and await adapter.open(*opened):
                 # Served from here, not from a deeper call: an idle session's stack of
@@ -264,14 +333,19 @@ class AnythingAgentServer:
 
     async def _resumable(
         self, name: str, key: str, request: protocol.ResumeRequest
-    ) -> tuple[LiveSession | None, str | None]:
-        """The session a resume names, and why it cannot be resumed here (None: it can)."""
+    ) -> tuple[LiveSession | SessionRecord | None, str | None]:
+        """The session a resume names (held here or elsewhere), and why it cannot be
+        resumed here (None: it can)."""
         session = await self.store.find(digest(request.token))
         if session is None:
             return None, "unknown or expired resume token"
-        if session.conversation.version.name != name:
+        if isinstance(session, SessionRecord):
+            model, owner_key = session.model, session.key_digest
+        else:
+            model, owner_key = session.conversation.version.name, session.key_digest
+        if model != name:
             return session, "the resume token belongs to another model's session"
-        if session.key_digest != key:
+        if owner_key != key:
             return session, "the resume token was issued to another API key"
         return session, None
 
@@ -302,18 +376,40 @@ class AnythingAgentServer:
         except HandshakeRefused as exc:  # changed between handshake and now
             await _refuse_open(connection, exc)
             return None
-        window = self.settings.resume_window if resumable else 0.0
+        window = self.settings.resume_window if resumable and self.store.available else 0.0
         token = new_token() if window > 0 else None
-        outbox = Outbox(self.settings.replay_buffer_bytes if token is not None else 0)
-        conversation = Conversation(
-            version, outbox, limits=self.history_limits, debug=self.settings.debug
-        )
-        session = LiveSession(
-            conversation, token=token, key_digest=key, window=window, on_end=self._ended
+        session = self._held_session(
+            version, digest(token) if token is not None else None, key, window
         )
         await self.store.add(session)
         metrics.SESSIONS.labels(model=version.name).inc()
         return session, token
+
+    def _held_session(
+        self,
+        version: ModelVersion,
+        token_digest: str | None,
+        key: str,
+        window: float,
+        session_id: str | None = None,
+        seq: int = 0,
+    ) -> LiveSession:
+        """A session held by this node: new (seq 0), or taken over from another."""
+        replay = self.settings.replay_buffer_bytes if token_digest is not None else 0
+        conversation = Conversation(
+            version,
+            Outbox(replay, seq),
+            limits=self.history_limits,
+            debug=self.settings.debug,
+            session_id=session_id,
+        )
+        return LiveSession(
+            conversation,
+            token_digest=token_digest,
+            key_digest=key,
+            window=window,
+            on_end=self._ended,
+        )
 
     def _ended(self, session: LiveSession) -> None:
         """A session ended (on_chat_end has run): forget it, release its version."""
@@ -328,9 +424,14 @@ class AnythingAgentServer:
         )
 
     async def _shutdown_session(self, session: LiveSession, grace: float) -> None:
-        """Server stopping: a running turn gets the grace period, then is cancelled; the
-        connection (if any) closes with 1001; ``on_chat_end`` runs."""
-        await session.conversation.wind_down(grace)
+        """Server stopping: a running turn gets the grace period, then is cancelled (or
+        interrupted, for a session that moves on); the connection (if any) closes with
+        1001; ``on_chat_end`` runs."""
+        journal = self.redis.journal_of(session) if self.redis is not None else None
+        moving = journal is not None and self.redis is not None and self.redis.available
+        await session.conversation.wind_down(grace, moving=moving)
+        if moving and self.redis is not None:
+            await self.redis.release(session)
         if isinstance(session.attachment, ChatConnection):
             await session.attachment.close_going_away()
         await session.end("cancelled")

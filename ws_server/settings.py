@@ -54,6 +54,10 @@ class ServerSettings:
     # --- resuming (see session/live.py): how long a dropped session waits, what it keeps
     resume_window: float = 30.0  # 0: resume off
     replay_buffer_bytes: int = 1024 * 1024
+    # --- several nodes (see store/redis.py): sessions, heartbeats and reloads in Redis
+    redis_url: str | None = None  # a secret (it may hold a password): never logged
+    node_id: str | None = None  # None: <hostname>-<pid>
+    node_ttl: float = 3.0  # seconds a node's heartbeat lives; missed: its sessions move
     # --- isolated models' sandbox (bubblewrap): auto uses it where it works
     sandbox: str = "auto"
     # Server variables naming directories every sandboxed worker shares read-write (a
@@ -144,6 +148,12 @@ def _secret(text: str) -> str:
     return text.strip()
 
 
+def _node_id(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", text):
+        raise ValueError("a node id is 1-64 characters of A-Z a-z 0-9 _ . : -")
+    return text
+
+
 def _log_level(text: str) -> str:
     if text.lower() not in LOG_LEVELS:
         raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
@@ -187,6 +197,9 @@ _SERVE_OPTIONS: Final = (
     _Option("--ping-timeout", _positive_float, "seconds to wait for a pong before dropping"),
     _Option("--resume-window", _positive_float, "seconds a dropped session waits (0: no resume)"),
     _Option("--replay-buffer-bytes", _count, "bytes of frames kept per session for resumes"),
+    _Option("--redis-url", _secret, "Redis for sessions, heartbeats, reloads (several nodes)"),
+    _Option("--node-id", _node_id, "this node's name in Redis (default: <hostname>-<pid>)"),
+    _Option("--node-ttl", _positive_float, "seconds a node's heartbeat lives in Redis"),
     _Option("--sandbox", _sandbox, "bubblewrap for isolated models: auto, on or off"),
     _Option("--workers", _count, "server processes sharing the port (SO_REUSEPORT)"),
     _Option(

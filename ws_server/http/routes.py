@@ -73,9 +73,14 @@ class HttpApi:
         access: AccessPolicy,
         connections: ConnectionCounter | None = None,
         on_reload: Callable[[], None] | None = None,
+        store_status: Callable[[], str] | None = None,
+        cluster: Callable[[str], dict[str, int]] | None = None,
     ) -> None:
         self.registry = registry
-        self.on_reload = on_reload  # after a reload through this API (--workers relays it)
+        self.on_reload = on_reload  # after a reload through this API (passed on to other nodes)
+        self.store_status = store_status or (lambda: "memory")
+        # Nodes serving each revision of a model (None: this node is the only one).
+        self.cluster = cluster
         self.access = access
         self.connections = connections or ConnectionCounter(None, None)
         self.routes: tuple[Route, ...] = (
@@ -145,13 +150,23 @@ class HttpApi:
         return None
 
     async def list_models(self, request: Request, params: dict[str, str]) -> Response:
-        return json_response({"object": "list", "data": self.registry.list_models()})
+        rows = [self._with_cluster(row) for row in self.registry.list_models()]
+        return json_response({"object": "list", "data": rows})
 
     async def get_model(self, request: Request, params: dict[str, str]) -> Response:
         info = self.registry.model_info(params["1"])
         if info is None:
             raise RouteNotFound(f"no model named {params['1']!r}; GET /v1/models lists them")
-        return json_response(info)
+        return json_response(self._with_cluster(info))
+
+    def _with_cluster(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A listing row with ``cluster``: how many nodes serve each revision of it."""
+        if self.cluster is not None:
+            row["cluster"] = self.cluster(row["id"])
+        else:
+            serving = row["revision"] if row["status"] == "ready" else None
+            row["cluster"] = {serving: 1} if serving else {}
+        return row
 
     async def reload(self, request: Request, params: dict[str, str]) -> Response:
         report = await self.registry.reload()
@@ -160,7 +175,13 @@ class HttpApi:
         return json_response(report.as_dict())
 
     async def healthz(self, request: Request, params: dict[str, str]) -> Response:
-        return json_response({"status": "ok", "models": self.registry.status_counts()})
+        return json_response(
+            {
+                "status": "ok",
+                "models": self.registry.status_counts(),
+                "store": self.store_status(),
+            }
+        )
 
     async def metrics(self, request: Request, params: dict[str, str]) -> Response:
         body, media_type = metrics.exposition()

@@ -6,12 +6,14 @@ descriptor, never its stdout, so a model's ``print()`` cannot corrupt it. Standa
 library only: the worker imports this from inside the model's virtualenv.
 
 Server → worker: ``["config", "", config]`` (first, once: the model's config, secrets
-included, which must never be a command-line argument), ``["start", sid]``,
-``["turn", sid, messages, turn_id]``, ``["cancel", sid]``, ``["pause", sid]``,
+included, which must never be a command-line argument), ``["start", sid, context]``
+(context: a snapshot to restore after ``on_chat_start``, or null),
+``["turn", sid, messages, turn_id, snapshot]`` (snapshot: whether ``turn_end`` carries the
+session's context), ``["cancel", sid]``, ``["pause", sid]``,
 ``["resume", sid]``, ``["ping", sid]``, ``["end", sid]``.
 Worker → server: ``["ready", description]``, ``["load_failed", message, detail]``,
 ``["started", sid, error]``, ``["chunk", sid, turn_id, text]``,
-``["turn_end", sid, turn_id, outcome, detail]`` (outcome ``stop``, ``cancelled``,
+``["turn_end", sid, turn_id, outcome, detail, context]`` (outcome ``stop``, ``cancelled``,
 ``error`` or ``resource_exhausted``), ``["pong", sid, None]``, ``["ended", sid, error]``.
 """
 

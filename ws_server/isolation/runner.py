@@ -476,6 +476,7 @@ class IsolatedSession:
         self._overrun = False
         self._turn_id = 0  # numbers this session's turns on the channel
         self.oom_mark = 0  # the worker group's memory kills when the running turn began
+        self._context: dict[str, Any] = {}  # the snapshot the last turn_end carried
 
     # ------------------------------------------------------------------ from the worker
     def receive(self, kind: str, args: list[Any]) -> None:
@@ -498,6 +499,8 @@ class IsolatedSession:
                     self._overrun = True  # what else it sends is dropped; its death ends
                     self.runner.kill_worker()  # the turn with model_crashed
         elif kind == "turn_end":
+            if len(args) > 3 and isinstance(args[3], dict):
+                self._context = args[3]
             if self._queue is not None:
                 self._queue.put_nowait(_TurnEnd(args[1], args[2]))
         elif kind in ("started", "ended", "pong"):
@@ -525,10 +528,10 @@ class IsolatedSession:
         return await reply
 
     # ------------------------------------------------------------------ ModelSession
-    async def start(self) -> None:
+    async def start(self, context: dict[str, Any] | None = None) -> None:
         generation = await self.runner.ensure_running()
         self._sent_start_to = generation
-        error = await self._request(["start", self.sid], "started")
+        error = await self._request(["start", self.sid, context], "started")
         if error:
             raise ModelFailed(f"on_chat_start raised in the worker:\n{error}")
 
@@ -546,7 +549,10 @@ class IsolatedSession:
         finally:
             self.runner.sessions.pop(self.sid, None)
 
-    async def stream(self, messages: list[Message]) -> AsyncIterator[str]:
+    def snapshot(self) -> dict[str, Any]:
+        return self._context
+
+    async def stream(self, messages: list[Message], snapshot: bool = False) -> AsyncIterator[str]:
         if self._sent_start_to != await self.runner.ensure_running():
             await self.start()  # a new worker: on_chat_start runs again there
         queue: asyncio.Queue[str | _TurnEnd | _Crash] = asyncio.Queue()
@@ -554,7 +560,7 @@ class IsolatedSession:
         self._overrun = False
         self._turn_id += 1
         self.oom_mark = self.runner.oom_kills()
-        self.runner.send(["turn", self.sid, messages, self._turn_id])
+        self.runner.send(["turn", self.sid, messages, self._turn_id, snapshot])
         finished = False
         try:
             while True:

@@ -129,10 +129,14 @@ class Worker:
                 self.channel.send(["started", sid, _describe(exc)])
                 return
             self.sessions[sid] = session
-            session.starting = self.spawn(self.start(sid, session))
+            context = message[2] if len(message) > 2 else None
+            session.starting = self.spawn(self.start(sid, session, context))
         elif kind == "turn" and session is not None:
             earlier = set(session.turns)
-            session.turn = self.spawn(self.run_turn(sid, session, message[2], message[3], earlier))
+            snapshot = len(message) > 4 and bool(message[4])
+            session.turn = self.spawn(
+                self.run_turn(sid, session, message[2], message[3], earlier, snapshot)
+            )
             session.turns.add(session.turn)
             session.turn.add_done_callback(session.turns.discard)
         elif kind == "ping":
@@ -149,9 +153,11 @@ class Worker:
         elif kind == "config" and not self.config.done():
             self.config.set_result(message[2])
 
-    async def start(self, sid: str, session: WorkerSession) -> None:
+    async def start(
+        self, sid: str, session: WorkerSession, context: dict[str, Any] | None = None
+    ) -> None:
         try:
-            await session.model.start()
+            await session.model.start(context)
         except MemoryError:
             await self.out_of_memory(["started", sid, "MemoryError in on_chat_start"])
         except asyncio.CancelledError:
@@ -168,6 +174,7 @@ class Worker:
         messages: list[Any],
         turn_id: int,
         earlier: set[asyncio.Task[None]],
+        snapshot: bool = False,
     ) -> None:
         channel = self.channel
         outcome, detail = "stop", None
@@ -202,7 +209,8 @@ class Worker:
             await self.out_of_memory(["turn_end", sid, turn_id, RESOURCE_EXHAUSTED, "MemoryError"])
         except Exception as exc:
             outcome, detail = "error", _describe(exc)
-        channel.send(["turn_end", sid, turn_id, outcome, detail])
+        context = session.model.snapshot() if snapshot else None
+        channel.send(["turn_end", sid, turn_id, outcome, detail, context])
 
     async def end(self, sid: str) -> None:
         session = self.sessions.pop(sid, None)

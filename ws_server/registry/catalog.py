@@ -168,6 +168,23 @@ class Registry:
         version.sessions += 1
         return version
 
+    def acquire_revision(self, name: str, revision: str) -> ModelVersion:
+        """Pin, for a session moving here from another node, the version of ``revision``
+        if this node still has it loaded, else the serving version of ``name``."""
+        for version in self._draining.get(name, []):
+            if version.revision == revision:
+                version.sessions += 1
+                return version
+        return self.acquire(name)
+
+    def serving_revisions(self) -> dict[str, str]:
+        """Each ready model's serving revision (what a node's heartbeat reports)."""
+        return {
+            name: entry.serving.revision
+            for name, entry in self._entries.items()
+            if entry.serving is not None
+        }
+
     def serving_version(self, name: str) -> ModelVersion:
         """The version new sessions of ``name`` get, or the refusal saying why there is none."""
         entry = self._entries.get(name)

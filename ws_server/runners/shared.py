@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
-from ws_server.sdk import AnythingBaseModel, Message
+from ws_server.sdk import AnythingBaseModel, Message, context_snapshot
 
 # Blocking model code (sync generators and hooks) runs here, off the event loop.
 MODEL_THREADS: Final = concurrent.futures.ThreadPoolExecutor(
@@ -57,13 +57,18 @@ class SharedSession:
     def __init__(self, model: AnythingBaseModel) -> None:
         self.model = model
 
-    async def start(self) -> None:
+    async def start(self, context: dict[str, Any] | None = None) -> None:
         await call_hook(self.model.on_chat_start)
+        if context:  # a session moved here from another node: what it had carries on
+            self.model.context.update(context)
+
+    def snapshot(self) -> dict[str, Any]:
+        return context_snapshot(self.model.context)
 
     async def end(self) -> None:
         await call_hook(self.model.on_chat_end)
 
-    async def stream(self, messages: list[Message]) -> AsyncIterator[str]:
+    async def stream(self, messages: list[Message], snapshot: bool = False) -> AsyncIterator[str]:
         method: Callable[..., Any] = self.model.on_chat_messages
         if inspect.isasyncgenfunction(method):
             chunks = method(messages)

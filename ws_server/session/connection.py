@@ -24,7 +24,7 @@ from websockets.frames import CloseCode
 from ws_server import metrics, protocol
 from ws_server.exceptions import AnythingAgentError, RateLimited
 from ws_server.http.limits import FrameRate
-from ws_server.session.conversation import DISCONNECTED
+from ws_server.session.conversation import DISCONNECTED, Conversation
 from ws_server.session.live import LiveSession
 from ws_server.session.writer import FrameWriter
 from ws_server.settings import ServerSettings
@@ -111,22 +111,44 @@ class ChatConnection:
         self.writer.flush()
         return True
 
-    async def resume(self, session: LiveSession, after: int, frames: list[bytes]) -> None:
-        """Carry on ``session`` here: ``resumed``, the ``frames`` after ``after`` exactly as
-        first sent, then the live stream. Nothing can come between: all are queued before
-        the outbox is attached, without waiting."""
+    async def restart(self, session: LiveSession, context: dict[str, Any]) -> bool:
+        """A session taken over from another node: a new model instance here
+        (``on_chat_start``, then its ``context`` restored); False when it could not start
+        (the session has ended then, and the client was told)."""
+        session.attach(self)
+        gone = asyncio.ensure_future(self.connection.wait_closed())
+        try:
+            failure = await session.conversation.start(gone, context)
+        finally:
+            gone.cancel()
+        if failure is not None:
+            code, message = failure
+            if code != DISCONNECTED:
+                await self._fail_start(code, message)
+            await session.end(DISCONNECTED)
+            return False
+        return True
+
+    async def resume(
+        self, session: LiveSession, after: int, frames: list[bytes], announce: bool = True
+    ) -> None:
+        """Carry on ``session`` here: ``resumed`` (unless this connection had it already,
+        relayed), the ``frames`` after ``after`` exactly as first sent, then the live
+        stream. Nothing can come between: all are queued before the outbox is attached,
+        without waiting."""
         conversation = session.conversation
         version = conversation.version
-        resumed = protocol.encode_resumed(
-            conversation.id,
-            version.name,
-            version.version,
-            after,
-            len(frames),
-            conversation.turn,
-            conversation.turn_running,
-        )
-        self.writer.enqueue(resumed.encode())
+        if announce:
+            resumed = protocol.encode_resumed(
+                conversation.id,
+                version.name,
+                version.version,
+                after,
+                len(frames),
+                conversation.turn,
+                conversation.turn_running,
+            )
+            self.writer.enqueue(resumed.encode())
         for data in frames:
             self.writer.enqueue(data)
         previous = session.attach(self)
@@ -141,7 +163,7 @@ class ChatConnection:
             after,
             len(frames),
         )
-        if previous is not None:
+        if previous is not None and previous is not self:
             await previous.replaced()
 
     def gone(self) -> None:
@@ -193,20 +215,7 @@ class ChatConnection:
 
     async def _handle(self, session: LiveSession, data: str | bytes) -> None:
         self._last_activity = time.monotonic()
-        conversation = session.conversation
-        try:
-            over_rate: RateLimited | None = None
-            try:
-                self._rate.take()
-            except RateLimited as exc:
-                over_rate = exc
-            frame = protocol.parse_client_frame(data)
-            if over_rate is not None and not isinstance(frame, protocol.CancelTurn):
-                raise over_rate  # a cancel is honoured even over the rate
-        except AnythingAgentError as exc:
-            await conversation.refuse(exc)
-            return
-        await conversation.receive(frame)
+        await handle_frame(session.conversation, self._rate, data)
 
     # ------------------------------------------------------------------ idleness
     def _arm_idle_timer(self, session: LiveSession) -> None:
@@ -252,6 +261,24 @@ class ChatConnection:
             )
         except TimeoutError:
             self.connection.transport.abort()
+
+
+async def handle_frame(conversation: Conversation, rate: FrameRate, data: str | bytes) -> None:
+    """One frame from a session's client (here, or relayed from another node): over the
+    rate or malformed, it is refused; else the conversation takes it."""
+    try:
+        over_rate: RateLimited | None = None
+        try:
+            rate.take()
+        except RateLimited as exc:
+            over_rate = exc
+        frame = protocol.parse_client_frame(data)
+        if over_rate is not None and not isinstance(frame, protocol.CancelTurn):
+            raise over_rate  # a cancel is honoured even over the rate
+    except AnythingAgentError as exc:
+        await conversation.refuse(exc)
+        return
+    await conversation.receive(frame)
 
 
 _background: set[asyncio.Task[Any]] = set()

@@ -31,6 +31,7 @@ from ws_server.registry.catalog import ModelVersion
 from ws_server.runners import ModelSession
 from ws_server.sdk import Message
 from ws_server.session.history import History
+from ws_server.session.journal import Journal
 from ws_server.session.outbox import Outbox
 
 log = logging.getLogger("anything_agent.session")
@@ -42,6 +43,9 @@ DISCONNECTED: Final = "disconnected"
 # before they are interrupted, so one model's hung cleanup cannot hold a session or a
 # shutdown forever.
 CLEANUP_LIMIT: Final = 10.0
+# A turn stopped because its session moves to another node (a drain): the client gets
+# error ``interrupted`` and ``done`` ``error``.
+INTERRUPTED: Final = "interrupted"
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class Conversation:
         "debug",
         "history",
         "id",
+        "journal",
         "last_activity",
         "limits",
         "outbox",
@@ -102,6 +107,13 @@ class Conversation:
         self._stop_reason: str | None = None
         self._turn_closing = False  # the turn's stream is being closed: let it finish
         self._ended = False
+        self.journal: Journal | None = None  # set by a store that lets sessions move
+
+    def restore(self, turn: int, messages: list[Message]) -> None:
+        """Carry on a session taken over from another node: its turns so far (each one
+        ended) and its history."""
+        self.turn = self._ended_turn = turn
+        self.history.replace(messages)
 
     @property
     def turn_running(self) -> bool:
@@ -119,17 +131,20 @@ class Conversation:
         )
 
     # ------------------------------------------------------------------ start and end
-    async def start(self, gone: asyncio.Future[Any] | None = None) -> tuple[str, str] | None:
-        """Run ``on_chat_start``; None when it returned, else the error code and message
-        the client gets (a start that fails or takes longer than the model's timeout).
-        ``gone`` done (the client left, or the server stops) ends the wait quietly, with
-        the code ``DISCONNECTED``."""
+    async def start(
+        self, gone: asyncio.Future[Any] | None = None, context: dict[str, Any] | None = None
+    ) -> tuple[str, str] | None:
+        """Run ``on_chat_start`` (then restore ``context``, for a session taken over);
+        None when it returned, else the error code and message the client gets (a start
+        that fails or takes longer than the model's timeout). ``gone`` done (the client
+        left, or the server stops) ends the wait quietly, with the code ``DISCONNECTED``."""
         try:
             self._model = self.version.runner.open_session()
         except Exception as error:
             self.log(logging.ERROR, "creating the model instance raised", exc_info=True)
             return "model_error", self.model_error_text(error)
-        starting = self._starting = asyncio.get_running_loop().create_task(self._model.start())
+        starting = asyncio.get_running_loop().create_task(self._model.start(context))
+        self._starting = starting
         self._watched(starting)
         waiting: set[asyncio.Future[Any]] = {starting}
         if gone is not None:
@@ -182,16 +197,18 @@ class Conversation:
             return asyncio.get_running_loop().create_task(self.stop_turn("cancelled"))
         return None
 
-    async def wind_down(self, grace_period: float) -> None:
+    async def wind_down(self, grace_period: float, moving: bool = False) -> None:
         """Server stopping: no new turns; a running start or turn gets ``grace_period``
-        to end, then is cancelled (the turn's ``done`` says ``cancelled``)."""
+        to end, then is cancelled (the turn's ``done`` says ``cancelled``; or, for a
+        session that moves on to another node, error ``interrupted`` and ``done``
+        ``error``, as when its node is lost)."""
         self.closing = True
         running = {t for t in (self._starting, self._turn_task) if t and not t.done()}
         if running:
             await asyncio.wait(running, timeout=grace_period)
         if self._starting is not None and not self._starting.done():
             self._starting.cancel()
-        await self.stop_turn("cancelled")
+        await self.stop_turn(INTERRUPTED if moving else "cancelled")
 
     # ------------------------------------------------------------------ frames in
     async def receive(self, frame: protocol.ClientFrame) -> None:
@@ -205,11 +222,19 @@ class Conversation:
         except AnythingAgentError as exc:
             await self.refuse(exc)
             return
+        journal = self.journal
         if isinstance(frame, protocol.UserMessage):
-            self.history.append({"role": "user", "content": frame.content})
+            message: Message = {"role": "user", "content": frame.content}
+            self.history.append(message)
+            if journal is not None:
+                journal.history_appended(message)
         else:
             self.history.replace(frame.messages)
+            if journal is not None:
+                journal.history_replaced(self.history.messages())
         self.turn += 1
+        if journal is not None:
+            journal.turn_started(self.turn, self.outbox.seq)
         self._stop_reason = None
         self._turn_closing = False
         self._turn_task = asyncio.get_running_loop().create_task(
@@ -268,7 +293,9 @@ class Conversation:
         if task.cancelled() and self._stop_reason != DISCONNECTED:
             # Cancelled before its first step (a cancel right behind the message): the
             # turn's own code never ran, so it falls to us to end the turn for the client.
-            await self._send_done(self.turn, self._stop_reason)  # type: ignore[arg-type]
+            await self._finish(self.turn, self._stop_reason)
+            if self.journal is not None and self._model is not None:
+                self.journal.turn_ended(self.turn, self._model.snapshot())
 
     def _expire(self, task: asyncio.Task[None]) -> None:
         if self._turn_task is task and not task.done() and self._stop_reason is None:
@@ -288,7 +315,8 @@ class Conversation:
         first_chunk: float | None = None
         reason = "stop"
         outbox = self.outbox
-        stream = self._model.stream(messages)
+        journal = self.journal
+        stream = self._model.stream(messages, journal is not None)
         try:
             try:
                 async for piece in stream:
@@ -322,10 +350,14 @@ class Conversation:
             reply = "".join(parts)
             while len(reply.encode()) > self.limits.bytes:  # rare: a huge reply
                 reply = reply[: len(reply) * 3 // 4]
-            self.history.append({"role": "assistant", "content": reply})
+            answer: Message = {"role": "assistant", "content": reply}
+            self.history.append(answer)
+            if journal is not None:
+                journal.history_appended(answer)
         self.last_activity = time.monotonic()
         duration = time.perf_counter() - started
-        self._metrics.turn_ended(reason, chunks, sent, first_chunk, duration)
+        done_reason = "error" if reason == INTERRUPTED else reason
+        self._metrics.turn_ended(done_reason, chunks, sent, first_chunk, duration)
         self.log(
             logging.DEBUG,  # per turn: /metrics has the figures; --log-level debug shows each
             "turn=%d done reason=%s chunks=%d in %.1f ms",
@@ -336,9 +368,20 @@ class Conversation:
         )
         if reason == DISCONNECTED:
             return
+        await self._finish(turn, reason)
+        if journal is not None:
+            journal.turn_ended(turn, self._model.snapshot())
+
+    async def _finish(self, turn: int, reason: str) -> None:
+        """The frames that end a turn stopped for ``reason``: an error first for a timeout
+        or an interruption, then ``done``."""
         if reason == "timeout":
             message = f"the turn took longer than {self.version.timeout:g} s"
             await self.send_error("timeout", message, turn)
+        elif reason == INTERRUPTED:
+            message = "this node is shutting down; the reply is incomplete (send it again)"
+            await self.send_error("interrupted", message, turn)
+            reason = "error"
         await self._send_done(turn, reason)  # type: ignore[arg-type]
 
     async def _send_done(self, turn: int, reason: protocol.DoneReason) -> None:

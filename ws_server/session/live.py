@@ -60,13 +60,13 @@ class LiveSession:
         self,
         conversation: Conversation,
         *,
-        token: str | None,
+        token_digest: str | None,
         key_digest: str,
         window: float,
         on_end: Callable[[LiveSession], None],
     ) -> None:
         self.conversation = conversation
-        self.token_digest = digest(token) if token is not None else None
+        self.token_digest = token_digest
         self.key_digest = key_digest
         self.window = window
         self.attachment: Attachment | None = None

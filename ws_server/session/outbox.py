@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Callable
 from typing import Final, Protocol
 
 from ws_server import protocol
@@ -38,15 +39,17 @@ class Sink(Protocol):
 class Outbox:
     """Numbers, buffers and delivers one session's frames."""
 
-    __slots__ = ("_buffer", "_buffered", "_first", "_limit", "_room", "_sink", "seq")
+    __slots__ = ("_buffer", "_buffered", "_first", "_limit", "_room", "_sink", "mirror", "seq")
 
-    def __init__(self, replay_bytes: int = DEFAULT_REPLAY_BYTES) -> None:
-        self.seq = 0  # the last seq stamped
+    def __init__(self, replay_bytes: int = DEFAULT_REPLAY_BYTES, seq: int = 0) -> None:
+        self.seq = seq  # the last seq stamped (a session taken over goes on from its store's)
+        # Every frame stamped, as it is stamped (a journal's write-behind; see journal.py).
+        self.mirror: Callable[[int, bytes], None] | None = None
         self._limit = replay_bytes  # 0: keep nothing (a client that can't resume)
         # The kept frames, oldest first; the first one's seq is ``_first`` (seqs are
         # contiguous, so none is stored). Made with the first frame: idle sessions are many.
         self._buffer: collections.deque[bytes] | None = None
-        self._first = 1
+        self._first = seq + 1
         self._buffered = 0
         self._sink: Sink | None = None
         self._room: asyncio.Future[None] | None = None  # set when a detached producer waits
@@ -59,6 +62,8 @@ class Outbox:
         sink = self._sink
         if self._limit:
             self._keep(data)
+            if self.mirror is not None:
+                self.mirror(self.seq, data)
         if sink is not None:
             await sink.write(data)
         else:
@@ -85,6 +90,8 @@ class Outbox:
     async def _final(self, data: bytes) -> None:
         if self._limit:
             self._keep(data)
+            if self.mirror is not None:
+                self.mirror(self.seq, data)
         sink = self._sink
         if sink is not None:
             await sink.write_now(data)

@@ -1,17 +1,50 @@
 """The session store's interface: what resuming asks of wherever sessions live.
 
-Every call is async, so that a networked store (Redis) fits without changing its callers:
-sessions are found by the digest of their resume token, a session's missed frames are
-read by seq, and taking a session over is a compare-and-set on its owner, so two nodes
-(or two racing resumes) never both hold one. Entries expire: a store keeps a session no
-longer than its resume window past its last connection.
+Every call that may reach a network is async, so that a networked store (Redis) fits
+without changing its callers. Sessions are found by the digest of their resume token:
+either here (a ``LiveSession`` this process holds) or, with several nodes, as a
+``SessionRecord`` held by another node (which the server relays to, or takes over when
+that node is gone). Entries expire: a store keeps a session no longer than its resume
+window past its last connection.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+from ws_server.sdk import Message
 from ws_server.session.live import LiveSession
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """A session as the store has it, held by ``owner`` (another node, or none)."""
+
+    token_digest: str
+    session_id: str
+    model: str
+    revision: str
+    version: str  # config.yaml's version (what ``resumed`` shows)
+    key_digest: str
+    owner: str  # the node holding its model instance; "" once released by a drain
+    epoch: int  # raised by each takeover: a stale owner's writes are refused
+    seq: int  # the last frame's seq in the store
+    turn: int
+    running: bool
+    turn_seq: int  # the seq the running (or last) turn's frames follow
+    window: float
+
+
+@dataclass(frozen=True)
+class TakenOver:
+    """What a node needs to carry a session on after taking it over."""
+
+    epoch: int
+    seq: int  # after the ``interrupted`` and ``done`` appended for a running turn
+    turn: int
+    history: list[Message]  # the partial reply of an interrupted turn included
+    context: dict[str, Any]
 
 
 class SessionStore(Protocol):
@@ -19,16 +52,23 @@ class SessionStore(Protocol):
 
     node: str  # this process's name as an owner of sessions
 
+    @property
+    def available(self) -> bool:
+        """Whether a new session can be made resumable now (False: its store is down)."""
+
+    @property
+    def status(self) -> str:
+        """What ``/healthz`` says of the store: ``memory``, ``redis`` or ``unavailable``."""
+
     async def add(self, session: LiveSession) -> None:
         """Keep ``session`` (owned by this node) findable by its token."""
 
-    async def find(self, token_digest: str) -> LiveSession | None:
-        """The live session of that token, if it still exists."""
+    async def find(self, token_digest: str) -> LiveSession | SessionRecord | None:
+        """The session of that token: held here, held elsewhere, or gone."""
 
-    async def take_over(self, session: LiveSession, expected_owner: str) -> bool:
-        """Make this node the session's owner if ``expected_owner`` still is (atomic)."""
-
-    async def frames_after(self, session: LiveSession, after: int) -> list[bytes] | None:
+    async def frames_after(
+        self, session: LiveSession | SessionRecord, after: int
+    ) -> list[bytes] | None:
         """The session's frames after seq ``after``, exactly as sent; None if some are gone."""
 
     async def remove(self, session: LiveSession) -> None:

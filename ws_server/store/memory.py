@@ -8,10 +8,14 @@ through another process or after a restart gets ``resume_expired``.
 from __future__ import annotations
 
 from ws_server.session.live import LiveSession
+from ws_server.store.base import SessionRecord
 
 
 class MemoryStore:
     """Sessions by token digest, in a dict."""
+
+    available = True
+    status = "memory"
 
     def __init__(self, node: str = "local") -> None:
         self.node = node
@@ -23,15 +27,15 @@ class MemoryStore:
         if session.token_digest is not None:
             self._by_token[session.token_digest] = session
 
-    async def find(self, token_digest: str) -> LiveSession | None:
+    async def find(self, token_digest: str) -> LiveSession | SessionRecord | None:
         session = self._by_token.get(token_digest)
         return session if session is not None and not session.ended else None
 
-    async def take_over(self, session: LiveSession, expected_owner: str) -> bool:
-        # One node: every session here is this node's, and stays so.
-        return expected_owner == self.node and session in self._sessions
-
-    async def frames_after(self, session: LiveSession, after: int) -> list[bytes] | None:
+    async def frames_after(
+        self, session: LiveSession | SessionRecord, after: int
+    ) -> list[bytes] | None:
+        if isinstance(session, SessionRecord):
+            return None  # one node: nothing is held elsewhere
         return session.conversation.outbox.frames_after(after)
 
     async def remove(self, session: LiveSession) -> None:

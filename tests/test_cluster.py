@@ -1,0 +1,268 @@
+"""Several nodes behind nginx round-robin, sharing a Redis (design.md, *Several nodes*):
+a chat carries on through any node, a lost node's turn ends ``interrupted``, a drain
+loses no turn, a reload reaches every node, and Redis may come and go.
+
+Real processes only: redis-server and nginx from Debian, three ``anything-agent serve``
+nodes, all on loopback, started by ``LocalCluster`` (what ``anything-agent cluster`` runs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import RESUME_MODELS, SHIPPED_MODELS, copy_models, recv_frame
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from ws_server.deploy.local_cluster import ClusterNode, LocalCluster
+
+pytestmark = pytest.mark.cluster
+
+V1 = "anything-agent.v1"
+NODE_TTL = 1.0
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """Three nodes over ``numbers`` and ``echo``, nginx in front, one Redis."""
+    models = copy_models(tmp_path_factory.mktemp("cluster-models"), "numbers", source=RESUME_MODELS)
+    copy_models(models, "echo", source=SHIPPED_MODELS)
+    with LocalCluster(
+        3,
+        models_dir=models,
+        node_ttl=NODE_TTL,
+        resume_window=10,
+        extra_args=["--no-limits", "--grace-period", "5"],
+    ) as running:
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def every_node_up(cluster: LocalCluster) -> Iterator[None]:
+    """Tests kill and stop nodes; the next one starts with all three serving."""
+    yield
+    for node in cluster.nodes:
+        if not node.running:
+            node.restart()
+    if cluster.redis_process is None or cluster.redis_process.poll() is not None:
+        cluster.redis_start()
+
+
+def ws_url(target: LocalCluster | ClusterNode, model: str = "numbers") -> str:
+    return f"{target.ws_url}/v1/chat/{model}"
+
+
+async def open_resumable(target: LocalCluster | ClusterNode) -> ClientConnection:
+    ws = await connect(ws_url(target), subprotocols=[V1, "resumable"])  # type: ignore[list-item]
+    ready = await recv_frame(ws)
+    assert ready["type"] == "ready" and ready.get("resume_token"), ready
+    ws.token = ready["resume_token"]  # type: ignore[attr-defined]
+    return ws
+
+
+async def resume(target: LocalCluster | ClusterNode, ws: ClientConnection) -> ClientConnection:
+    """Resume ``ws``'s session at ``target`` after the last frame ``ws`` processed."""
+    after = getattr(ws, "last_seq", 0)
+    entry = f"resume.{ws.token}.{after}"  # type: ignore[attr-defined]
+    again = await connect(ws_url(target), subprotocols=[V1, entry])  # type: ignore[list-item]
+    again.token = ws.token  # type: ignore[attr-defined]
+    again.last_seq = after  # type: ignore[attr-defined]
+    resumed = await recv_frame(again)
+    assert resumed["type"] == "resumed", resumed
+    return again
+
+
+async def drop(ws: ClientConnection) -> None:
+    ws.transport.abort()
+    await asyncio.sleep(0)
+
+
+async def until_done(ws: ClientConnection, timeout: float = 15) -> list[dict[str, Any]]:
+    frames = []
+    while True:
+        frame = await recv_frame(ws, timeout)
+        frames.append(frame)
+        if frame["type"] == "done":
+            return frames
+
+
+async def ask(ws: ClientConnection, text: str) -> list[dict[str, Any]]:
+    await ws.send(json.dumps({"type": "message", "content": text}))
+    return await until_done(ws)
+
+
+def text_of(frames: list[dict[str, Any]]) -> str:
+    return "".join(f["content"] for f in frames if f["type"] == "chunk")
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        return json.loads(answer.read())
+
+
+async def test_a_reply_dropped_mid_stream_completes_exactly_once_on_another_node(
+    cluster: LocalCluster,
+) -> None:
+    first, second = cluster.nodes[0], cluster.nodes[1]
+    ws = await open_resumable(first)
+    await ws.send(json.dumps({"type": "message", "content": "count 40 0.01"}))
+    seen = [await recv_frame(ws) for _ in range(5)]
+    await drop(ws)
+    again = await resume(second, ws)
+    seen += await until_done(again)
+    assert text_of(seen) == "".join(f"{n} " for n in range(1, 41))
+    assert seen[-1] == {"type": "done", "turn": 1, "reason": "stop"}
+    # Relayed: the next turn runs on the first node's instance, with the whole history.
+    assert text_of(await ask(again, "recall")) == "You said 2 things: count 40 0.01 | recall"
+    await again.close()
+
+
+async def test_a_chat_through_nginx_resumes_on_whichever_node_it_reaches(
+    cluster: LocalCluster,
+) -> None:
+    ws = await open_resumable(cluster)
+    await ask(ws, "hello")
+    for _ in range(4):  # round-robin: each resume lands on another node
+        await drop(ws)
+        ws = await resume(cluster, ws)
+    assert text_of(await ask(ws, "recall")) == "You said 2 things: hello | recall"
+    await ws.close()
+
+
+async def test_killing_the_node_streaming_a_reply_ends_it_interrupted_and_the_chat_goes_on(
+    cluster: LocalCluster,
+) -> None:
+    node = cluster.nodes[0]
+    ws = await open_resumable(node)
+    await ask(ws, "before")
+    await ws.send(json.dumps({"type": "message", "content": "count 1000 0.01"}))
+    shown = [await recv_frame(ws) for _ in range(10)]
+    node.kill()
+    killed = time.monotonic()
+    with pytest.raises(ConnectionClosed):
+        while True:
+            shown.append(await recv_frame(ws))
+    again = await resume(cluster, ws)
+    rest = await until_done(again, timeout=NODE_TTL + 5)
+    took = time.monotonic() - killed
+    error, done = rest[-2], rest[-1]
+    assert error["type"] == "error" and error["code"] == "interrupted", rest[-3:]
+    assert done == {"type": "done", "turn": 2, "reason": "error"}
+    assert took < NODE_TTL + 1 + 0.5, f"interrupted {took:.2f} s after the kill"
+    numbers = text_of(shown + rest).split()
+    assert numbers == [str(n) for n in range(1, len(numbers) + 1)]  # none lost, none twice
+    # The next message runs on a new instance, with the whole history, partial reply too.
+    reply = text_of(await ask(again, "recall"))
+    assert reply == "You said 3 things: before | count 1000 0.01 | recall"
+    await again.close()
+
+
+async def test_sigterm_drains_a_node_without_losing_the_running_turn(cluster: LocalCluster) -> None:
+    node = cluster.nodes[1]
+    ws = await open_resumable(node)
+    await ws.send(json.dumps({"type": "message", "content": "count 30 0.03"}))
+    frames = [await recv_frame(ws) for _ in range(3)]
+    node.process.send_signal(15)
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            frames.append(await recv_frame(ws))
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    assert text_of(frames) == "".join(f"{n} " for n in range(1, 31))  # within the grace
+    assert frames[-1] == {"type": "done", "turn": 1, "reason": "stop"}
+    node.process.wait(15)
+    started = time.monotonic()
+    again = await resume(cluster, ws)  # released: taken over at once, no heartbeat wait
+    assert time.monotonic() - started < NODE_TTL
+    assert text_of(await ask(again, "recall")) == "You said 2 things: count 30 0.03 | recall"
+    await again.close()
+
+
+async def test_a_reload_through_nginx_reaches_every_node_within_two_seconds(
+    cluster: LocalCluster,
+) -> None:
+    main = cluster.models_dir / "echo" / "main.py"
+    before = {n.node_id: _revision(n, "echo") for n in cluster.nodes}
+    main.write_text(main.read_text() + "\n# changed\n")
+    request = urllib.request.Request(f"{cluster.url}/v1/models/reload", method="POST")
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert json.loads(answer.read())["updated"] == ["echo"]
+    started = time.monotonic()
+    while any(_revision(n, "echo") == before[n.node_id] for n in cluster.nodes):
+        assert time.monotonic() - started < 2.0, "a node did not reload within 2 s"
+        await asyncio.sleep(0.05)
+    revision = _revision(cluster.nodes[0], "echo")
+    deadline = time.monotonic() + 3 * NODE_TTL
+    while get_json(f"{cluster.url}/v1/models/echo")["cluster"] != {revision: 3}:
+        assert time.monotonic() < deadline, get_json(f"{cluster.url}/v1/models/echo")
+        await asyncio.sleep(0.1)
+
+
+def _revision(node: ClusterNode, model: str) -> str:
+    return str(get_json(f"{node.url}/v1/models/{model}")["revision"])
+
+
+async def test_chats_go_on_while_redis_is_down_and_resume_comes_back(
+    cluster: LocalCluster,
+) -> None:
+    cluster.redis_stop()
+    node = cluster.nodes[2]
+    deadline = time.monotonic() + 5
+    while get_json(f"{node.url}/healthz")["store"] != "unavailable":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    async with connect(ws_url(node), subprotocols=[V1, "resumable"]) as ws:  # type: ignore[list-item]
+        ready = await recv_frame(ws)
+        assert ready["type"] == "ready" and "resume_token" not in ready
+        assert text_of(await ask(ws, "still here")) == "still here"
+    cluster.redis_start()
+    deadline = time.monotonic() + 5
+    while any(get_json(f"{n.url}/healthz")["store"] != "redis" for n in cluster.nodes):
+        assert time.monotonic() < deadline, [get_json(f"{n.url}/healthz") for n in cluster.nodes]
+        await asyncio.sleep(0.1)
+    ws = await open_resumable(node)
+    await ask(ws, "back")
+    await drop(ws)
+    again = await resume(cluster.nodes[0], ws)
+    assert text_of(await ask(again, "recall")) == "You said 2 things: back | recall"
+    await again.close()
+
+
+async def test_a_thousand_forced_reconnects_lose_and_repeat_nothing(
+    cluster: LocalCluster,
+) -> None:
+    rng = random.Random(13)
+    total = 4000
+    ws = await open_resumable(cluster.nodes[0])
+    await ws.send(json.dumps({"type": "message", "content": f"count {total}"}))
+    received: list[dict[str, Any]] = []
+    reconnects = 0
+    while not received or received[-1]["type"] != "done":
+        if reconnects < 1000 and rng.random() < 0.3:
+            await drop(ws)
+            ws = await resume(rng.choice(cluster.nodes), ws)
+            reconnects += 1
+            continue
+        received.append(await recv_frame(ws))  # checks seq contiguity as it reads
+    assert reconnects == 1000
+    assert text_of(received).split() == [str(n) for n in range(1, total + 1)]
+    await ws.close()
+
+
+def test_every_key_in_redis_has_a_ttl(cluster: LocalCluster) -> None:
+    import redis
+
+    client = redis.Redis(unix_socket_path=str(cluster.redis_socket))
+    try:
+        names = list(client.scan_iter(count=1000))
+        assert names, "the cluster keeps nothing in Redis?"
+        without = [name for name in names if client.pttl(name) == -1]
+        assert without == []
+    finally:
+        client.close()

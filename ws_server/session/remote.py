@@ -1,0 +1,83 @@
+"""The holder's side of a relayed session: its client is connected to another node.
+
+That node forwards the client's frames through this node's inbox; the session's frames
+reach the client through Redis (its journal), so the outbox's sink here only holds the
+model back while the journal is far behind. The session stays here, with its model
+instance and its one ``on_chat_end``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from ws_server.http.limits import FrameRate
+from ws_server.session.connection import handle_frame
+from ws_server.session.live import LiveSession
+
+if TYPE_CHECKING:
+    from ws_server.store.redis import RedisStore
+    from ws_server.store.redis_journal import RedisJournal
+
+
+class RemoteSink:
+    """The outbox's sink while the client reads through another node."""
+
+    __slots__ = ("journal", "store")
+
+    def __init__(self, store: RedisStore, journal: RedisJournal) -> None:
+        self.store = store
+        self.journal = journal
+
+    async def write(self, data: bytes) -> None:
+        await self.store.room(self.journal)
+
+    async def write_now(self, data: bytes) -> None:
+        await self.store.room(self.journal)
+
+
+class RemoteAttachment:
+    """A session's connection on another node, as seen from the node holding it."""
+
+    def __init__(
+        self,
+        store: RedisStore,
+        session: LiveSession,
+        journal: RedisJournal,
+        relay_node: str,
+        relay_id: str,
+    ) -> None:
+        self.store = store
+        self.session = session
+        self.relay_node = relay_node
+        self.relay_id = relay_id
+        self._rate = FrameRate(store.frames_per_minute)
+        self._frames: asyncio.Queue[str | bytes] = asyncio.Queue()
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+        previous = session.attach(self)
+        session.conversation.outbox.attach(RemoteSink(store, journal))
+        session.conversation.log(logging.INFO, "resumed through node %s (relayed)", relay_node)
+        if previous is not None:
+            self._previous = asyncio.ensure_future(previous.replaced())
+
+    def feed(self, data: bytes, binary: bool = False) -> None:
+        """A frame the client sent (in order)."""
+        self._frames.put_nowait(data if binary else data.decode())
+
+    async def _read(self) -> None:
+        while True:
+            data = await self._frames.get()
+            await handle_frame(self.session.conversation, self._rate, data)
+
+    async def replaced(self) -> None:
+        """Another connection resumed the session: the relaying node closes with 4001."""
+        self._reader.cancel()
+        self.store.remotes.pop(self.relay_id, None)
+        await self.store.send(self.relay_node, {"op": "replaced", "r": self.relay_id})
+
+    def gone(self, normal_close: bool) -> None:
+        """The client's connection on the relaying node closed (or that node died)."""
+        self._reader.cancel()
+        self.session.close_code = 1000 if normal_close else 1006
+        self.session.detach(self, normal_close=normal_close)

@@ -1,0 +1,126 @@
+"""Where the Redis store keeps things: key names and the scripts that change them.
+
+Every key has a TTL. A session's three keys (its hash, its frames, its history) are
+written only by the node that holds the session, and only while its ``epoch`` is the
+one in the hash: each script checks it first, so a node that lost a session (taken over
+while it stalled) has its late writes refused instead of interleaved. The frames'
+stream ids are their seqs (``<seq>-0``), so an out-of-order append fails as well.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+PREFIX: Final = "anything-agent:"
+RELOAD_CHANNEL: Final = PREFIX + "reloads"
+RELOAD_GENERATION: Final = PREFIX + "reload"
+NODES: Final = PREFIX + "nodes"
+
+
+def session_key(digest: str) -> str:
+    """The session's hash: who holds it, its epoch, seq, turn, context."""
+    return f"{PREFIX}session:{digest}"
+
+
+def frames_key(digest: str) -> str:
+    """The session's frames as a stream, each entry's id its seq."""
+    return f"{PREFIX}frames:{digest}"
+
+
+def history_key(digest: str) -> str:
+    """The session's history: one JSON message per list item."""
+    return f"{PREFIX}history:{digest}"
+
+
+def session_keys(digest: str) -> list[str]:
+    return [session_key(digest), frames_key(digest), history_key(digest)]
+
+
+def node_key(node: str) -> str:
+    """A node's heartbeat (what it serves), living ``--node-ttl`` seconds."""
+    return f"{PREFIX}node:{node}"
+
+
+def inbox_key(node: str) -> str:
+    """A node's inbox stream: client frames relayed to it, notices for its relays."""
+    return f"{PREFIX}inbox:{node}"
+
+
+def stream_id(seq: int) -> bytes:
+    return b"%d-0" % seq
+
+
+def seq_of(stream_id: bytes | str) -> int:
+    text = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
+    return int(text.partition("-")[0])
+
+
+# KEYS: hash, frames, history. ARGV: epoch, maxlen, ttl_ms, max_history, then
+# n_frames and n_frames (id, data) pairs, then the history mode ("", "A" append,
+# "R" replace), n_messages and the messages, then n_fields and (field, value) pairs.
+# Returns 1, or 0 when this writer no longer holds the session (fenced).
+APPEND: Final = """
+local h, s, l = KEYS[1], KEYS[2], KEYS[3]
+if redis.call('HGET', h, 'epoch') ~= ARGV[1] then return 0 end
+local i = 6
+for _ = 1, tonumber(ARGV[5]) do
+  redis.call('XADD', s, 'MAXLEN', '~', ARGV[2], ARGV[i], 'f', ARGV[i + 1])
+  i = i + 2
+end
+local mode = ARGV[i]
+local n = tonumber(ARGV[i + 1])
+i = i + 2
+if mode == 'R' then redis.call('DEL', l) end
+for _ = 1, n do
+  redis.call('RPUSH', l, ARGV[i])
+  i = i + 1
+end
+if n > 0 then redis.call('LTRIM', l, -tonumber(ARGV[4]), -1) end
+n = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, n do
+  redis.call('HSET', h, ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+redis.call('PEXPIRE', h, ARGV[3])
+redis.call('PEXPIRE', s, ARGV[3])
+redis.call('PEXPIRE', l, ARGV[3])
+return 1
+"""
+
+# KEYS: hash, frames. ARGV: expected owner, expected epoch, expected seq, new owner,
+# ttl_ms, maxlen, then n_frames (id, data) pairs and the seq after them. Returns the new
+# epoch; 0 when the session changed meanwhile (read it again), -1 when it is gone.
+TAKE_OVER: Final = """
+local h, s = KEYS[1], KEYS[2]
+local owner = redis.call('HGET', h, 'owner')
+if owner == false then return -1 end
+if owner ~= ARGV[1] or redis.call('HGET', h, 'epoch') ~= ARGV[2]
+   or redis.call('HGET', h, 'seq') ~= ARGV[3] then return 0 end
+local epoch = redis.call('HINCRBY', h, 'epoch', 1)
+redis.call('HSET', h, 'owner', ARGV[4])
+local i = 8
+for _ = 1, tonumber(ARGV[7]) do
+  redis.call('XADD', s, 'MAXLEN', '~', ARGV[6], ARGV[i], 'f', ARGV[i + 1])
+  i = i + 2
+end
+redis.call('HSET', h, 'seq', ARGV[i], 'running', '0')
+redis.call('PEXPIRE', h, ARGV[5])
+redis.call('PEXPIRE', s, ARGV[5])
+return epoch
+"""
+
+# KEYS: hash. ARGV: epoch. A draining node lets go of a session: the next node a client
+# reaches takes it over at once, without waiting for this node's heartbeat to lapse.
+RELEASE: Final = """
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'owner', '')
+return 1
+"""
+
+# KEYS: hash, frames, history. ARGV: epoch. An ended session's keys go, if still ours.
+DELETE: Final = """
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+return 1
+"""

@@ -1,0 +1,160 @@
+"""A session's write-behind record in Redis: frames, history and turn state, in batches.
+
+The conversation and outbox report changes here without waiting; the store's writer
+sends every dirty journal's changes in one pipeline per batch (one ``APPEND`` script
+call per session, each fenced by the session's epoch). A chunk never waits for Redis;
+only a session relayed through another node, whose frames reach its client through
+Redis, waits while too many of its frames are unwritten (backpressure).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, Final
+
+from ws_server.sdk import Message
+from ws_server.store import keys
+
+if TYPE_CHECKING:
+    from redis.asyncio.client import Pipeline
+
+    from ws_server.session.live import LiveSession
+    from ws_server.store.redis import RedisStore
+
+# Unwritten bytes of frames past which a relayed session's producer waits for the writer.
+RELAY_BACKLOG: Final = 256 * 1024
+
+
+class RedisJournal:
+    """What one session has changed since its last write."""
+
+    __slots__ = (
+        "_context",
+        "_fields",
+        "_frames",
+        "_history",
+        "_replace",
+        "broken",
+        "created",
+        "digest",
+        "dirty",
+        "epoch",
+        "keys",
+        "pending_bytes",
+        "released",
+        "session",
+        "store",
+    )
+
+    def __init__(self, store: RedisStore, session: LiveSession, epoch: int, created: bool) -> None:
+        assert session.token_digest is not None
+        self.store = store
+        self.session = session
+        self.digest = session.token_digest
+        self.keys = keys.session_keys(self.digest)
+        self.epoch = epoch
+        self.created = created  # the hash exists in Redis (else the first write makes it)
+        self.dirty = False  # waiting in the store's batch
+        self.broken = False  # a write was lost (Redis went away): no more resumes elsewhere
+        self.released = False  # drained: another node carries it on, keep its keys
+        self._frames: list[bytes] = []  # (stream id, data) pairs, flattened
+        self._history: list[bytes] = []
+        self._replace = False
+        self._fields: dict[str, str] = {}
+        self._context: dict[str, Any] | None = None
+        self.pending_bytes = 0
+
+    # ------------------------------------------------------------------ Journal
+    def frame(self, seq: int, data: bytes) -> None:
+        self._frames += (keys.stream_id(seq), data)
+        self.pending_bytes += len(data)
+        self._fields["seq"] = str(seq)
+        self._mark()
+
+    def history_appended(self, message: Message) -> None:
+        self._history.append(json.dumps(message).encode())
+        self._mark()
+
+    def history_replaced(self, messages: list[Message]) -> None:
+        self._history = [json.dumps(m).encode() for m in messages]
+        self._replace = True
+        self._mark()
+
+    def turn_started(self, turn: int, seq: int) -> None:
+        self._fields.update(turn=str(turn), running="1", turn_seq=str(seq))
+        self._mark()
+
+    def turn_ended(self, turn: int, context: dict[str, Any]) -> None:
+        self._fields.update(turn=str(turn), running="0")
+        self._context = context
+        self._mark()
+
+    def _mark(self) -> None:
+        if not self.dirty and not self.broken:
+            self.dirty = True
+            self.store.schedule(self)
+
+    # ------------------------------------------------------------------ the writer's side
+    def write(self, pipe: Pipeline) -> int:
+        """Queue this journal's changes on ``pipe`` (the store's batch) and forget them;
+        how many commands that took (the script's answer is the last)."""
+        self.dirty = False
+        commands = 1
+        conversation = self.session.conversation
+        if not self.created:
+            version = conversation.version
+            pipe.hset(
+                self.keys[0],
+                mapping={
+                    "id": conversation.id,
+                    "model": version.name,
+                    "revision": version.revision,
+                    "version": version.version,
+                    "key": self.session.key_digest,
+                    "owner": self.store.node,
+                    "epoch": str(self.epoch),
+                    "seq": str(conversation.outbox.seq - len(self._frames) // 2),
+                    "turn": "0",
+                    "running": "0",
+                    "turn_seq": "0",
+                    "window": str(self.session.window),
+                },
+            )
+            self.created = True
+            commands = 2
+        fields = self._fields
+        if self._context is not None:
+            fields["context"] = json.dumps(self._context)
+        args: list[Any] = [
+            self.epoch,
+            self.store.stream_length,
+            self.store.session_ttl_ms,
+            conversation.limits.messages,
+            len(self._frames) // 2,
+            *self._frames,
+            "R" if self._replace else "A",
+            len(self._history),
+            *self._history,
+            len(fields),
+        ]
+        for name, value in fields.items():
+            args += (name, value)
+        pipe.evalsha(self.store.append_script.sha, len(self.keys), *self.keys, *args)
+        self._frames = []
+        self._history = []
+        self._replace = False
+        self._fields = {}
+        self._context = None
+        self.pending_bytes = 0
+        return commands
+
+    def lose(self) -> None:
+        """Redis went away with this journal's changes: it no longer mirrors anything (the
+        session goes on, resumable on this node only)."""
+        self.broken = True
+        self.dirty = False
+        self._frames, self._history, self._fields = [], [], {}
+        self.pending_bytes = 0
+        conversation = self.session.conversation
+        conversation.journal = None
+        conversation.outbox.mirror = None
