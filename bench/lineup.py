@@ -6,9 +6,11 @@ runs as an operator would start it: its defaults plus ``--no-limits`` (the rate 
 connection limits would throttle a load generator on 127.0.0.1); only where it listens and
 which models directory it serves are given.
 
-Two AnythingAgent rows differ from the others in what is measured rather than how: the
+Three AnythingAgent rows differ from the others in what is measured rather than how: the
 "resumable" row is the same server driven by clients that offer the ``resumable``
-subprotocol entry (so every frame is numbered and kept in a replay buffer), and the
+subprotocol entry (so every frame is numbered and kept in a replay buffer), the "redis"
+row is that again with its sessions in a Redis the runner starts (``--redis-url``, given
+by the environment: a redis-server on a unix socket in the scratch directory), and the
 "before" row is the server as it was at ``BEFORE`` (before sessions could outlive their
 connection), run from a copy of that commit's tree with the same virtualenv.
 """
@@ -31,6 +33,7 @@ REFERENCE: Final = "websockets"  # every figure is a ratio to this server's, sam
 BEFORE: Final = "cd360c5"  # "Group ws_server by role": the server before resumable sessions
 SUBPROTOCOL: Final = "anything-agent.v1"
 RESUMABLE: Final = (SUBPROTOCOL, "resumable")  # what a client that can resume offers
+REDIS_SOCKET: Final = "redis.sock"  # in the scratch directory: the runner's redis-server
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class ServerSpec:
     env: dict[str, str] = field(default_factory=dict)  # added to the runner's environment
     cwd: Path | None = None  # where it starts (a checkout's tree: `-m` imports from there)
     checkout: str | None = None  # a commit whose tree ``check_out`` lays out in ``cwd``
+    redis: bool = False  # its sessions live in the runner's redis-server (see ``env``)
 
     @property
     def resumable(self) -> bool:
@@ -114,6 +118,14 @@ def lineup(scratch: Path, before: str = BEFORE) -> list[ServerSpec]:
             "AnythingAgent resumable",
             _anything_agent(BENCH_MODEL.parent),
             offers=RESUMABLE,
+        ),
+        ServerSpec(
+            "redis",
+            "AnythingAgent Redis store",
+            _anything_agent(BENCH_MODEL.parent),
+            offers=RESUMABLE,
+            env={"ANYTHING_AGENT_REDIS_URL": f"unix://{scratch.absolute() / REDIS_SOCKET}"},
+            redis=True,
         ),
         ServerSpec(
             "isolated",

@@ -6,7 +6,7 @@ stays well ahead of every real server (the "no model, batched writes" server in 
 shows how far: that row is the client's ceiling). A frame's kind is read from one byte:
 every server here sends ``{"type":"…`` first, as AnythingAgent does.
 
-Five modes, each against a server already listening:
+Six modes, each against a server already listening:
 
 - ``throughput``: C connections run turns of N chunks of S bytes back to back; chunks/s
   and MB/s of chunk frames' payloads over a window after a warm-up.
@@ -19,6 +19,9 @@ Five modes, each against a server already listening:
   connect, handshake) to its ``ready``; for a client offering ``resumable``, each session
   then runs a turn, is dropped without a close frame, and is resumed: the time from starting
   the new connection (offering ``resume.<token>.<after>``) to its ``resumed``.
+- ``hops``: one resumable session, dropped and resumed again and again, each time on the
+  next of a list of URLs (another node sharing its Redis, or the same one): the time from
+  starting the new connection to its ``resumed``.
 - ``detached``: K resumable sessions flood (a turn of endless chunks), all are dropped
   mid-turn, and once every model is paused on its full replay buffer, the server's RSS
   growth per session against the buffer's bound.
@@ -233,9 +236,11 @@ async def throughput(
     warmup: float,
     write_calls: Callable[[], int] | None = None,
     offers: Sequence[str] = (),
+    cpu: Callable[[], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Chunks/s and MB/s with ``connections`` sessions each streaming turns back to back;
-    given the server's ``write_calls`` counter, also its socket writes per chunk."""
+    given the server's ``write_calls`` counter, also its socket writes per chunk; given
+    ``cpu`` (CPU seconds used so far, by name), each one's % of a core over the window."""
     sessions = await open_sessions(url, connections, offers=offers)
     try:
         for session in sessions:
@@ -245,11 +250,14 @@ async def throughput(
         bytes0 = sum(s.payload_bytes for s in sessions)
         turns0 = sum(s.turns for s in sessions)
         writes0 = write_calls() if write_calls else 0
+        cpu0 = cpu() if cpu else {}
         elapsed = await _window(duration, lambda: sum(s.turns for s in sessions) > turns0)
         received = sum(s.chunks for s in sessions) - chunks0
         payload = sum(s.payload_bytes for s in sessions) - bytes0
         turns = sum(s.turns for s in sessions) - turns0
         writes = write_calls() - writes0 if write_calls else None
+        cpu1 = cpu() if cpu else {}
+        used = {f"cpu_{name}_pct": (cpu1[name] - cpu0[name]) / elapsed * 100 for name in cpu1}
     finally:
         await close_sessions(sessions)
     return {
@@ -261,6 +269,7 @@ async def throughput(
         "mb_per_s": payload / elapsed / 1e6,
         "turns_per_s": turns / elapsed,
         "writes_per_chunk": writes / received if writes is not None and received else None,
+        **used,
         "errors": _errors(sessions),
     }
 
@@ -311,22 +320,28 @@ async def capacity(
     settle: Callable[[], Awaitable[None]],
     concurrency: int = 64,
     offers: Sequence[str] = (),
+    store_kib: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
     """Open ``count`` idle sessions as fast as possible: handshakes/s, and the server's RSS
     growth divided by ``count`` (measured once it has settled, after one warm-up session
-    so that first-use allocations are not charged to the sessions)."""
+    so that first-use allocations are not charged to the sessions); given ``store_kib``
+    (what the server's Redis holds), its growth per session too."""
     await close_sessions(await open_sessions(url, 1, offers=offers))
     await settle()
     before = rss_kib()
+    stored = store_kib() if store_kib else 0.0
     started = time.perf_counter()
     sessions = await open_sessions(url, count, concurrency, offers)
     elapsed = time.perf_counter() - started
     try:
         await settle()
         after = rss_kib()
+        if store_kib:
+            stored = (store_kib() - stored) / count
     finally:
         await close_sessions(sessions)
     return {
+        **({"store_per_session_kib": stored} if store_kib else {}),
         "sessions": count,
         "concurrency": concurrency,
         "seconds": elapsed,
@@ -468,6 +483,43 @@ async def resume(url: str, samples: int, size: int, offers: Sequence[str] = ()) 
         figures["resumes"] = len(resumed_ns)
         figures["replayed"] = replayed
         figures.update(_spread("resumed", resumed_ns))
+    figures["errors"] = errors
+    return figures
+
+
+async def hops(
+    home: str, route: Sequence[tuple[str, str]], samples: int, size: int, offers: Sequence[str]
+) -> dict[str, Any]:
+    """One resumable session, opened on ``home``, runs a one-chunk turn; then ``samples``
+    times its connection is dropped without a close frame and a new one offering
+    ``resume.<token>.<after>`` is made to the next of ``route``'s (name, URL) pairs in turn,
+    timed from its start to its ``resumed``: p50, p99 and max per name
+    (``<name>_p50_us``...). A failed resume ends the run (its token is gone)."""
+    plain = [entry for entry in offers if entry != "resumable"]
+    probe, _, first = await _timed_connect(home, offers)
+    if first is None or not first.startswith(b'{"type":"ready"'):
+        await probe.close()
+        raise RuntimeError(f"no ready: {first!r}")
+    token = json.loads(first)["resume_token"]
+    assert probe.transport is not None
+    probe.transport.send(WSMsgType.TEXT, request_frame(1, size))
+    after = await asyncio.wait_for(probe.done, CONNECT_TIMEOUT)
+    taken: dict[str, list[int]] = {name: [] for name, _ in route}
+    errors = [] if after is not None else [probe.error or "closed before done"]
+    started = time.perf_counter()
+    for number in range(samples if after is not None else 0):
+        name, url = route[number % len(route)]
+        await probe.drop()
+        probe, took, first = await _timed_connect(url, [*plain, f"resume.{token}.{after}"])
+        if first is None or not first.startswith(_RESUMED_PREFIX):
+            errors.append(f"no resumed on {name}: {first!r}"[:200])
+            break
+        taken[name].append(took)
+    figures: dict[str, Any] = {"hops": sum(map(len, taken.values()))}
+    figures["hops_seconds"] = time.perf_counter() - started
+    for name, samples_ns in taken.items():
+        figures.update(_spread(name, samples_ns))
+    await probe.close()
     figures["errors"] = errors
     return figures
 

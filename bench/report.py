@@ -1,12 +1,14 @@
 """What a bench run reports: tables of every figure with its ratio to a reference measured
-in the same run (bare websockets; for a resume, the same server's new connection; for a
-detached session, the replay buffer's bound), the resumable server against the one before
-resumable sessions, the targets met or missed, the raw JSON, a PNG chart.
+in the same run (bare websockets; for a resume, the same server's new connection, or the
+same node's; for a detached session, the replay buffer's bound), the resumable server
+against the one before resumable sessions, 3 nodes behind nginx against 1, the targets met
+or missed, the raw JSON, a PNG chart.
 
 Input is the run's JSON payload (see ``bench/run.py``): ``servers`` maps a server's key to
 its ``label`` and one dict of figures per mode (``throughput``, ``latency_1``,
 ``latency_crowd``, ``capacity``, ``resume``, ``detached``), or an ``error`` when it could
-not be measured.
+not be measured; ``cluster``, when measured, holds the throughput figures of each cluster
+(``nodes_1``, ``nodes_3``) or why it failed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any, Final
 
 REFERENCE: Final = "websockets"
 BEFORE: Final = "before"  # the server before resumable sessions (bench/lineup.py)
+MEMORY: Final = "resumable"  # resumable sessions in process memory: the Redis row's reference
+REDIS: Final = "redis"  # the same with its sessions in Redis
 MISSING: Final = "-"
 
 
@@ -55,6 +59,17 @@ RESUME_COLUMNS: Final = (
     Column(
         "detached", "buffered_per_session_kib", "buffered KiB", True, ("detached", "buffer_kib")
     ),
+)
+# The Redis row: what an idle session holds in Redis, and one session resumed again and
+# again on the node holding it (same), through another node (across: relayed) and back.
+NODES_COLUMNS: Final = (
+    Column("capacity", "store_per_session_kib", "KiB/sess", lower_is_better=True),
+    Column("resume", "same_p50_us", "same p50", lower_is_better=True),
+    Column("resume", "same_p99_us", "same p99", lower_is_better=True),
+    Column("resume", "across_p50_us", "across p50", True, ("resume", "same_p50_us")),
+    Column("resume", "across_p99_us", "across p99", True, ("resume", "same_p99_us")),
+    Column("resume", "back_p50_us", "back p50", True, ("resume", "same_p50_us")),
+    Column("resume", "back_p99_us", "back p99", True, ("resume", "same_p99_us")),
 )
 CELL: Final = 13
 LABEL: Final = 26
@@ -178,6 +193,14 @@ def table(payload: dict[str, Any]) -> str:
     )
     if resuming:
         lines += ["", *_resuming_legend(payload), "", *resuming]
+    nodes = _grid(
+        payload,
+        NODES_COLUMNS,
+        {"capacity": "in Redis", "resume": "one session resumed again and again (µs)"},
+        servers,
+    )
+    if nodes:
+        lines += ["", *_nodes_legend(payload), "", *nodes]
     errors = [
         f"  {payload['servers'][key].get('label', key)} ({mode}): {error}"
         for key, server in payload["servers"].items()
@@ -222,10 +245,31 @@ def _resuming_legend(payload: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _nodes_legend(payload: dict[str, Any]) -> list[str]:
+    """What the Redis row's own columns measure, for those the run has."""
+    settings = payload["settings"]
+    measured = set(payload["servers"].get(REDIS, {}))
+    lines = []
+    if "capacity" in measured:
+        lines += [
+            f"In Redis: Redis' used_memory growth per idle session ({settings['sessions']} "
+            "sessions open)."
+        ]
+    if "resume" in measured:
+        lines += [
+            "A resumable session opened on node A (one a round) runs a one-chunk turn, then is "
+            "dropped without a close frame and resumed, "
+            f"{settings.get('resume_samples', '?')} times in all, in turn on A (same), on "
+            "node B sharing its Redis (across: relayed to A) and on A again (back), each timed "
+            "from TCP connect to resumed (×ratio to same)."
+        ]
+    return lines
+
+
 def comparisons(payload: dict[str, Any]) -> str:
     """The server before resumable sessions against today's, driven by clients that offer
     ``resumable`` and by clients that don't: each cell ×its ratio to the before server."""
-    servers = [k for k in (BEFORE, "shared", "resumable") if k in payload["servers"]]
+    servers = [k for k in (BEFORE, "shared", MEMORY, REDIS) if k in payload["servers"]]
     if BEFORE not in servers or len(servers) < 2:
         return ""
     settings = payload["settings"]
@@ -238,6 +282,41 @@ def comparisons(payload: dict[str, Any]) -> str:
     label = payload["servers"][BEFORE].get("label", BEFORE)
     lines = [f"Against {label}, the server before resumable sessions (×ratio to it, same run):"]
     return "\n".join([*lines, *_grid(payload, COLUMNS, groups, servers, reference=BEFORE)])
+
+
+def cluster(payload: dict[str, Any]) -> str:
+    """Each cluster's throughput (×ratio to the smallest's, 1 node), with each process's
+    share of a core over the window: what is left of the machine's cores says what bounds
+    the figure."""
+    found = payload.get("cluster")
+    if not found:
+        return ""
+    if "failed" in found:
+        return f"Cluster: could not be measured: {found['failed']}"
+    settings = payload["settings"]
+    lines = [
+        f"Cluster: {settings['connections']} resumable connections through nginx (1 worker, "
+        f"round robin) to nodes sharing a Redis, turns of {settings['chunks']} chunks of "
+        f"{settings['size']} B, {settings['duration']:g} s; nginx, Redis and the nodes on any "
+        f"of the {found.get('cpus', '?')} CPUs, the client on CPU 0. chunks/s ×ratio to 1 "
+        "node; CPU: % of one core over the window.",
+        "",
+    ]
+    parts = ("nginx", "redis", "nodes", "client")
+    head = f"{'cluster':<{LABEL}}{'chunks/s':>{CELL}}{'turns/s':>{CELL}}"
+    head += "".join(f"{part + ' %':>{CELL}}" for part in (*parts, "all"))
+    lines += [head, "-" * len(head)]
+    sizes = sorted(int(key.removeprefix("nodes_")) for key in found if key.startswith("nodes_"))
+    base = found[f"nodes_{sizes[0]}"].get("chunks_per_s")
+    for size in sizes:
+        figures = found[f"nodes_{size}"]
+        rate = figures.get("chunks_per_s", 0.0)
+        cells = _number(rate) + (f" ×{_ratio(rate / base)}" if base else "")
+        cells = f"{cells:>{CELL}}{_number(figures.get('turns_per_s', 0.0)):>{CELL}}"
+        cpu = [figures.get(f"cpu_{part}_pct", 0.0) for part in parts]
+        cells += "".join(f"{used:>{CELL}.0f}" for used in (*cpu, sum(cpu)))
+        lines.append(f"{f'{size} node' + 's' * (size > 1):<{LABEL}}{cells}")
+    return "\n".join(lines)
 
 
 def targets(payload: dict[str, Any]) -> list[dict[str, Any]]:
@@ -363,6 +442,22 @@ def targets(payload: dict[str, Any]) -> list[dict[str, Any]]:
         False,
         "×",
     )
+    check(
+        "Redis store's resumable chunks/s ≥ 0.7× the memory store's (same run)",
+        over(get(REDIS, *tp), get(MEMORY, *tp)),
+        0.7,
+        True,
+        "×",
+    )
+    for field, limit in (("across_p50_us", 5.0), ("across_p99_us", 25.0)):
+        value = get(REDIS, "resume", field)
+        check(
+            f"resume through another node, to resumed {field.split('_')[1]} ≤ {limit:g} ms",
+            None if value is None else value / 1000,
+            limit,
+            False,
+            " ms",
+        )
     held = get("resumable", "detached", "rss_per_session_kib")
     check(
         f"detached session's RSS ≤ 1.3× --replay-buffer-bytes "
@@ -420,7 +515,7 @@ def chart(path: Path, payload: dict[str, Any]) -> None:
         "#444444"
         if k == REFERENCE
         else "#d95f02"
-        if k in ("shared", "resumable", "isolated")
+        if k in ("shared", MEMORY, REDIS, "isolated")
         else "#e6ab02"
         if k == BEFORE
         else "#7fa7c9"

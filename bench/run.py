@@ -1,6 +1,7 @@
 """AnythingAgent against bare websockets and its peers: throughput, first-chunk latency,
-idle-session capacity, reconnect-to-resumed latency and the memory of detached sessions,
-every figure a ratio to a reference measured in the same run.
+idle-session capacity, reconnect-to-resumed latency (on the same node and through another
+one), the memory of detached sessions, and several nodes behind nginx against one, every
+figure a ratio to a reference measured in the same run.
 
     .venv/bin/python bench/run.py [--servers KEYS] [--modes MODES] [--json PATH] ...
 
@@ -10,7 +11,11 @@ server (so RSS growth is the sessions' own), and the detached sessions' memory o
 server of its own per resumable row (started with ``--replay-buffer-bytes``); then
 ``--rounds`` rounds in which each server in turn takes the throughput load, then latency
 with 1 and with ``--crowd`` connections, then the resume probe: each figure is the median of
-its rounds, and drift of the machine falls on all servers alike. Prints one table, the
+its rounds, and drift of the machine falls on all servers alike. A row whose sessions live
+in Redis gets a redis-server of the runner's (on CPU 1 too), and for the resume probe a
+second node sharing it; the cluster mode, last, starts nginx in front of 3 nodes and of 1
+(``LocalCluster``, every process of it on every CPU) and takes the throughput load through
+each, round by round. Prints one table, the
 comparisons with the server before resumable sessions, and the targets; writes the raw
 figures as JSON and a PNG chart (default bench/results/bench-<time>.json and .png beside it).
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -40,10 +46,24 @@ import procs
 import profiling
 import report
 import uvloop
-from lineup import BEFORE, KEYS, REFERENCE, ServerSpec, check_out, lineup, prepare
+from lineup import (
+    BEFORE,
+    BENCH_MODEL,
+    KEYS,
+    REDIS_SOCKET,
+    REFERENCE,
+    RESUMABLE,
+    ServerSpec,
+    check_out,
+    lineup,
+    prepare,
+)
+
+from ws_server.deploy.local_cluster import LocalCluster
 
 HERE = Path(__file__).resolve().parent
-MODES = ("capacity", "throughput", "latency", "resume", "detached")
+MODES = ("capacity", "throughput", "latency", "resume", "detached", "cluster")
+CLUSTER_SIZES = (1, 3)  # nodes behind nginx: the first is the cluster mode's reference
 READY_TIMEOUT = 600.0  # an isolated model's environment is built on first start
 
 
@@ -71,7 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--resume-samples",
         type=int,
         default=2000,
-        help="resume: connections timed to ready (and resumes), in all, split over the rounds",
+        help=(
+            "resume: connections timed to ready (and resumes; and, on a Redis row, resumes "
+            "of one session hopping between two nodes), in all, split over the rounds"
+        ),
     )
     add("--detached-sessions", type=int, default=200, help="detached: sessions dropped (K)")
     add(
@@ -129,6 +152,8 @@ class Entry:
     server: procs.Server | None = None
     result: dict[str, Any] = field(default_factory=dict)
     rounds: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    redis: procs.RedisServer | None = None  # its sessions' store, when the spec says so
+    peer: procs.Server | None = None  # a second node on the same Redis (resume mode)
 
     @property
     def url(self) -> str:
@@ -157,6 +182,9 @@ def start_all(entries: list[Entry], scratch: Path) -> None:
             if spec.checkout is not None:
                 assert spec.cwd is not None
                 entry.result["commit"] = check_out(spec.checkout, spec.cwd)
+            if spec.redis:
+                log = scratch / "logs" / f"{spec.key}-redis.log"
+                entry.redis = procs.start_redis(scratch / REDIS_SOCKET, log)
             entry.server = procs.start(
                 spec.command, scratch / "logs" / f"{spec.key}.log", env=spec.env, cwd=spec.cwd
             )
@@ -178,7 +206,7 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             figures[name] = first
         elif name.endswith("max_us"):
             figures[name] = max(values)
-        elif name in ("samples", "seconds", "resumes", "replayed"):
+        elif name in ("samples", "seconds", "resumes", "replayed", "hops", "hops_seconds"):
             figures[name] = sum(values)
         else:
             figures[name] = statistics.median(values)
@@ -187,10 +215,12 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return figures
 
 
-async def measure_all(entries: list[Entry], args: argparse.Namespace, scratch: Path) -> None:
+async def measure_all(
+    entries: list[Entry], args: argparse.Namespace, scratch: Path
+) -> dict[str, Any] | None:
     """Capacity on each fresh server, then ``--rounds`` rounds in which every server takes
     each load in turn: slow drift of the machine falls on all servers alike, and each
-    figure is the median of its rounds."""
+    figure is the median of its rounds; then the cluster mode, whose figures it returns."""
     if "capacity" in args.modes:
         for entry in [e for e in entries if e.ok]:
             assert entry.server is not None
@@ -203,6 +233,7 @@ async def measure_all(entries: list[Entry], args: argparse.Namespace, scratch: P
                     entry.server.settle,
                     args.concurrency,
                     entry.spec.offers,
+                    entry.redis.used_kib if entry.redis else None,
                 )
             except Exception as exc:
                 entry.fail(exc)
@@ -231,9 +262,24 @@ async def measure_all(entries: list[Entry], args: argparse.Namespace, scratch: P
         )
     if "resume" in args.modes:
         per_round = math.ceil(args.resume_samples / args.rounds)
-        loads["resume"] = lambda entry: loadgen.resume(
-            entry.url, per_round, args.size, entry.spec.offers
-        )
+        for entry in [e for e in entries if e.ok and e.spec.redis]:
+            try:  # a second node on the same Redis, for resumes through another node
+                log = scratch / "logs" / f"{entry.spec.key}-peer.log"
+                entry.peer = procs.start(entry.spec.command, log, env=entry.spec.env)
+            except Exception as exc:
+                entry.fail(exc)
+
+        async def resume(entry: Entry) -> dict[str, Any]:
+            figures = await loadgen.resume(entry.url, per_round, args.size, entry.spec.offers)
+            if entry.peer is not None:
+                across = f"ws://127.0.0.1:{entry.peer.port}/v1/chat/bench"
+                route = [("same", entry.url), ("across", across), ("back", entry.url)]
+                hops = await loadgen.hops(entry.url, route, per_round, args.size, RESUMABLE)
+                figures["errors"] += hops.pop("errors")
+                figures.update(hops)
+            return figures
+
+        loads["resume"] = resume
     for number in range(1, args.rounds + 1):
         for mode, load in loads.items():
             print(f"round {number}/{args.rounds}: {mode}", file=sys.stderr, flush=True)
@@ -256,6 +302,78 @@ async def measure_all(entries: list[Entry], args: argparse.Namespace, scratch: P
     for entry in [e for e in entries if e.ok]:
         assert entry.server is not None
         await entry.server.settle()  # let it finish closing before it is stopped
+    if "cluster" not in args.modes:
+        return None
+    print("cluster", file=sys.stderr, flush=True)
+    try:
+        return await cluster(args)
+    except Exception as exc:  # the other figures stand without it
+        print(f"  cluster failed: {exc}", file=sys.stderr)
+        return {"failed": f"{type(exc).__name__}: {exc}"}
+
+
+def _start_cluster(nodes: int) -> LocalCluster:
+    """Redis, ``nodes`` nodes serving the bench model and nginx in front, each on every
+    CPU (not the runner's own)."""
+    with procs.unpinned():
+        return LocalCluster(
+            nodes, models_dir=BENCH_MODEL.parent, extra_args=["--no-limits"]
+        ).start()
+
+
+async def cluster(args: argparse.Namespace) -> dict[str, Any]:
+    """The throughput load (clients offering ``resumable``) through nginx round-robin over
+    each of ``CLUSTER_SIZES`` nodes sharing a Redis, clusters taking turns over the rounds;
+    with each process's share of a core (nginx, Redis, the nodes and this client) over the
+    window, which says what bounds it."""
+    clock = os.sysconf("SC_CLK_TCK")
+    with contextlib.ExitStack() as stack:
+        started = await asyncio.gather(
+            *(asyncio.to_thread(_start_cluster, n) for n in CLUSTER_SIZES), return_exceptions=True
+        )
+        for running in started:
+            if isinstance(running, LocalCluster):
+                stack.callback(running.stop)
+        clusters = [c for c in started if isinstance(c, LocalCluster)]
+        for failure in started:
+            if isinstance(failure, BaseException):
+                raise failure
+        parts = []  # each cluster's processes by role, to read their CPU time
+        for running in clusters:
+            assert running.nginx_process is not None and running.redis_process is not None
+            parts.append(
+                {
+                    "nginx": [procs.Server(running.nginx_process, running.port, Path())],
+                    "redis": [procs.Server(running.redis_process, 0, Path())],
+                    "nodes": [procs.Server(n.process, n.port, Path()) for n in running.nodes],
+                }
+            )
+
+        def cpu(servers: dict[str, list[procs.Server]]) -> dict[str, float]:
+            used = {k: sum(s.cpu_ticks() for s in v) / clock for k, v in servers.items()}
+            times = os.times()
+            return {**used, "client": times.user + times.system}
+
+        rounds: list[list[dict[str, Any]]] = [[] for _ in clusters]
+        for number in range(1, args.rounds + 1):
+            for running, servers, found in zip(clusters, parts, rounds, strict=True):
+                print(
+                    f"round {number}/{args.rounds}: cluster of {len(running.nodes)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                for server in (s for group in servers.values() for s in group):
+                    await server.settle()
+                found.append(
+                    await loadgen.throughput(
+                        running.chat_url("bench"),
+                        *(args.connections, args.chunks, args.size, args.duration, args.warmup),
+                        offers=RESUMABLE,
+                        cpu=lambda servers=servers: cpu(servers),
+                    )
+                )
+    figures = {f"nodes_{n}": combine(r) for n, r in zip(CLUSTER_SIZES, rounds, strict=True)}
+    return {**figures, "offers": list(RESUMABLE), "cpus": os.cpu_count()}
 
 
 async def metric_gauges(port: int) -> dict[str, float]:
@@ -389,14 +507,16 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="aa-bench-"))
     prepare(scratch)
     entries = [Entry(spec) for spec in lineup(scratch, args.before) if spec.key in args.servers]
+    cluster_figures: dict[str, Any] | None = None
     try:
         print(f"starting {len(entries)} servers", file=sys.stderr, flush=True)
         start_all(entries, scratch)
-        uvloop.run(measure_all(entries, args, scratch))
+        cluster_figures = uvloop.run(measure_all(entries, args, scratch))
     finally:
         for entry in entries:
-            if entry.server is not None:
-                entry.server.stop()
+            for server in (entry.peer, entry.server, entry.redis):  # Redis last
+                if server is not None:
+                    server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
     servers = {entry.spec.key: entry.result for entry in entries}
     settings = {
@@ -420,12 +540,14 @@ def main(argv: list[str] | None = None) -> int:
         "reference": REFERENCE,
         "servers": servers,
     }
+    if cluster_figures is not None:
+        payload["cluster"] = cluster_figures
     payload["targets"] = report.targets(payload)
     print(report.table(payload))
-    comparisons = report.comparisons(payload)
-    if comparisons:
-        print()
-        print(comparisons)
+    for section in (report.comparisons(payload), report.cluster(payload)):
+        if section:
+            print()
+            print(section)
     print()
     print(report.targets_text(payload["targets"]))
     report.write_json(args.json, payload)

@@ -433,3 +433,18 @@ async def wait_for_events(
     raise AssertionError(
         f"events of {instance} never ended with {last!r}: {read_events(server, instance)}"
     )
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private redis-server for the test session (unix socket, nothing on disk); the
+    stores' tests run against it. Debian's redis-server is installed when missing."""
+    from ws_server.deploy.redis_server import RedisServer
+
+    ensure_package(REDIS_SERVER, "redis-server")
+    server = RedisServer(REDIS_SERVER, tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()

@@ -55,6 +55,15 @@ def every_node_up(cluster: LocalCluster) -> Iterator[None]:
         cluster.redis_start()
 
 
+def cluster_log(cluster: LocalCluster | None) -> str:
+    """What the nodes logged (above debug), for a failure's message."""
+    if cluster is None:
+        return ""
+    return "\n".join(
+        line for node in cluster.nodes for line in node.log_lines if " DEBUG " not in line
+    )
+
+
 def ws_url(target: LocalCluster | ClusterNode, model: str = "numbers") -> str:
     return f"{target.ws_url}/v1/chat/{model}"
 
@@ -67,15 +76,19 @@ async def open_resumable(target: LocalCluster | ClusterNode) -> ClientConnection
     return ws
 
 
-async def resume(target: LocalCluster | ClusterNode, ws: ClientConnection) -> ClientConnection:
-    """Resume ``ws``'s session at ``target`` after the last frame ``ws`` processed."""
+async def resume(
+    target: LocalCluster | ClusterNode, ws: ClientConnection, cluster: LocalCluster | None = None
+) -> ClientConnection:
+    """Resume ``ws``'s session at ``target`` after the last frame ``ws`` processed (a
+    failure shows the nodes' logs)."""
     after = getattr(ws, "last_seq", 0)
     entry = f"resume.{ws.token}.{after}"  # type: ignore[attr-defined]
     again = await connect(ws_url(target), subprotocols=[V1, entry])  # type: ignore[list-item]
     again.token = ws.token  # type: ignore[attr-defined]
     again.last_seq = after  # type: ignore[attr-defined]
     resumed = await recv_frame(again)
-    assert resumed["type"] == "resumed", resumed
+    cluster = cluster or (target if isinstance(target, LocalCluster) else None)
+    assert resumed["type"] == "resumed", (resumed, cluster_log(cluster))
     return again
 
 
@@ -100,6 +113,12 @@ async def ask(ws: ClientConnection, text: str) -> list[dict[str, Any]]:
 
 def text_of(frames: list[dict[str, Any]]) -> str:
     return "".join(f["content"] for f in frames if f["type"] == "chunk")
+
+
+def post_json(url: str) -> Any:
+    request = urllib.request.Request(url, method="POST")
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.loads(answer.read())
 
 
 def get_json(url: str) -> Any:
@@ -190,9 +209,7 @@ async def test_a_reload_through_nginx_reaches_every_node_within_two_seconds(
     main = cluster.models_dir / "echo" / "main.py"
     before = {n.node_id: _revision(n, "echo") for n in cluster.nodes}
     main.write_text(main.read_text() + "\n# changed\n")
-    request = urllib.request.Request(f"{cluster.url}/v1/models/reload", method="POST")
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        assert json.loads(answer.read())["updated"] == ["echo"]
+    assert post_json(f"{cluster.url}/v1/models/reload")["updated"] == ["echo"]
     started = time.monotonic()
     while any(_revision(n, "echo") == before[n.node_id] for n in cluster.nodes):
         assert time.monotonic() - started < 2.0, "a node did not reload within 2 s"
@@ -246,7 +263,7 @@ async def test_a_thousand_forced_reconnects_lose_and_repeat_nothing(
     while not received or received[-1]["type"] != "done":
         if reconnects < 1000 and rng.random() < 0.3:
             await drop(ws)
-            ws = await resume(rng.choice(cluster.nodes), ws)
+            ws = await resume(rng.choice(cluster.nodes), ws, cluster)
             reconnects += 1
             continue
         received.append(await recv_frame(ws))  # checks seq contiguity as it reads

@@ -281,19 +281,19 @@ def test_the_cluster_command_runs_until_ctrl_c(echo_only: Path) -> None:
     assert_all_gone(pids, [port], None)
 
 
-def runtime_dirs() -> set[Path]:
-    return set(Path(tempfile.gettempdir()).glob("anything-agent-cluster-*"))
-
-
 def test_a_failed_start_stops_what_it_started(echo_only: Path) -> None:
-    before = runtime_dirs()
-    with socket.socket() as taken:  # nginx's port, already in use: nginx cannot start
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        cluster = LocalCluster(2, models_dir=echo_only, port=taken.getsockname()[1])
-        with pytest.raises(ClusterError, match=r"cannot listen on .*: Address already in use"):
-            cluster.start()
-    assert len(cluster.nodes) == 2 and cluster.redis_process is not None  # all had started
-    pids = [cluster.redis_process.pid, *(node.process.pid for node in cluster.nodes)]
-    assert_all_gone(pids, [node.port for node in cluster.nodes], None)
-    assert runtime_dirs() <= before
+    parent = Path(tempfile.mkdtemp(prefix="aa-"))  # short: Redis' socket path must fit
+    try:
+        with socket.socket() as taken:  # nginx's port, already in use: nginx cannot start
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            cluster = LocalCluster(2, models_dir=echo_only, port=port, runtime_parent=parent)
+            with pytest.raises(ClusterError, match=r"cannot listen on .*: Address already in use"):
+                cluster.start()
+        assert len(cluster.nodes) == 2 and cluster.redis_process is not None  # all had started
+        pids = [cluster.redis_process.pid, *(node.process.pid for node in cluster.nodes)]
+        assert_all_gone(pids, [node.port for node in cluster.nodes], None)
+        assert list(parent.iterdir()) == []
+    finally:
+        shutil.rmtree(parent)

@@ -28,20 +28,25 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 V1 = "anything-agent.v1"
 
 
-@pytest.fixture(scope="module", params=["shared", "isolated"])
+@pytest.fixture(scope="module", params=["shared", "isolated", "redis"])
 def resuming(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, env_cache: Path
 ) -> Iterator[ServerProcess]:
-    """One server over the counter model and echo, shared, then isolated."""
+    """One server over the counter model and echo: shared, then isolated (sessions in
+    process memory), then shared with its sessions in Redis (``--redis-url``)."""
     models = copy_models(tmp_path_factory.mktemp("resume-models"), "counter", source=RESUME_MODELS)
     copy_models(models, "echo", source=SHIPPED_MODELS)
     if request.param == "isolated":
         config = models / "counter" / "config.yaml"
         config.write_text(config.read_text() + "isolation: true\n")
+    env = None
+    if request.param == "redis":
+        env = {"ANYTHING_AGENT_REDIS_URL": request.getfixturevalue("redis_url")}
     live = launch_server(
         models,
         tmp_path_factory.mktemp("resume-events"),
         *("--resume-window", "5", "--env-cache-dir", str(env_cache)),
+        env=env,
     )
     live.mode = request.param
     wait_until_built(live)
@@ -286,12 +291,18 @@ async def wait_for(predicate: Any, timeout: float = 10) -> None:
         await asyncio.sleep(0.05)
 
 
-@pytest.fixture
-def short_window(tmp_path: Path, start_server: Any) -> ServerProcess:
-    """A server whose sessions wait 1 s for a resume and keep 4 KiB of frames."""
+@pytest.fixture(params=["memory", "redis"])
+def short_window(
+    request: pytest.FixtureRequest, tmp_path: Path, start_server: Any
+) -> ServerProcess:
+    """A server whose sessions wait 1 s for a resume and keep 4 KiB of frames, in
+    process memory, then in Redis."""
     models = copy_models(tmp_path / "models", "counter", source=RESUME_MODELS)
+    env = None
+    if request.param == "redis":
+        env = {"ANYTHING_AGENT_REDIS_URL": request.getfixturevalue("redis_url")}
     live: ServerProcess = start_server(
-        models, "--resume-window", "1", "--replay-buffer-bytes", "4096"
+        models, "--resume-window", "1", "--replay-buffer-bytes", "4096", env=env
     )
     return live
 

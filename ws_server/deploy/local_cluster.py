@@ -76,11 +76,13 @@ def _check_port_free(port: int) -> None:
             raise ClusterError(f"cannot listen on {HOST}:{port}: {exc.strerror or exc}") from None
 
 
-def _stop_process(process: subprocess.Popen[str], timeout: float) -> None:
-    """SIGTERM, wait up to ``timeout``, then SIGKILL; always reaped."""
+def _stop_process(process: subprocess.Popen[str], timeout: float, signalled: bool = False) -> None:
+    """SIGTERM (unless ``signalled`` already: a second one means "cancel running turns
+    now" to a node), wait up to ``timeout``, then SIGKILL; always reaped."""
     if process.poll() is None:
         try:
-            process.terminate()
+            if not signalled:
+                process.terminate()
             process.wait(timeout)
         except subprocess.TimeoutExpired:
             process.kill()
@@ -115,6 +117,7 @@ class ClusterNode:
         self._echo = echo
         self._stop_timeout = stop_timeout
         self._process: subprocess.Popen[str] | None = None
+        self._sigterm_sent = False
         self._pumps: list[threading.Thread] = []
         self._started_at_line = 0
 
@@ -160,6 +163,7 @@ class ClusterNode:
             process_group=0,
         )
         self._process = process
+        self._sigterm_sent = False
         pump = threading.Thread(
             target=self._pump, args=(process,), name=f"{self.node_id}-log", daemon=True
         )
@@ -218,8 +222,20 @@ class ClusterNode:
     def terminate(self, timeout: float | None = None) -> None:
         """SIGTERM (the node drains its running turns for ``--grace-period``) and wait;
         SIGKILL if it is still there after ``timeout``."""
+        self.send_sigterm()
+        self.wait(timeout)
+
+    def send_sigterm(self) -> None:
+        """SIGTERM once: a second one would cancel the node's running turns at once."""
+        if self.running and not self._sigterm_sent:
+            self.process.terminate()
+            self._sigterm_sent = True
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for the node to exit (SIGKILL past ``timeout``) and for its log reader."""
         if self._process is not None:
-            _stop_process(self._process, self._stop_timeout if timeout is None else timeout)
+            limit = self._stop_timeout if timeout is None else timeout
+            _stop_process(self._process, limit, signalled=self._sigterm_sent)
         self._join_pumps(5.0)
 
     def restart(self, timeout: float = 30.0) -> None:
@@ -241,7 +257,8 @@ class LocalCluster:
     """Redis, ``nodes`` server nodes and nginx in front, all on loopback (see the module
     docstring). ``port``: nginx's port (0 picks a free one); ``extra_args``: more
     ``serve`` options for every node; ``env``: added to the nodes' environment; ``echo``:
-    copy the nodes' output, each line prefixed ``[node-i]``, to stderr."""
+    copy the nodes' output, each line prefixed ``[node-i]``, to stderr; ``runtime_parent``:
+    where its temporary directory is made (default: the system's, ``TMPDIR``)."""
 
     def __init__(
         self,
@@ -256,6 +273,7 @@ class LocalCluster:
         echo: bool = False,
         startup_timeout: float = 30.0,
         stop_timeout: float = 20.0,
+        runtime_parent: Path | None = None,
     ) -> None:
         if nodes < 1:
             raise ValueError("a cluster needs at least one node")
@@ -270,6 +288,7 @@ class LocalCluster:
         self.echo = echo
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
+        self.runtime_parent = runtime_parent
         self.nodes: list[ClusterNode] = []
         self._runtime: Path | None = None
         self._redis: subprocess.Popen[str] | None = None
@@ -339,7 +358,9 @@ class LocalCluster:
         self._nginx_binary = find_program("nginx", "nginx")
         if not self.models_dir.is_dir():
             raise ClusterError(f"no models directory at {self.models_dir}")
-        self._runtime = Path(tempfile.mkdtemp(prefix="anything-agent-cluster-"))
+        self._runtime = Path(
+            tempfile.mkdtemp(prefix="anything-agent-cluster-", dir=self.runtime_parent)
+        )
         self.nodes, self.port = [], self.requested_port
         try:
             if len(str(self.redis_socket)) > SUN_PATH_MAX:
@@ -362,10 +383,9 @@ class LocalCluster:
             if self._nginx is not None:
                 _stop_process(self._nginx, self.stop_timeout)
             for node in self.nodes:  # all at once: their grace periods overlap
-                if node.running:
-                    node.process.terminate()
+                node.send_sigterm()
             for node in self.nodes:
-                node.terminate(self.stop_timeout)
+                node.wait(self.stop_timeout)
             self.redis_stop()
         finally:
             if self._runtime is not None:

@@ -39,10 +39,21 @@ class Sink(Protocol):
 class Outbox:
     """Numbers, buffers and delivers one session's frames."""
 
-    __slots__ = ("_buffer", "_buffered", "_first", "_limit", "_room", "_sink", "mirror", "seq")
+    __slots__ = (
+        "_buffer",
+        "_buffered",
+        "_first",
+        "_limit",
+        "_room",
+        "_sink",
+        "base",
+        "mirror",
+        "seq",
+    )
 
     def __init__(self, replay_bytes: int = DEFAULT_REPLAY_BYTES, seq: int = 0) -> None:
         self.seq = seq  # the last seq stamped (a session taken over goes on from its store's)
+        self.base = seq  # frames up to this seq were stamped elsewhere (another node)
         # Every frame stamped, as it is stamped (a journal's write-behind; see journal.py).
         self.mirror: Callable[[int, bytes], None] | None = None
         self._limit = replay_bytes  # 0: keep nothing (a client that can't resume)

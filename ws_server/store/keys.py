@@ -9,7 +9,7 @@ stream ids are their seqs (``<seq>-0``), so an out-of-order append fails as well
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 PREFIX: Final = "anything-agent:"
 RELOAD_CHANNEL: Final = PREFIX + "reloads"
@@ -55,21 +55,43 @@ def seq_of(stream_id: bytes | str) -> int:
     return int(text.partition("-")[0])
 
 
-# KEYS: hash, frames, history. ARGV: epoch, maxlen, ttl_ms, max_history, then
-# n_frames and n_frames (id, data) pairs, then the history mode ("", "A" append,
-# "R" replace), n_messages and the messages, then n_fields and (field, value) pairs.
-# Returns 1, or 0 when this writer no longer holds the session (fenced).
+def pack_frames(frames: list[bytes]) -> bytes:
+    """A batch of frames as one stream entry's field. A frame is JSON, whose encoding
+    escapes every line break inside strings, so a raw newline never occurs in one."""
+    return b"\n".join(frames)
+
+
+def unpack_entries(entries: list[Any]) -> list[tuple[int, bytes]]:
+    """``(seq, frame)`` of every frame in stream ``entries``; an entry's id is the seq of
+    the last frame of its batch."""
+    frames: list[tuple[int, bytes]] = []
+    for entry_id, fields in entries:
+        batch = fields[b"f"].split(b"\n")
+        first = seq_of(entry_id) - len(batch) + 1
+        frames += zip(range(first, first + len(batch)), batch, strict=True)
+    return frames
+
+
+# A session's frames are written in batches: one stream entry per batch, its id the last
+# frame's seq, its field ``f`` the frames joined by newlines (``pack_frames``). One entry
+# per batch, not per frame: the per-frame cost in Redis and in the client is what bounded
+# the throughput of a session mirrored to Redis. Entries older than the last ``keep``
+# frames are trimmed (``MINID``), which bounds the stream like the replay buffer.
+
+# KEYS: hash, frames, history. ARGV: epoch, keep, ttl_ms, max_history, then the last
+# frame's seq and the packed frames ("" and "" when none), then the history mode ("A"
+# append, "R" replace), n_messages and the messages, then n_fields and (field, value)
+# pairs. Returns 1, or 0 when this writer no longer holds the session (fenced).
 APPEND: Final = """
 local h, s, l = KEYS[1], KEYS[2], KEYS[3]
 if redis.call('HGET', h, 'epoch') ~= ARGV[1] then return 0 end
-local i = 6
-for _ = 1, tonumber(ARGV[5]) do
-  redis.call('XADD', s, 'MAXLEN', '~', ARGV[2], ARGV[i], 'f', ARGV[i + 1])
-  i = i + 2
+if ARGV[5] ~= '' then
+  local oldest = math.max(0, tonumber(ARGV[5]) - tonumber(ARGV[2]))
+  redis.call('XADD', s, 'MINID', '~', string.format('%d', oldest), ARGV[5] .. '-0', 'f', ARGV[6])
 end
-local mode = ARGV[i]
-local n = tonumber(ARGV[i + 1])
-i = i + 2
+local mode = ARGV[7]
+local n = tonumber(ARGV[8])
+local i = 9
 if mode == 'R' then redis.call('DEL', l) end
 for _ = 1, n do
   redis.call('RPUSH', l, ARGV[i])
@@ -89,8 +111,9 @@ return 1
 """
 
 # KEYS: hash, frames. ARGV: expected owner, expected epoch, expected seq, new owner,
-# ttl_ms, maxlen, then n_frames (id, data) pairs and the seq after them. Returns the new
-# epoch; 0 when the session changed meanwhile (read it again), -1 when it is gone.
+# ttl_ms, the seq the session goes on after, then the packed frames appended for an
+# interrupted turn ("" when none; their last is that seq). Returns the new epoch; 0 when
+# the session changed meanwhile (read it again), -1 when it is gone.
 TAKE_OVER: Final = """
 local h, s = KEYS[1], KEYS[2]
 local owner = redis.call('HGET', h, 'owner')
@@ -98,13 +121,8 @@ if owner == false then return -1 end
 if owner ~= ARGV[1] or redis.call('HGET', h, 'epoch') ~= ARGV[2]
    or redis.call('HGET', h, 'seq') ~= ARGV[3] then return 0 end
 local epoch = redis.call('HINCRBY', h, 'epoch', 1)
-redis.call('HSET', h, 'owner', ARGV[4])
-local i = 8
-for _ = 1, tonumber(ARGV[7]) do
-  redis.call('XADD', s, 'MAXLEN', '~', ARGV[6], ARGV[i], 'f', ARGV[i + 1])
-  i = i + 2
-end
-redis.call('HSET', h, 'seq', ARGV[i], 'running', '0')
+redis.call('HSET', h, 'owner', ARGV[4], 'seq', ARGV[6], 'running', '0')
+if ARGV[7] ~= '' then redis.call('XADD', s, ARGV[6] .. '-0', 'f', ARGV[7]) end
 redis.call('PEXPIRE', h, ARGV[5])
 redis.call('PEXPIRE', s, ARGV[5])
 return epoch

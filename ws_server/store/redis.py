@@ -100,7 +100,8 @@ class RedisStore:
         self._held: dict[str, LiveSession] = {}  # resumable ones, by token digest
         self._dirty: list[RedisJournal] = []
         self._wake = asyncio.Event()
-        self._flushed: asyncio.Future[None] | None = None
+        self._flushed: asyncio.Future[None] | None = None  # the end of the next batch
+        self._writing = False  # a batch is on its way to Redis
         self._stale: set[str] = set()  # digests whose keys a lost write left behind
         self.relays: dict[str, Relay] = {}  # relays running here, by id
         self.remotes: dict[str, RemoteAttachment] = {}  # sessions here read elsewhere
@@ -186,33 +187,40 @@ class RedisStore:
         except self._errors as exc:
             self._lost(exc)
             return None
-        return _record(token_digest, fields) if fields else None
+        record = _record(token_digest, fields) if fields else None
+        if record is not None and record.owner == self.node:
+            return None  # held here, yet not among the held: it has just ended
+        return record
 
     async def frames_after(
         self, session: LiveSession | SessionRecord, after: int
     ) -> list[bytes] | None:
+        newer: list[bytes] = []
         if isinstance(session, LiveSession):
-            frames = session.conversation.outbox.frames_after(after)
-            if frames is not None or self.journal_of(session) is None:
+            # Held here: the outbox is the replay buffer, as on one node. Only a session
+            # taken over has older frames (stamped on its previous node) in the stream.
+            outbox = session.conversation.outbox
+            frames = outbox.frames_after(after)
+            if frames is not None or self.journal_of(session) is None or after >= outbox.base:
                 return frames
-            await self.flush()
-            digest = session.token_digest
-            last = session.conversation.outbox.seq
+            local = outbox.frames_after(outbox.base)
+            if local is None:
+                return None
+            digest, last, newer = session.token_digest, outbox.base, local
         else:
             digest, last = session.token_digest, session.seq
         if after > last or after < 0:
             return None
         if after == last:
-            return []
+            return newer
         assert digest is not None
-        try:
-            entries = await self.redis.xrange(
-                keys.frames_key(digest), keys.stream_id(after + 1), keys.stream_id(last)
-            )
+        try:  # the batches holding seqs after+1 .. last: those whose last seq is above after
+            entries = await self.redis.xrange(keys.frames_key(digest), keys.stream_id(after + 1))
         except self._errors as exc:
             self._lost(exc)
             return None
-        return _contiguous(entries, after + 1, last)
+        older = _contiguous(keys.unpack_entries(entries), after + 1, last)
+        return None if older is None else older + newer
 
     async def remove(self, session: LiveSession) -> None:
         self._sessions.discard(session)
@@ -246,7 +254,7 @@ class RedisStore:
 
     async def _write_batch(self) -> None:
         batch, self._dirty = self._dirty, []
-        flushed, self._flushed = self._flushed, None
+        self._writing = True
         try:
             if not batch:
                 return
@@ -269,6 +277,8 @@ class RedisStore:
                 position += commands  # the script's answer is the last of its commands
                 self._check(journal, results[position - 1])
         finally:
+            self._writing = False
+            flushed, self._flushed = self._flushed, None
             if flushed is not None and not flushed.done():
                 flushed.set_result(None)
 
@@ -299,19 +309,21 @@ class RedisStore:
             _spawn(attached.replaced())
 
     async def flush(self) -> None:
-        """Until every change made so far is written (or lost)."""
-        while self._dirty:
-            if self._flushed is None:
-                self._flushed = asyncio.get_running_loop().create_future()
-            await asyncio.shield(self._flushed)
+        """Until every change made so far is written (or lost), the batch being written
+        included."""
+        while self._dirty or self._writing:
+            await self._batch_written()
 
     async def room(self, journal: RedisJournal) -> None:
         """Backpressure for a session relayed elsewhere: wait while it is far ahead of
         what has been written."""
         while journal.pending_bytes > RELAY_BACKLOG and journal.dirty:
-            if self._flushed is None:
-                self._flushed = asyncio.get_running_loop().create_future()
-            await asyncio.shield(self._flushed)
+            await self._batch_written()
+
+    async def _batch_written(self) -> None:
+        if self._flushed is None:
+            self._flushed = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._flushed)
 
     # ------------------------------------------------------------------ moving sessions
     async def owner_state(self, record: SessionRecord) -> str:
@@ -340,13 +352,12 @@ class RedisStore:
         digest = record.token_digest
         try:
             running = record.running and not await self._ended_in_stream(record)
-            appended: list[bytes] = []
+            appended = b""
             if running:
                 message = "the node running this turn was lost; its reply is incomplete"
                 error = protocol.encode_error("interrupted", message, record.turn, seq + 1)
                 done = protocol.encode_done(seq + 2, record.turn, "error")
-                appended = [keys.stream_id(seq + 1), error.encode()]
-                appended += [keys.stream_id(seq + 2), done.encode()]
+                appended = keys.pack_frames([error.encode(), done.encode()])
                 seq += 2
             epoch = await self._take_over(
                 keys=keys.session_keys(digest)[:2],
@@ -356,10 +367,8 @@ class RedisStore:
                     record.seq,
                     self.node,
                     self.session_ttl_ms,
-                    self.stream_length,
-                    len(appended) // 2,
-                    *appended,
                     seq,
+                    appended,
                 ],
             )
             if int(epoch) <= 0:
@@ -388,15 +397,16 @@ class RedisStore:
         """Whether the running turn's ``done`` reached the stream before its node went
         (its turn-ended mark may have been in the next, lost, batch)."""
         last = await self.redis.xrevrange(keys.frames_key(record.token_digest), count=1)
-        return bool(last) and b'"type":"done"' in last[0][1][b"f"]
+        frames = keys.unpack_entries(last)
+        return bool(frames) and b'"type":"done"' in frames[-1][1]
 
     async def _partial_reply(self, record: SessionRecord) -> str:
         entries = await self.redis.xrange(
             keys.frames_key(record.token_digest), keys.stream_id(record.turn_seq + 1), "+"
         )
         pieces = []
-        for _, fields in entries:
-            frame = json.loads(fields[b"f"])
+        for _, data in keys.unpack_entries(entries):
+            frame = json.loads(data)
             if frame.get("type") == "chunk" and frame.get("turn") == record.turn:
                 pieces.append(frame.get("content", ""))
         return "".join(pieces)
@@ -426,7 +436,7 @@ class RedisStore:
             return []
         if not answer:
             return []
-        return [(keys.seq_of(entry_id), fields[b"f"]) for entry_id, fields in answer[0][1]]
+        return [(seq, data) for seq, data in keys.unpack_entries(answer[0][1]) if seq > after]
 
     async def send(self, node: str, message: dict[str, Any]) -> None:
         """Put ``message`` in ``node``'s inbox."""
@@ -643,16 +653,12 @@ def _record(digest: str, fields: dict[bytes, bytes]) -> SessionRecord | None:
         return None
 
 
-def _contiguous(entries: list[Any], first: int, last: int) -> list[bytes] | None:
-    """The frames of ``entries`` if they are exactly seqs ``first``..``last``."""
-    if len(entries) != last - first + 1:
+def _contiguous(frames: list[tuple[int, bytes]], first: int, last: int) -> list[bytes] | None:
+    """The frames with seqs ``first``..``last``, if every one of them is there."""
+    wanted = [data for seq, data in frames if first <= seq <= last]
+    if len(wanted) != last - first + 1 or not frames or frames[0][0] > first:
         return None
-    frames = []
-    for expected, (entry_id, fields) in enumerate(entries, first):
-        if keys.seq_of(entry_id) != expected:
-            return None
-        frames.append(fields[b"f"])
-    return frames
+    return wanted
 
 
 _background: set[asyncio.Task[Any]] = set()

@@ -33,6 +33,7 @@ class RedisJournal:
         "_fields",
         "_frames",
         "_history",
+        "_last",
         "_replace",
         "broken",
         "created",
@@ -57,7 +58,8 @@ class RedisJournal:
         self.dirty = False  # waiting in the store's batch
         self.broken = False  # a write was lost (Redis went away): no more resumes elsewhere
         self.released = False  # drained: another node carries it on, keep its keys
-        self._frames: list[bytes] = []  # (stream id, data) pairs, flattened
+        self._frames: list[bytes] = []
+        self._last = 0  # the seq of the last of ``_frames``
         self._history: list[bytes] = []
         self._replace = False
         self._fields: dict[str, str] = {}
@@ -66,10 +68,11 @@ class RedisJournal:
 
     # ------------------------------------------------------------------ Journal
     def frame(self, seq: int, data: bytes) -> None:
-        self._frames += (keys.stream_id(seq), data)
+        self._frames.append(data)
+        self._last = seq
         self.pending_bytes += len(data)
-        self._fields["seq"] = str(seq)
-        self._mark()
+        if not self.dirty:
+            self._mark()
 
     def history_appended(self, message: Message) -> None:
         self._history.append(json.dumps(message).encode())
@@ -113,7 +116,7 @@ class RedisJournal:
                     "key": self.session.key_digest,
                     "owner": self.store.node,
                     "epoch": str(self.epoch),
-                    "seq": str(conversation.outbox.seq - len(self._frames) // 2),
+                    "seq": str(conversation.outbox.seq - len(self._frames)),
                     "turn": "0",
                     "running": "0",
                     "turn_seq": "0",
@@ -123,6 +126,9 @@ class RedisJournal:
             self.created = True
             commands = 2
         fields = self._fields
+        frames = self._frames
+        if frames:
+            fields["seq"] = str(self._last)
         if self._context is not None:
             fields["context"] = json.dumps(self._context)
         args: list[Any] = [
@@ -130,8 +136,8 @@ class RedisJournal:
             self.store.stream_length,
             self.store.session_ttl_ms,
             conversation.limits.messages,
-            len(self._frames) // 2,
-            *self._frames,
+            self._last if frames else "",
+            keys.pack_frames(frames) if frames else "",
             "R" if self._replace else "A",
             len(self._history),
             *self._history,
