@@ -62,6 +62,13 @@ def raise_open_files(wanted: int) -> int:
     return soft
 
 
+def busy() -> float:
+    """CPU seconds the whole machine has spent busy (not idle or waiting for I/O) since boot,
+    every process counted, the bench's or not."""
+    ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 class Server:
     """A started server: its process, the port it listens on, its log file."""
 

@@ -299,12 +299,13 @@ def cluster(payload: dict[str, Any]) -> str:
         f"round robin) to nodes sharing a Redis, turns of {settings['chunks']} chunks of "
         f"{settings['size']} B, {settings['duration']:g} s; nginx, Redis and the nodes on any "
         f"of the {found.get('cpus', '?')} CPUs, the client on CPU 0. chunks/s ×ratio to 1 "
-        "node; CPU: % of one core over the window.",
+        "node; CPU: % of one core over the window (all: these together; machine: every "
+        "process on it, these or others).",
         "",
     ]
     parts = ("nginx", "redis", "nodes", "client")
     head = f"{'cluster':<{LABEL}}{'chunks/s':>{CELL}}{'turns/s':>{CELL}}"
-    head += "".join(f"{part + ' %':>{CELL}}" for part in (*parts, "all"))
+    head += "".join(f"{part + ' %':>{CELL}}" for part in (*parts, "all", "machine"))
     lines += [head, "-" * len(head)]
     sizes = sorted(int(key.removeprefix("nodes_")) for key in found if key.startswith("nodes_"))
     base = found[f"nodes_{sizes[0]}"].get("chunks_per_s")
@@ -314,7 +315,8 @@ def cluster(payload: dict[str, Any]) -> str:
         cells = _number(rate) + (f" ×{_ratio(rate / base)}" if base else "")
         cells = f"{cells:>{CELL}}{_number(figures.get('turns_per_s', 0.0)):>{CELL}}"
         cpu = [figures.get(f"cpu_{part}_pct", 0.0) for part in parts]
-        cells += "".join(f"{used:>{CELL}.0f}" for used in (*cpu, sum(cpu)))
+        machine = figures.get("cpu_machine_pct", 0.0)
+        cells += "".join(f"{used:>{CELL}.0f}" for used in (*cpu, sum(cpu), machine))
         lines.append(f"{f'{size} node' + 's' * (size > 1):<{LABEL}}{cells}")
     return "\n".join(lines)
 

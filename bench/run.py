@@ -324,8 +324,8 @@ def _start_cluster(nodes: int) -> LocalCluster:
 async def cluster(args: argparse.Namespace) -> dict[str, Any]:
     """The throughput load (clients offering ``resumable``) through nginx round-robin over
     each of ``CLUSTER_SIZES`` nodes sharing a Redis, clusters taking turns over the rounds;
-    with each process's share of a core (nginx, Redis, the nodes and this client) over the
-    window, which says what bounds it."""
+    with each process's share of a core (nginx, Redis, the nodes and this client) and the
+    whole machine's over the window, which say what bounds it."""
     clock = os.sysconf("SC_CLK_TCK")
     with contextlib.ExitStack() as stack:
         started = await asyncio.gather(
@@ -352,7 +352,7 @@ async def cluster(args: argparse.Namespace) -> dict[str, Any]:
         def cpu(servers: dict[str, list[procs.Server]]) -> dict[str, float]:
             used = {k: sum(s.cpu_ticks() for s in v) / clock for k, v in servers.items()}
             times = os.times()
-            return {**used, "client": times.user + times.system}
+            return {**used, "client": times.user + times.system, "machine": procs.busy()}
 
         rounds: list[list[dict[str, Any]]] = [[] for _ in clusters]
         for number in range(1, args.rounds + 1):

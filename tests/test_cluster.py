@@ -9,6 +9,7 @@ nodes, all on loopback, started by ``LocalCluster`` (what ``anything-agent clust
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import random
 import time
@@ -88,7 +89,7 @@ async def resume(
     again.last_seq = after  # type: ignore[attr-defined]
     resumed = await recv_frame(again)
     cluster = cluster or (target if isinstance(target, LocalCluster) else None)
-    assert resumed["type"] == "resumed", (resumed, cluster_log(cluster))
+    assert resumed["type"] == "resumed", f"{resumed}\n{cluster_log(cluster)}"
     return again
 
 
@@ -119,6 +120,22 @@ def post_json(url: str) -> Any:
     request = urllib.request.Request(url, method="POST")
     with urllib.request.urlopen(request, timeout=10) as answer:
         return json.loads(answer.read())
+
+
+async def written_to_redis(cluster: LocalCluster, ws: ClientConnection) -> None:
+    """Until the session of ``ws`` is in Redis with every frame ``ws`` got."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis(unix_socket_path=str(cluster.redis_socket))
+    key = f"anything-agent:session:{hashlib.sha256(ws.token.encode()).hexdigest()}"  # type: ignore[attr-defined]
+    try:
+        for _ in range(100):
+            if int(await client.hget(key, "seq") or -1) >= ws.last_seq:  # type: ignore[attr-defined]
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("the session never reached Redis")
+    finally:
+        await client.aclose()
 
 
 def get_json(url: str) -> Any:
@@ -180,6 +197,21 @@ async def test_killing_the_node_streaming_a_reply_ends_it_interrupted_and_the_ch
     # The next message runs on a new instance, with the whole history, partial reply too.
     reply = text_of(await ask(again, "recall"))
     assert reply == "You said 3 things: before | count 1000 0.01 | recall"
+    await again.close()
+
+
+async def test_a_node_restarted_under_the_same_id_does_not_keep_its_predecessors_sessions(
+    cluster: LocalCluster,
+) -> None:
+    node = cluster.nodes[0]
+    ws = await open_resumable(node)
+    await ask(ws, "kept")
+    await drop(ws)
+    await written_to_redis(cluster, ws)  # (a node killed sooner loses what it never wrote)
+    node.kill()
+    node.restart()  # the same --node-id, a new process: it never held this session
+    again = await resume(cluster.nodes[1], ws, cluster)
+    assert text_of(await ask(again, "recall")) == "You said 2 things: kept | recall"
     await again.close()
 
 

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import (
     SHIPPED_MODELS,
     ServerProcess,
@@ -26,10 +27,14 @@ from conftest import (
 from websockets.asyncio.client import connect
 
 
-def start_workers(start_server: Any, tmp_path: Path, count: int = 2) -> ServerProcess:
+def start_workers(
+    start_server: Any, tmp_path: Path, count: int = 2, env: dict[str, str] | None = None
+) -> ServerProcess:
     models = copy_models(tmp_path / "models", "recorder", "slow")
     copy_models(models, "echo", source=SHIPPED_MODELS)
-    server: ServerProcess = start_server(models, "--workers", str(count), "--grace-period", "5")
+    server: ServerProcess = start_server(
+        models, "--workers", str(count), "--grace-period", "5", env=env
+    )
     for index in range(1, count + 1):
         server.wait_for_log(f"process {index} listening on ws://")
     return server
@@ -52,10 +57,16 @@ async def states(server: ServerProcess, sessions: int = 24) -> list[dict[str, An
     return list(await asyncio.gather(*(one() for _ in range(sessions))))
 
 
+@pytest.mark.parametrize("relay", ["supervisor", "redis"])
 async def test_connections_reach_every_process_and_a_reload_through_one_reaches_all(
-    start_server: Any, tmp_path: Path
+    relay: str, start_server: Any, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    server = start_workers(start_server, tmp_path)
+    """Without Redis the supervisor relays a reload (SIGHUP); with it, each process is a
+    node and the reload goes through Redis, as between hosts."""
+    env = None
+    if relay == "redis":
+        env = {"ANYTHING_AGENT_REDIS_URL": request.getfixturevalue("redis_url")}
+    server = start_workers(start_server, tmp_path, env=env)
     before = await states(server)
     assert len({s["load_id"] for s in before}) == 2  # each process loaded the model
     assert {s["parameters"]["flavour"] for s in before} == {"vanilla"}
@@ -64,7 +75,11 @@ async def test_connections_reach_every_process_and_a_reload_through_one_reaches_
     config.write_text(config.read_text().replace("vanilla", "chocolate"))
     status, _, report = http(server, "/v1/models/reload", method="POST")  # reaches one
     assert status == 200 and report["updated"] == ["recorder"]
-    server.wait_for_log("reloaded: the others reload too")
+    if relay == "redis":
+        server.wait_for_log("reload notice from node")
+        assert "reloaded: the others reload too" not in server.log
+    else:
+        server.wait_for_log("reloaded: the others reload too")
     for _ in range(100):  # the other process reloads on the relayed SIGHUP
         after = await states(server)
         if {s["parameters"]["flavour"] for s in after} == {"chocolate"}:

@@ -381,7 +381,9 @@ class AnythingAgentServer:
         session = self._held_session(
             version, digest(token) if token is not None else None, key, window
         )
-        await self.store.add(session)
+        if not await self.store.add(session):  # Redis went away meanwhile: not resumable
+            session.token_digest, session.window, token = None, 0.0, None
+            session.conversation.outbox = Outbox(0)
         metrics.SESSIONS.labels(model=version.name).inc()
         return session, token
 

@@ -34,6 +34,7 @@ from types import TracebackType
 from typing import Final, Self, TextIO
 
 from ws_server.deploy.nginx import render_nginx_config, worker_user
+from ws_server.deploy.redis_server import RedisServer, RedisUnavailable
 
 HOST: Final = "127.0.0.1"
 REDIS_URL_ENV: Final = "ANYTHING_AGENT_REDIS_URL"
@@ -291,9 +292,8 @@ class LocalCluster:
         self.runtime_parent = runtime_parent
         self.nodes: list[ClusterNode] = []
         self._runtime: Path | None = None
-        self._redis: subprocess.Popen[str] | None = None
+        self._redis: RedisServer | None = None
         self._nginx: subprocess.Popen[str] | None = None
-        self._redis_server: Path | None = None
         self._nginx_binary: Path | None = None
 
     # ------------------------------------------------------------------ addresses
@@ -331,8 +331,8 @@ class LocalCluster:
         return self._nginx
 
     @property
-    def redis_process(self) -> subprocess.Popen[str] | None:
-        return self._redis
+    def redis_process(self) -> subprocess.Popen[bytes] | None:
+        return self._redis.process if self._redis is not None else None
 
     def chat_url(self, model: str) -> str:
         return f"{self.ws_url}/v1/chat/{model}"
@@ -354,7 +354,7 @@ class LocalCluster:
         (a Ctrl-C included) everything started so far is stopped again."""
         if self._runtime is not None:
             raise ClusterError("the cluster is already started")
-        self._redis_server = find_program("redis-server", "redis-server")
+        redis_server = find_program("redis-server", "redis-server")
         self._nginx_binary = find_program("nginx", "nginx")
         if not self.models_dir.is_dir():
             raise ClusterError(f"no models directory at {self.models_dir}")
@@ -368,6 +368,7 @@ class LocalCluster:
                     f"{self.redis_socket} is too long for a unix socket; set TMPDIR to a "
                     "shorter directory"
                 )
+            self._redis = RedisServer(redis_server, self.redis_socket.parent)
             self.redis_start()
             self._start_nodes()
             self._start_nginx()
@@ -387,6 +388,7 @@ class LocalCluster:
             for node in self.nodes:
                 node.wait(self.stop_timeout)
             self.redis_stop()
+            self._redis = None
         finally:
             if self._runtime is not None:
                 shutil.rmtree(self._runtime, ignore_errors=True)
@@ -396,60 +398,17 @@ class LocalCluster:
     def redis_start(self, timeout: float | None = None) -> None:
         """Start Redis (again) on the same socket and wait until it answers PING. It keeps
         nothing on disk: after a restart it is empty, as a Redis without persistence."""
-        directory = self.redis_socket.parent  # ClusterError unless started
-        if self._redis is not None and self._redis.poll() is None:
-            raise ClusterError("Redis is already running")
-        assert self._redis_server is not None
-        directory.mkdir(mode=0o700, exist_ok=True)
-        command = [
-            str(self._redis_server),
-            *("--port", "0"),  # no TCP at all: the unix socket only
-            *("--unixsocket", str(self.redis_socket)),
-            *("--unixsocketperm", "700"),
-            *("--save", ""),
-            *("--appendonly", "no"),
-            *("--daemonize", "no"),
-            *("--dir", str(directory)),
-            *("--logfile", str(directory / "redis.log")),
-        ]
-        self._redis = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            process_group=0,
-        )
-        self._wait_for_redis(self.startup_timeout if timeout is None else timeout)
+        if self._redis is None:
+            raise ClusterError("the cluster is not started")
+        try:
+            self._redis.start(self.startup_timeout if timeout is None else timeout)
+        except RedisUnavailable as exc:
+            raise ClusterError(str(exc)) from None
 
     def redis_stop(self) -> None:
         """SIGTERM Redis and wait for it (the nodes lose it until ``redis_start``)."""
         if self._redis is not None:
-            _stop_process(self._redis, self.stop_timeout)
-
-    def _wait_for_redis(self, timeout: float) -> None:
-        assert self._redis is not None
-        deadline = time.monotonic() + timeout
-        problem = "no answer"
-        while time.monotonic() < deadline:
-            if self._redis.poll() is not None:
-                raise ClusterError(
-                    f"redis-server exited with {self._redis.returncode}:\n"
-                    f"{_tail(self.redis_socket.parent / 'redis.log')}"
-                )
-            try:
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                    probe.settimeout(1.0)
-                    probe.connect(str(self.redis_socket))
-                    probe.sendall(b"PING\r\n")
-                    answer = probe.recv(64)
-                if answer.startswith(b"+PONG"):
-                    return
-                problem = repr(answer)
-            except OSError as exc:
-                problem = str(exc)
-            time.sleep(POLL)
-        raise ClusterError(f"Redis did not answer PING within {timeout:.0f} s: {problem}")
+            self._redis.stop(self.stop_timeout)
 
     # ------------------------------------------------------------------ nodes
     def _start_nodes(self) -> None:

@@ -193,7 +193,7 @@ class ChatConnection:
         self._arm_idle_timer(session)
         try:
             async for data in self.connection:
-                await self._handle(session, data)
+                await self.handle(session, data)
         except ConnectionClosed:
             pass
         finally:
@@ -213,7 +213,9 @@ class ChatConnection:
         if ending is not None:
             await ending
 
-    async def _handle(self, session: LiveSession, data: str | bytes) -> None:
+    async def handle(self, session: LiveSession, data: str | bytes) -> None:
+        """One frame the client sent (read here, or through a relay before this node took
+        the session over)."""
         self._last_activity = time.monotonic()
         await handle_frame(session.conversation, self._rate, data)
 

@@ -54,6 +54,7 @@ class Handover:
         """Carry the client of ``record`` on from seq ``after``, on this connection, until
         it closes; ``ResumeFailed`` before anything was sent when that cannot be."""
         announced = False
+        relay: Relay | None = None
         for _ in range(ATTEMPTS):
             state = await self.store.owner_state(record)
             if state == "held":
@@ -75,7 +76,10 @@ class Handover:
             record = found
             session = await self._take_over(record, after)
             if session is not None:
-                await self._carry_on(adapter, session, after, announced)
+                # Frames the client sent through the relay that its lost holder never
+                # took: this node takes them, in order, once the session is carried on.
+                unseen = relay.unseen(record.relayed_from(relay.id)) if relay else []
+                await self._carry_on(adapter, session, after, announced, unseen)
                 return
         if announced:  # the client has its resumed frame: it resumes again
             await _close(adapter, 1012, "the session could not be carried on; resume again")
@@ -143,6 +147,7 @@ class Handover:
         taken: tuple[LiveSession, dict[str, Any]],
         after: int,
         announced: bool,
+        unseen: list[str | bytes],
     ) -> None:
         session, context = taken
         if not await adapter.restart(session, context):
@@ -153,6 +158,8 @@ class Handover:
             await session.end(DISCONNECTED)
             return
         await adapter.resume(session, after, frames, announce=not announced)
+        for data in unseen:
+            await adapter.handle(session, data)
         await adapter.serve(session)
 
 

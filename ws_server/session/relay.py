@@ -10,6 +10,7 @@ if it lets go (a drain) or its heartbeat lapses (it died), the relay ends with
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 import uuid
 from typing import TYPE_CHECKING, Final
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from ws_server.store.redis import RedisStore
 
 HOLDER_CHECK: Final = 0.5  # seconds between looks at the holder while frames flow
+KEEP_SENT: Final = 256  # client frames kept in case the holder dies before taking them
 # Why a relay closed its client's connection (the client resumes again and lands right).
 CLOSE_REASONS: Final = {
     "replaced": (REPLACED, "resumed on another connection"),
@@ -42,6 +44,10 @@ class Relay:
         self.adapter = adapter
         self.record = record
         self.last = 0  # the last seq sent to the client
+        # The client's latest frames sent to the holder, and how many were sent in all:
+        # a node taking over hands on those the holder never took (see ``unseen``).
+        self._forwarded: collections.deque[str | bytes] = collections.deque(maxlen=KEEP_SENT)
+        self._sent = 0
         self._notice: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     def notice(self, what: str) -> None:
@@ -106,6 +112,8 @@ class Relay:
         owner, digest = self.record.owner, self.record.token_digest
         try:
             async for data in self.adapter.connection:
+                self._forwarded.append(data)
+                self._sent += 1
                 binary = isinstance(data, bytes)
                 frame = {
                     "op": "frame",
@@ -117,6 +125,11 @@ class Relay:
                 await self.store.send(owner, frame)
         except ConnectionClosed:
             pass
+
+    def unseen(self, taken: int) -> list[str | bytes]:
+        """The frames after the first ``taken`` that this relay sent to the holder."""
+        missing = self._sent - taken
+        return list(self._forwarded)[-missing:] if missing > 0 else []
 
     async def _tail(self) -> str:
         """Frames from the stream to the client, watching the holder between reads."""

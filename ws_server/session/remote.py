@@ -50,6 +50,7 @@ class RemoteAttachment:
     ) -> None:
         self.store = store
         self.session = session
+        self.journal = journal
         self.relay_node = relay_node
         self.relay_id = relay_id
         self._rate = FrameRate(store.frames_per_minute)
@@ -66,9 +67,14 @@ class RemoteAttachment:
         self._frames.put_nowait(data if binary else data.decode())
 
     async def _read(self) -> None:
+        taken = 0
         while True:
             data = await self._frames.get()
             await handle_frame(self.session.conversation, self._rate, data)
+            taken += 1
+            # Written with the frame's effects (the same batch): a node taking the session
+            # over knows which of the relay's frames this node took, and which it did not.
+            self.journal.relayed(self.relay_id, taken)
 
     async def replaced(self) -> None:
         """Another connection resumed the session: the relaying node closes with 4001."""

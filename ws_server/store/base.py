@@ -34,6 +34,15 @@ class SessionRecord:
     running: bool
     turn_seq: int  # the seq the running (or last) turn's frames follow
     window: float
+    # How many client frames its holder took from the relay named here ("<id>:<count>"):
+    # a node taking the session over from that relay hands it the ones after them.
+    relayed: str = ""
+
+    def relayed_from(self, relay_id: str) -> int:
+        """How many of relay ``relay_id``'s frames the holder took (0 if none, or another
+        relay's)."""
+        name, _, count = self.relayed.partition(":")
+        return int(count) if name == relay_id and count.isdigit() else 0
 
 
 @dataclass(frozen=True)
@@ -60,8 +69,9 @@ class SessionStore(Protocol):
     def status(self) -> str:
         """What ``/healthz`` says of the store: ``memory``, ``redis`` or ``unavailable``."""
 
-    async def add(self, session: LiveSession) -> None:
-        """Keep ``session`` (owned by this node) findable by its token."""
+    async def add(self, session: LiveSession) -> bool:
+        """Keep ``session`` (held by this node) findable by its token; False when it
+        cannot be resumable after all (its store failed it): no token for its client."""
 
     async def find(self, token_digest: str) -> LiveSession | SessionRecord | None:
         """The session of that token: held here, held elsewhere, or gone."""

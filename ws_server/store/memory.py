@@ -22,10 +22,11 @@ class MemoryStore:
         self._by_token: dict[str, LiveSession] = {}
         self._sessions: set[LiveSession] = set()
 
-    async def add(self, session: LiveSession) -> None:
+    async def add(self, session: LiveSession) -> bool:
         self._sessions.add(session)
         if session.token_digest is not None:
             self._by_token[session.token_digest] = session
+        return True
 
     async def find(self, token_digest: str) -> LiveSession | SessionRecord | None:
         session = self._by_token.get(token_digest)

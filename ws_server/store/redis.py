@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -50,6 +51,7 @@ INBOX_LENGTH: Final = 10_000  # entries kept in a node's inbox (it reads them at
 INBOX_TTL_MS: Final = 60_000
 GENERATION_TTL_MS: Final = 7 * 24 * 3600 * 1000
 TTL_REFRESH: Final = 30.0  # seconds between renewals of the held sessions' TTLs
+CLOSE_STEP: Final = 2.0  # seconds each step of a shutdown may wait for Redis
 FRAME_GUESS: Final = 256  # bytes per frame, to turn the replay buffer's bytes into a length
 
 
@@ -84,7 +86,10 @@ class RedisStore:
         self.redis: Any = aioredis.from_url(
             url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=2.0
         )
-        self.node = node
+        # The holder named in sessions: the node id and this run of it. A node restarted
+        # under the same id (a deploy, a crash) is a new holder: its predecessor's
+        # sessions are taken over, not relayed to a process that never held them.
+        self.node = f"{node}@{secrets.token_hex(3)}"
         self.node_ttl = node_ttl
         self.window = window  # --resume-window: how long keys must outlive their holder
         self.frames_per_minute = frames_per_minute  # for clients relayed from elsewhere
@@ -106,7 +111,6 @@ class RedisStore:
         self.relays: dict[str, Relay] = {}  # relays running here, by id
         self.remotes: dict[str, RemoteAttachment] = {}  # sessions here read elsewhere
         self._generation: bytes | None = None
-        self._live_nodes: set[str] = set()
         self._cluster: dict[str, dict[str, int]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._last_refresh = time.monotonic()
@@ -128,22 +132,31 @@ class RedisStore:
     async def start(self) -> None:
         """Beat, read the inbox, listen for reloads and write journals, from now on."""
         await self._beat()  # first beat now: the node is visible before it listens
+        with contextlib.suppress(*self._errors):  # loaded now, not by the first session
+            for script in (self.append_script, self._take_over, self._release, self._delete):
+                await self.redis.script_load(script.script)
         loop = asyncio.get_running_loop()
         for coroutine in (self._heartbeats(), self._inbox(), self._reloads(), self._writer()):
             self._tasks.append(loop.create_task(coroutine))
 
     async def close(self) -> None:
-        """Stop (after the sessions have ended): flush, leave the cluster, disconnect."""
-        await self.flush()
+        """Stop (after the sessions have ended): flush, leave the cluster, disconnect.
+        Each step is bounded: a Redis that does not answer never holds a shutdown."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.flush(), CLOSE_STEP)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        with contextlib.suppress(*self._errors):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.delete(keys.node_key(self.node), keys.inbox_key(self.node))
-                pipe.srem(keys.NODES, self.node)
-                await pipe.execute()
-        await self.redis.aclose()
+        await asyncio.wait(self._tasks, timeout=CLOSE_STEP)
+        with contextlib.suppress(TimeoutError, *self._errors):
+            await asyncio.wait_for(self._leave(), CLOSE_STEP)
+        with contextlib.suppress(TimeoutError, *self._errors):
+            await asyncio.wait_for(self.redis.aclose(), CLOSE_STEP)
+
+    async def _leave(self) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(keys.node_key(self.node), keys.inbox_key(self.node))
+            pipe.srem(keys.NODES, self.node)
+            await pipe.execute()
 
     def _lost(self, error: BaseException) -> None:
         if self._available:
@@ -155,24 +168,52 @@ class RedisStore:
         self._available = False
 
     # ------------------------------------------------------------------ SessionStore
-    async def add(self, session: LiveSession) -> None:
+    async def add(self, session: LiveSession) -> bool:
+        """Keep ``session``; a resumable one is in Redis before this returns (its client
+        may resume on another node as soon as it has its token). False: Redis failed it,
+        so it cannot be resumable."""
         self._sessions.add(session)
-        if session.token_digest is not None and session.resumable:
-            self._hold(session, epoch=1, created=False)
+        digest = session.token_digest
+        if digest is None or not session.resumable:
+            return True
+        conversation = session.conversation
+        version = conversation.version
+        record = {
+            "id": conversation.id,
+            "model": version.name,
+            "revision": version.revision,
+            "version": version.version,
+            "key": session.key_digest,
+            "owner": self.node,
+            "epoch": "1",
+            "seq": str(conversation.outbox.seq),
+            "turn": "0",
+            "running": "0",
+            "turn_seq": "0",
+            "window": str(session.window),
+        }
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hset(keys.session_key(digest), mapping=record)
+                pipe.pexpire(keys.session_key(digest), self.session_ttl_ms)
+                await pipe.execute()
+        except self._errors as exc:
+            self._lost(exc)
+            return False
+        self._hold(session, epoch=1)
+        return True
 
     def adopt(self, session: LiveSession, epoch: int) -> None:
         """Hold a session taken over from another node (its hash exists already)."""
         self._sessions.add(session)
-        self._hold(session, epoch, created=True)
+        self._hold(session, epoch)
 
-    def _hold(self, session: LiveSession, epoch: int, created: bool) -> None:
+    def _hold(self, session: LiveSession, epoch: int) -> None:
         assert session.token_digest is not None
         self._held[session.token_digest] = session
-        journal = RedisJournal(self, session, epoch, created)
+        journal = RedisJournal(self, session, epoch)
         session.conversation.journal = journal
         session.conversation.outbox.mirror = journal.frame
-        if not created:
-            journal._mark()
 
     def journal_of(self, session: LiveSession) -> RedisJournal | None:
         journal = session.conversation.journal
@@ -250,7 +291,10 @@ class RedisStore:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await self._write_batch()
+            try:
+                await self._write_batch()
+            except Exception:  # a bug, not Redis: say so, and keep writing the others
+                log.exception("writing sessions to Redis failed")
 
     async def _write_batch(self) -> None:
         batch, self._dirty = self._dirty, []
@@ -264,18 +308,18 @@ class RedisStore:
                 return
             pipe = self.redis.pipeline(transaction=False)
             pipe.scripts.add(self.append_script)
-            written = [(j, j.write(pipe)) for j in batch if not j.broken]
+            written = [j for j in batch if not j.broken]
+            for journal in written:
+                journal.write(pipe)
             try:
                 results = await pipe.execute(raise_on_error=False)
             except self._errors as exc:
                 self._lost(exc)
-                for journal, _ in written:
+                for journal in written:
                     self._lose(journal)
                 return
-            position = 0
-            for journal, commands in written:
-                position += commands  # the script's answer is the last of its commands
-                self._check(journal, results[position - 1])
+            for journal, outcome in zip(written, results, strict=True):
+                self._check(journal, outcome)
         finally:
             self._writing = False
             flushed, self._flushed = self._flushed, None
@@ -556,7 +600,7 @@ class RedisStore:
             for model, revision in json.loads(beat).get("revisions", {}).items():
                 counts = view.setdefault(model, {})
                 counts[revision] = counts.get(revision, 0) + 1
-        self._live_nodes, self._cluster = live, view
+        self._cluster = view
         if gone:
             _spawn(self._forget_nodes(gone))
         for remote in list(self.remotes.values()):
@@ -648,6 +692,7 @@ def _record(digest: str, fields: dict[bytes, bytes]) -> SessionRecord | None:
             running=fields[b"running"] == b"1",
             turn_seq=int(fields[b"turn_seq"]),
             window=float(fields[b"window"]),
+            relayed=fields.get(b"relayed", b"").decode(),
         )
     except (KeyError, ValueError):  # half-written or foreign: as good as gone
         return None

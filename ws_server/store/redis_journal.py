@@ -36,7 +36,6 @@ class RedisJournal:
         "_last",
         "_replace",
         "broken",
-        "created",
         "digest",
         "dirty",
         "epoch",
@@ -47,14 +46,13 @@ class RedisJournal:
         "store",
     )
 
-    def __init__(self, store: RedisStore, session: LiveSession, epoch: int, created: bool) -> None:
+    def __init__(self, store: RedisStore, session: LiveSession, epoch: int) -> None:
         assert session.token_digest is not None
         self.store = store
         self.session = session
         self.digest = session.token_digest
         self.keys = keys.session_keys(self.digest)
         self.epoch = epoch
-        self.created = created  # the hash exists in Redis (else the first write makes it)
         self.dirty = False  # waiting in the store's batch
         self.broken = False  # a write was lost (Redis went away): no more resumes elsewhere
         self.released = False  # drained: another node carries it on, keep its keys
@@ -87,6 +85,11 @@ class RedisJournal:
         self._fields.update(turn=str(turn), running="1", turn_seq=str(seq))
         self._mark()
 
+    def relayed(self, relay_id: str, count: int) -> None:
+        """The holder took ``count`` client frames from that relay (see ``SessionRecord``)."""
+        self._fields["relayed"] = f"{relay_id}:{count}"
+        self._mark()
+
     def turn_ended(self, turn: int, context: dict[str, Any]) -> None:
         self._fields.update(turn=str(turn), running="0")
         self._context = context
@@ -98,33 +101,11 @@ class RedisJournal:
             self.store.schedule(self)
 
     # ------------------------------------------------------------------ the writer's side
-    def write(self, pipe: Pipeline) -> int:
-        """Queue this journal's changes on ``pipe`` (the store's batch) and forget them;
-        how many commands that took (the script's answer is the last)."""
+    def write(self, pipe: Pipeline) -> None:
+        """Queue this journal's changes on ``pipe`` (the store's batch: one script call)
+        and forget them."""
         self.dirty = False
-        commands = 1
         conversation = self.session.conversation
-        if not self.created:
-            version = conversation.version
-            pipe.hset(
-                self.keys[0],
-                mapping={
-                    "id": conversation.id,
-                    "model": version.name,
-                    "revision": version.revision,
-                    "version": version.version,
-                    "key": self.session.key_digest,
-                    "owner": self.store.node,
-                    "epoch": str(self.epoch),
-                    "seq": str(conversation.outbox.seq - len(self._frames)),
-                    "turn": "0",
-                    "running": "0",
-                    "turn_seq": "0",
-                    "window": str(self.session.window),
-                },
-            )
-            self.created = True
-            commands = 2
         fields = self._fields
         frames = self._frames
         if frames:
@@ -152,7 +133,6 @@ class RedisJournal:
         self._fields = {}
         self._context = None
         self.pending_bytes = 0
-        return commands
 
     def lose(self) -> None:
         """Redis went away with this journal's changes: it no longer mirrors anything (the
