@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from ws_server.deploy.redis_server import RedisServer
+
 HERE: Final = Path(__file__).resolve().parent
 SERVERS_DIR: Final = HERE / "servers"
 BENCH_MODEL: Final = HERE / "models" / "bench"
@@ -33,7 +35,6 @@ REFERENCE: Final = "websockets"  # every figure is a ratio to this server's, sam
 BEFORE: Final = "cd360c5"  # "Group ws_server by role": the server before resumable sessions
 SUBPROTOCOL: Final = "anything-agent.v1"
 RESUMABLE: Final = (SUBPROTOCOL, "resumable")  # what a client that can resume offers
-REDIS_SOCKET: Final = "redis.sock"  # in the scratch directory: the runner's redis-server
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,11 @@ def _anything_agent(models_dir: Path) -> tuple[str, ...]:
         *("-m", "ws_server", "serve", "--port", "0", "--models-dir", str(models_dir)),
         "--no-limits",
     )
+
+
+def redis_url(scratch: Path) -> str:
+    """Where the runner's redis-server for ``scratch`` listens (a unix socket in it)."""
+    return RedisServer(Path("redis-server"), scratch.absolute()).url
 
 
 def check_out(revision: str, tree: Path) -> str:
@@ -124,7 +130,7 @@ def lineup(scratch: Path, before: str = BEFORE) -> list[ServerSpec]:
             "AnythingAgent Redis store",
             _anything_agent(BENCH_MODEL.parent),
             offers=RESUMABLE,
-            env={"ANYTHING_AGENT_REDIS_URL": f"unix://{scratch.absolute() / REDIS_SOCKET}"},
+            env={"ANYTHING_AGENT_REDIS_URL": redis_url(scratch)},
             redis=True,
         ),
         ServerSpec(

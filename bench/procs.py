@@ -1,6 +1,5 @@
 """Server processes for the bench: started pinned to their own core, watched through /proc,
-stopped with everything they started; and the private redis-server that the rows with a
-Redis session store share.
+stopped with everything they started.
 
 The load generator runs on CPU 0 and every server on CPU 1 (where there are two cores or
 more), so client and server never compete for a core and a server's figures are what one
@@ -18,7 +17,7 @@ import resource
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -37,13 +36,14 @@ def pin(cpu: int) -> None:
 
 
 @contextlib.contextmanager
-def unpinned() -> Iterator[None]:
-    """Let the calling thread, and the processes it starts meanwhile, run on every CPU."""
-    if not hasattr(os, "sched_getaffinity"):
+def running_on(cpus: Iterable[int] | None = None) -> Iterator[None]:
+    """Run the calling thread, and the processes it starts meanwhile, on ``cpus`` (default:
+    every CPU), where the machine has more than one."""
+    if not hasattr(os, "sched_getaffinity") or (os.cpu_count() or 1) < 2:
         yield
         return
     pinned = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    os.sched_setaffinity(0, range(os.cpu_count() or 1) if cpus is None else cpus)
     try:
         yield
     finally:
@@ -192,49 +192,10 @@ def start(
     raise RuntimeError(f"{' '.join(command)} did not listen within {timeout:g} s")
 
 
-class RedisServer(Server):
-    """A private redis-server listening on a unix socket alone."""
-
-    def __init__(self, process: subprocess.Popen[bytes], socket: Path, log: Path) -> None:
-        super().__init__(process, 0, log)
-        self.socket = socket
-
-    def used_kib(self) -> float:
-        """What Redis holds (``INFO memory``'s ``used_memory``), in KiB."""
-        with redis.Redis(unix_socket_path=str(self.socket)) as client:
-            return float(client.info("memory")["used_memory"]) / 1024
-
-
-def start_redis(socket: Path, log: Path, timeout: float = 30.0) -> RedisServer:
-    """Start redis-server on ``SERVER_CPU`` (the servers using it pay for it), listening on
-    the unix socket ``socket`` and no TCP port, keeping nothing on disk; return it once it
-    answers PING."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    command = ["redis-server", "--port", "0", "--unixsocket", str(socket)]
-    command += ["--unixsocketperm", "700", "--save", "", "--appendonly", "no"]
-    command += ["--dir", str(socket.parent), "--logfile", str(log)]
-    try:
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=lambda: pin(SERVER_CPU),
-        )
-    except FileNotFoundError:
-        raise RuntimeError("redis-server is not installed (apt-get install redis-server)") from None
-    server = RedisServer(process, socket, log)
-    deadline = time.monotonic() + timeout
+def redis_used_kib(socket: Path) -> float:
+    """What the Redis listening on ``socket`` holds (``INFO memory``'s ``used_memory``),
+    less its clients' buffers (which grow with the connections a server opens, not with
+    the sessions it keeps)."""
     with redis.Redis(unix_socket_path=str(socket)) as client:
-        while time.monotonic() < deadline:
-            with contextlib.suppress(redis.ConnectionError):
-                if client.ping():
-                    return server
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"redis-server exited with {process.returncode}:\n{server.log_tail()}"
-                )
-            time.sleep(0.02)
-    server.stop()
-    raise RuntimeError(f"redis-server did not answer PING within {timeout:g} s")
+        memory = client.info("memory")
+    return float(memory["used_memory"] - memory["mem_clients_normal"]) / 1024

@@ -252,8 +252,8 @@ def _nodes_legend(payload: dict[str, Any]) -> list[str]:
     lines = []
     if "capacity" in measured:
         lines += [
-            f"In Redis: Redis' used_memory growth per idle session ({settings['sessions']} "
-            "sessions open)."
+            f"In Redis: Redis' used_memory growth (its clients' buffers left out) per idle "
+            f"session ({settings['sessions']} sessions open)."
         ]
     if "resume" in measured:
         lines += [

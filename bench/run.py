@@ -38,6 +38,7 @@ import time
 import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,6 @@ from lineup import (
     BEFORE,
     BENCH_MODEL,
     KEYS,
-    REDIS_SOCKET,
     REFERENCE,
     RESUMABLE,
     ServerSpec,
@@ -59,7 +59,8 @@ from lineup import (
     prepare,
 )
 
-from ws_server.deploy.local_cluster import LocalCluster
+from ws_server.deploy.local_cluster import LocalCluster, find_program
+from ws_server.deploy.redis_server import RedisServer
 
 HERE = Path(__file__).resolve().parent
 MODES = ("capacity", "throughput", "latency", "resume", "detached", "cluster")
@@ -152,7 +153,7 @@ class Entry:
     server: procs.Server | None = None
     result: dict[str, Any] = field(default_factory=dict)
     rounds: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    redis: procs.RedisServer | None = None  # its sessions' store, when the spec says so
+    redis: RedisServer | None = None  # its sessions' store, when the spec says so
     peer: procs.Server | None = None  # a second node on the same Redis (resume mode)
 
     @property
@@ -182,9 +183,11 @@ def start_all(entries: list[Entry], scratch: Path) -> None:
             if spec.checkout is not None:
                 assert spec.cwd is not None
                 entry.result["commit"] = check_out(spec.checkout, spec.cwd)
-            if spec.redis:
-                log = scratch / "logs" / f"{spec.key}-redis.log"
-                entry.redis = procs.start_redis(scratch / REDIS_SOCKET, log)
+            if spec.redis:  # on the server's CPU: the row's figures include its cost
+                binary = find_program("redis-server", "redis-server")
+                entry.redis = RedisServer(binary, scratch.absolute())
+                with procs.running_on({procs.SERVER_CPU}):
+                    entry.redis.start()
             entry.server = procs.start(
                 spec.command, scratch / "logs" / f"{spec.key}.log", env=spec.env, cwd=spec.cwd
             )
@@ -233,7 +236,7 @@ async def measure_all(
                     entry.server.settle,
                     args.concurrency,
                     entry.spec.offers,
-                    entry.redis.used_kib if entry.redis else None,
+                    partial(procs.redis_used_kib, entry.redis.socket_path) if entry.redis else None,
                 )
             except Exception as exc:
                 entry.fail(exc)
@@ -313,9 +316,9 @@ async def measure_all(
 
 
 def _start_cluster(nodes: int) -> LocalCluster:
-    """Redis, ``nodes`` nodes serving the bench model and nginx in front, each on every
-    CPU (not the runner's own)."""
-    with procs.unpinned():
+    """Redis, ``nodes`` nodes serving the bench model and nginx in front, all free to run on
+    every CPU (the runner itself stays pinned to its own)."""
+    with procs.running_on():
         return LocalCluster(
             nodes, models_dir=BENCH_MODEL.parent, extra_args=["--no-limits"]
         ).start()
@@ -369,7 +372,7 @@ async def cluster(args: argparse.Namespace) -> dict[str, Any]:
                         running.chat_url("bench"),
                         *(args.connections, args.chunks, args.size, args.duration, args.warmup),
                         offers=RESUMABLE,
-                        cpu=lambda servers=servers: cpu(servers),
+                        cpu=partial(cpu, servers),
                     )
                 )
     figures = {f"nodes_{n}": combine(r) for n, r in zip(CLUSTER_SIZES, rounds, strict=True)}

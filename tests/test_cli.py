@@ -146,6 +146,25 @@ def test_invalid_option_values_are_named() -> None:
     assert result.returncode == 2 and "--grace-period" in result.stderr
 
 
+def test_a_redis_url_that_is_not_one_stops_serve_without_echoing_it() -> None:
+    secret = "hunter2-not-a-url"
+    result = run_cli("serve", "--port", "0", env={"ANYTHING_AGENT_REDIS_URL": secret})
+    assert result.returncode == 2, result.stderr
+    assert "--redis-url is not a Redis URL" in result.stderr
+    assert secret not in result.stderr + result.stdout
+
+
+def test_an_unreachable_redis_never_shows_its_url_in_the_log(
+    tmp_path: Path, start_server: Any
+) -> None:
+    url = f"unix://{tmp_path}/hunter2-nothing-here.sock"
+    server = start_server(SHIPPED_MODELS, env={"ANYTHING_AGENT_REDIS_URL": url})
+    status, _, health = http(server, "/healthz")
+    assert status == 200 and health["store"] == "unavailable"
+    server.wait_for_log("Redis unreachable")
+    assert "hunter2" not in server.log
+
+
 def test_serve_says_so_when_the_port_is_taken(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -28,9 +28,9 @@ class CgroupUnavailable(AnythingAgentError):
     """No cgroup can be created for a worker here; it runs with per-process limits."""
 
 
-class StoreUnavailable(AnythingAgentError):
+class StoreUnavailable(SettingsError):
     """The session store a setting asks for cannot be used (``--redis-url`` without
-    redis-py installed); the server does not start."""
+    redis-py installed, or a URL that is not one); the server does not start."""
 
 
 class ModelLoadError(AnythingAgentError):

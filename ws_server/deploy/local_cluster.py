@@ -388,7 +388,6 @@ class LocalCluster:
             for node in self.nodes:
                 node.wait(self.stop_timeout)
             self.redis_stop()
-            self._redis = None
         finally:
             if self._runtime is not None:
                 shutil.rmtree(self._runtime, ignore_errors=True)

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ws_server.http.limits import FrameRate
 from ws_server.session.connection import handle_frame
 from ws_server.session.live import LiveSession
+
+# Unwritten bytes of frames past which a relayed session's model waits for the writer:
+# its client reads through Redis, so that is where backpressure comes from.
+RELAY_BACKLOG: Final = 256 * 1024
 
 if TYPE_CHECKING:
     from ws_server.store.redis import RedisStore
@@ -31,10 +35,10 @@ class RemoteSink:
         self.journal = journal
 
     async def write(self, data: bytes) -> None:
-        await self.store.room(self.journal)
+        await self.store.writer.room(self.journal, RELAY_BACKLOG)
 
     async def write_now(self, data: bytes) -> None:
-        await self.store.room(self.journal)
+        await self.store.writer.room(self.journal, RELAY_BACKLOG)
 
 
 class RemoteAttachment:

@@ -1,20 +1,16 @@
-"""The Redis session store: several nodes share sessions, heartbeats and reload notices.
+"""The Redis session store: sessions that several nodes share (``--redis-url``).
 
-A resumable session held by this node is mirrored to Redis as it goes (``RedisJournal``,
-written behind in one pipeline per batch), so that a client reconnecting through any
-node finds it: the node it reaches relays to the holder while that one is alive, or
-takes the session over once its heartbeat has lapsed or a drain released it.
-
-How a relaying node reaches the holder: through the holder's **inbox**, a Redis Stream
-per node (``keys.inbox_key``), read by one blocking loop per node. A stream rather than
-pub/sub because a client's frames must not be lost or reordered while the holder's
-connection to Redis blips: a stream keeps them until read (trimmed by length, expiring
-with the node), where pub/sub drops whatever is published while a subscriber is away.
-Reload notices, where a missed one is caught up by the generation counter, use pub/sub.
+A resumable session held by this node is in Redis from the moment its client gets its
+token, and mirrored as it goes (``RedisJournal``, written behind in one pipeline per
+batch), so that a client reconnecting through any node finds it: the node it reaches
+relays to the holder while that one is alive (``session/relay.py``; the holder's side is
+``session/remote.py``), or takes the session over once its heartbeat has lapsed or a
+drain released it (``session/handover.py``). Heartbeats, inboxes and reload notices are
+``cluster.py``'s.
 
 Redis down: new sessions get no resume token, ``/healthz`` says ``"store":"unavailable"``,
-chats go on, and the node finds Redis again by itself (its heartbeat keeps trying).
-The URL is a secret (it may hold a password) and is never logged.
+chats go on, sessions held here stay resumable here, and the node finds Redis again by
+itself.
 """
 
 from __future__ import annotations
@@ -31,12 +27,13 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from ws_server import protocol
-from ws_server.exceptions import StoreUnavailable
 from ws_server.sdk import Message
 from ws_server.session.live import LiveSession
 from ws_server.store import keys
 from ws_server.store.base import SessionRecord, TakenOver
-from ws_server.store.redis_journal import RELAY_BACKLOG, RedisJournal
+from ws_server.store.cluster import BLOCK_MS, CLOSE_STEP, ClusterLink, connect
+from ws_server.store.redis_journal import RedisJournal
+from ws_server.store.writer import JournalWriter
 
 if TYPE_CHECKING:
     from ws_server.session.relay import Relay
@@ -44,14 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("anything_agent.store")
 
-# redis-py 8 gives every socket read 5 s; blocking reads stay well under it.
-SOCKET_TIMEOUT: Final = 5.0
-BLOCK_MS: Final = 500
-INBOX_LENGTH: Final = 10_000  # entries kept in a node's inbox (it reads them at once)
-INBOX_TTL_MS: Final = 60_000
-GENERATION_TTL_MS: Final = 7 * 24 * 3600 * 1000
 TTL_REFRESH: Final = 30.0  # seconds between renewals of the held sessions' TTLs
-CLOSE_STEP: Final = 2.0  # seconds each step of a shutdown may wait for Redis
 FRAME_GUESS: Final = 256  # bytes per frame, to turn the replay buffer's bytes into a length
 
 
@@ -60,7 +50,9 @@ def default_node_id() -> str:
 
 
 class RedisStore:
-    """Sessions, heartbeats, inboxes and reloads for one node, in a shared Redis."""
+    """The sessions of one node, in a Redis shared with the others (its ``ClusterLink``
+    does the heartbeats, the inbox and the reload notices; its ``JournalWriter`` the
+    write-behind)."""
 
     def __init__(
         self,
@@ -74,55 +66,50 @@ class RedisStore:
         window: float = 30.0,
         frames_per_minute: int | None = None,
     ) -> None:
-        try:
-            import redis.asyncio as aioredis
-        except ImportError:  # pragma: no cover - the extra is part of the test install
-            raise StoreUnavailable(
-                "--redis-url needs redis-py: pip install 'anything-agent[redis]'"
-            ) from None
-        self._errors: tuple[type[BaseException], ...] = (aioredis.RedisError, OSError)
-        # Any: redis-py types each reply as the union of every client's (sync, async,
-        # bytes, str), which says nothing here; the replies used are checked where read.
-        self.redis: Any = aioredis.from_url(
-            url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=2.0
-        )
+        self.redis, self._errors = connect(url)
         # The holder named in sessions: the node id and this run of it. A node restarted
         # under the same id (a deploy, a crash) is a new holder: its predecessor's
         # sessions are taken over, not relayed to a process that never held them.
         self.node = f"{node}@{secrets.token_hex(3)}"
         self.node_ttl = node_ttl
+        self.link = ClusterLink(
+            self.redis,
+            self._errors,
+            self.node,
+            node_ttl,
+            revisions=revisions,
+            on_reload=on_reload,
+            on_message=self._deliver,
+            on_beat=self._after_beat,
+        )
         self.window = window  # --resume-window: how long keys must outlive their holder
         self.frames_per_minute = frames_per_minute  # for clients relayed from elsewhere
         self.stream_length = max(64, replay_bytes // FRAME_GUESS)
-        self._revisions = revisions
-        self._on_reload = on_reload
-        self.append_script = self.redis.register_script(keys.APPEND)
+        self.writer = JournalWriter(
+            self.redis,
+            self.link,
+            stream_length=self.stream_length,
+            ttl_ms=self.session_ttl_ms,
+            on_fenced=self._fenced,
+        )
         self._take_over = self.redis.register_script(keys.TAKE_OVER)
         self._release = self.redis.register_script(keys.RELEASE)
         self._delete = self.redis.register_script(keys.DELETE)
-        self._available = False
         self._sessions: set[LiveSession] = set()
         self._held: dict[str, LiveSession] = {}  # resumable ones, by token digest
-        self._dirty: list[RedisJournal] = []
-        self._wake = asyncio.Event()
-        self._flushed: asyncio.Future[None] | None = None  # the end of the next batch
-        self._writing = False  # a batch is on its way to Redis
-        self._stale: set[str] = set()  # digests whose keys a lost write left behind
         self.relays: dict[str, Relay] = {}  # relays running here, by id
         self.remotes: dict[str, RemoteAttachment] = {}  # sessions here read elsewhere
-        self._generation: bytes | None = None
-        self._cluster: dict[str, dict[str, int]] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._writer_task: asyncio.Task[None] | None = None
         self._last_refresh = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
     @property
     def available(self) -> bool:
-        return self._available
+        return self.link.available
 
     @property
     def status(self) -> str:
-        return "redis" if self._available else "unavailable"
+        return "redis" if self.link.available else "unavailable"
 
     @property
     def session_ttl_ms(self) -> int:
@@ -130,42 +117,40 @@ class RedisStore:
         return int((self.window + 2 * TTL_REFRESH + self.node_ttl) * 1000)
 
     async def start(self) -> None:
-        """Beat, read the inbox, listen for reloads and write journals, from now on."""
-        await self._beat()  # first beat now: the node is visible before it listens
+        """Join the cluster and write journals, from now on."""
+        await self.link.start()
         with contextlib.suppress(*self._errors):  # loaded now, not by the first session
-            for script in (self.append_script, self._take_over, self._release, self._delete):
+            for script in (
+                self.writer.append_script,
+                self._take_over,
+                self._release,
+                self._delete,
+            ):
                 await self.redis.script_load(script.script)
-        loop = asyncio.get_running_loop()
-        for coroutine in (self._heartbeats(), self._inbox(), self._reloads(), self._writer()):
-            self._tasks.append(loop.create_task(coroutine))
+        self._writer_task = asyncio.get_running_loop().create_task(self.writer.run())
 
     async def close(self) -> None:
         """Stop (after the sessions have ended): flush, leave the cluster, disconnect.
         Each step is bounded: a Redis that does not answer never holds a shutdown."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.flush(), CLOSE_STEP)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.wait(self._tasks, timeout=CLOSE_STEP)
-        with contextlib.suppress(TimeoutError, *self._errors):
-            await asyncio.wait_for(self._leave(), CLOSE_STEP)
+        if self._writer_task is not None:
+            self._writer_task.cancel()
+        await self.link.close()
         with contextlib.suppress(TimeoutError, *self._errors):
             await asyncio.wait_for(self.redis.aclose(), CLOSE_STEP)
 
-    async def _leave(self) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.delete(keys.node_key(self.node), keys.inbox_key(self.node))
-            pipe.srem(keys.NODES, self.node)
-            await pipe.execute()
-
     def _lost(self, error: BaseException) -> None:
-        if self._available:
-            log.warning(
-                "Redis unreachable (%s): chats go on; new sessions are not resumable "
-                "until it is back",
-                type(error).__name__,
-            )
-        self._available = False
+        self.link.lost(error)
+
+    def cluster(self, model: str) -> dict[str, int]:
+        return self.link.cluster(model)
+
+    async def publish_reload(self) -> None:
+        await self.link.publish_reload()
+
+    async def send(self, node: str, message: dict[str, Any]) -> None:
+        await self.link.send(node, message)
 
     # ------------------------------------------------------------------ SessionStore
     async def add(self, session: LiveSession) -> bool:
@@ -211,7 +196,7 @@ class RedisStore:
     def _hold(self, session: LiveSession, epoch: int) -> None:
         assert session.token_digest is not None
         self._held[session.token_digest] = session
-        journal = RedisJournal(self, session, epoch)
+        journal = RedisJournal(self.writer, session, epoch)
         session.conversation.journal = journal
         session.conversation.outbox.mirror = journal.frame
 
@@ -270,7 +255,7 @@ class RedisStore:
             return
         del self._held[digest]
         journal = self.journal_of(session)
-        if journal is None or journal.released or not self._available:
+        if journal is None or journal.released or not self.available:
             return
         await self.flush()
         try:
@@ -281,68 +266,9 @@ class RedisStore:
     def local(self) -> list[LiveSession]:
         return list(self._sessions)
 
-    # ------------------------------------------------------------------ write-behind
-    def schedule(self, journal: RedisJournal) -> None:
-        """``journal`` has changes: the writer takes them in its next batch."""
-        self._dirty.append(journal)
-        self._wake.set()
-
-    async def _writer(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            try:
-                await self._write_batch()
-            except Exception:  # a bug, not Redis: say so, and keep writing the others
-                log.exception("writing sessions to Redis failed")
-
-    async def _write_batch(self) -> None:
-        batch, self._dirty = self._dirty, []
-        self._writing = True
-        try:
-            if not batch:
-                return
-            if not self._available:
-                for journal in batch:
-                    self._lose(journal)
-                return
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.scripts.add(self.append_script)
-            written = [j for j in batch if not j.broken]
-            for journal in written:
-                journal.write(pipe)
-            try:
-                results = await pipe.execute(raise_on_error=False)
-            except self._errors as exc:
-                self._lost(exc)
-                for journal in written:
-                    self._lose(journal)
-                return
-            for journal, outcome in zip(written, results, strict=True):
-                self._check(journal, outcome)
-        finally:
-            self._writing = False
-            flushed, self._flushed = self._flushed, None
-            if flushed is not None and not flushed.done():
-                flushed.set_result(None)
-
-    def _check(self, journal: RedisJournal, outcome: Any) -> None:
-        """The script answered 1, or 0 when another node holds the session now (or its
-        keys expired): then this node lets go of it."""
-        if isinstance(outcome, BaseException):
-            log.error("writing session %s to Redis failed: %s", journal.digest[:8], outcome)
-            self._lose(journal)
-        elif outcome == 0:
-            self._fenced(journal)
-
-    def _lose(self, journal: RedisJournal) -> None:
-        journal.lose()
-        self._stale.add(journal.digest)
-
     def _fenced(self, journal: RedisJournal) -> None:
+        """Another node holds the session now (or its keys expired): let go of it here."""
         session = journal.session
-        journal.lose()
-        journal.released = True  # not ours to delete
         self._held.pop(journal.digest, None)
         if session.ended:
             return
@@ -353,21 +279,7 @@ class RedisStore:
             _spawn(attached.replaced())
 
     async def flush(self) -> None:
-        """Until every change made so far is written (or lost), the batch being written
-        included."""
-        while self._dirty or self._writing:
-            await self._batch_written()
-
-    async def room(self, journal: RedisJournal) -> None:
-        """Backpressure for a session relayed elsewhere: wait while it is far ahead of
-        what has been written."""
-        while journal.pending_bytes > RELAY_BACKLOG and journal.dirty:
-            await self._batch_written()
-
-    async def _batch_written(self) -> None:
-        if self._flushed is None:
-            self._flushed = asyncio.get_running_loop().create_future()
-        await asyncio.shield(self._flushed)
+        await self.writer.flush()
 
     # ------------------------------------------------------------------ moving sessions
     async def owner_state(self, record: SessionRecord) -> str:
@@ -482,43 +394,6 @@ class RedisStore:
             return []
         return [(seq, data) for seq, data in keys.unpack_entries(answer[0][1]) if seq > after]
 
-    async def send(self, node: str, message: dict[str, Any]) -> None:
-        """Put ``message`` in ``node``'s inbox."""
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(
-                    keys.inbox_key(node),
-                    message,
-                    maxlen=INBOX_LENGTH,
-                    approximate=True,
-                )
-                pipe.pexpire(keys.inbox_key(node), INBOX_TTL_MS)
-                await pipe.execute()
-        except self._errors as exc:
-            self._lost(exc)
-
-    # ------------------------------------------------------------------ the inbox
-    async def _inbox(self) -> None:
-        inbox = keys.inbox_key(self.node)
-        last: bytes | None = None
-        while True:
-            try:
-                if last is None:  # start after a marker of our own: nothing older is ours
-                    last = await self.redis.xadd(inbox, {"op": "hello"}, maxlen=INBOX_LENGTH)
-                answer = await self.redis.xread({inbox: last}, block=BLOCK_MS, count=256)
-            except asyncio.CancelledError:
-                raise
-            except self._errors as exc:
-                self._lost(exc)
-                await asyncio.sleep(BLOCK_MS / 1000)
-                continue
-            for entry_id, fields in answer[0][1] if answer else ():
-                last = entry_id
-                try:
-                    self._deliver({k.decode(): v for k, v in fields.items()})
-                except Exception:
-                    log.exception("inbox message could not be handled")
-
     def _deliver(self, message: dict[str, bytes]) -> None:
         from ws_server.session.remote import RemoteAttachment
 
@@ -546,71 +421,18 @@ class RedisStore:
             if relay is not None:
                 relay.notice(op.decode())
 
-    # ------------------------------------------------------------------ heartbeats
-    async def _heartbeats(self) -> None:
-        while True:
-            await asyncio.sleep(self.node_ttl / 3)
-            await self._beat()
-
-    async def _beat(self) -> None:
-        """Say this node lives and what it serves; learn who else does; catch up on a
-        reload notice missed; renew the held sessions' TTLs now and then."""
-        beat = json.dumps({"revisions": self._revisions()})
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.set(keys.node_key(self.node), beat, px=int(self.node_ttl * 1000))
-                pipe.sadd(keys.NODES, self.node)
-                pipe.pexpire(keys.NODES, GENERATION_TTL_MS)
-                pipe.pexpire(keys.inbox_key(self.node), INBOX_TTL_MS)
-                pipe.get(keys.RELOAD_GENERATION)
-                pipe.smembers(keys.NODES)
-                *_, generation, members = await pipe.execute()
-            nodes = sorted(m.decode() for m in members)
-            beats = await self.redis.mget([keys.node_key(n) for n in nodes]) if nodes else []
-        except asyncio.CancelledError:
-            raise
-        except self._errors as exc:
-            self._lost(exc)
-            return
-        if not self._available:
-            if self._generation is not None:
-                log.info("Redis reachable again")
-            self._available = True
+    async def _after_beat(self, live: set[str], recovered: bool) -> None:
+        """After each heartbeat: drop relays whose node died with its client, clear what a
+        lost write left behind once Redis is back, renew the held sessions' TTLs."""
+        for remote in list(self.remotes.values()):
+            if remote.relay_node not in live:
+                self.remotes.pop(remote.relay_id, None)
+                remote.gone(normal_close=False)
+        if recovered:
             await self._clear_stale()
-        self._see_cluster(nodes, beats)
-        if self._generation is None:
-            self._generation = generation or b"0"
-        elif (generation or b"0") != self._generation:
-            self._generation = generation or b"0"
-            log.info("a reload on another node was missed; reloading now")
-            _spawn(self._on_reload())
         if time.monotonic() - self._last_refresh > TTL_REFRESH:
             self._last_refresh = time.monotonic()
             await self._renew()
-
-    def _see_cluster(self, nodes: list[str], beats: list[bytes | None]) -> None:
-        live: set[str] = set()
-        view: dict[str, dict[str, int]] = {}
-        gone: list[str] = []
-        for node, beat in zip(nodes, beats, strict=True):
-            if beat is None:
-                gone.append(node)
-                continue
-            live.add(node)
-            for model, revision in json.loads(beat).get("revisions", {}).items():
-                counts = view.setdefault(model, {})
-                counts[revision] = counts.get(revision, 0) + 1
-        self._cluster = view
-        if gone:
-            _spawn(self._forget_nodes(gone))
-        for remote in list(self.remotes.values()):
-            if remote.relay_node not in live:  # the relaying node died with its client
-                self.remotes.pop(remote.relay_id, None)
-                remote.gone(normal_close=False)
-
-    async def _forget_nodes(self, nodes: list[str]) -> None:
-        with contextlib.suppress(*self._errors):
-            await self.redis.srem(keys.NODES, *nodes)
 
     async def _renew(self) -> None:
         ttl = self.session_ttl_ms
@@ -623,57 +445,10 @@ class RedisStore:
 
     async def _clear_stale(self) -> None:
         """Keys a lost write left incomplete would resume wrongly elsewhere: gone."""
-        stale, self._stale = self._stale, set()
+        stale, self.writer.stale = self.writer.stale, set()
         if stale:
             with contextlib.suppress(*self._errors):
                 await self.redis.delete(*(k for d in stale for k in keys.session_keys(d)))
-
-    def cluster(self, model: str) -> dict[str, int]:
-        """How many live nodes serve each revision of ``model`` (as of the last beat)."""
-        return dict(self._cluster.get(model, {}))
-
-    # ------------------------------------------------------------------ reloads
-    async def publish_reload(self) -> None:
-        """This node reloaded through its API: every other node reloads too."""
-        try:
-            generation = await self.redis.incr(keys.RELOAD_GENERATION)
-            self._generation = str(generation).encode()
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.pexpire(keys.RELOAD_GENERATION, GENERATION_TTL_MS)
-                notice = json.dumps({"generation": generation, "node": self.node})
-                pipe.publish(keys.RELOAD_CHANNEL, notice)
-                await pipe.execute()
-        except self._errors as exc:
-            self._lost(exc)
-            log.warning("the reload could not be passed on to other nodes (Redis down)")
-
-    async def _reloads(self) -> None:
-        while True:
-            pubsub = self.redis.pubsub()
-            try:
-                await pubsub.subscribe(keys.RELOAD_CHANNEL)
-                while True:
-                    message = await pubsub.get_message(
-                        ignore_subscribe_messages=True, timeout=BLOCK_MS / 1000
-                    )
-                    if message is None:
-                        continue
-                    notice = json.loads(message["data"])
-                    generation = str(notice["generation"]).encode()
-                    if notice["node"] != self.node and generation != self._generation:
-                        self._generation = generation
-                        log.info("reload notice from node %s", notice["node"])
-                        await self._on_reload()
-            except asyncio.CancelledError:
-                raise
-            except (ValueError, KeyError):
-                log.warning("a malformed reload notice was ignored")
-            except self._errors as exc:
-                self._lost(exc)
-                await asyncio.sleep(BLOCK_MS / 1000)
-            finally:
-                with contextlib.suppress(*self._errors):
-                    await pubsub.aclose()
 
 
 def _record(digest: str, fields: dict[bytes, bytes]) -> SessionRecord | None:

@@ -10,7 +10,7 @@ Redis, waits while too many of its frames are unwritten (backpressure).
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 from ws_server.sdk import Message
 from ws_server.store import keys
@@ -19,10 +19,7 @@ if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
 
     from ws_server.session.live import LiveSession
-    from ws_server.store.redis import RedisStore
-
-# Unwritten bytes of frames past which a relayed session's producer waits for the writer.
-RELAY_BACKLOG: Final = 256 * 1024
+    from ws_server.store.writer import JournalWriter
 
 
 class RedisJournal:
@@ -43,12 +40,12 @@ class RedisJournal:
         "pending_bytes",
         "released",
         "session",
-        "store",
+        "writer",
     )
 
-    def __init__(self, store: RedisStore, session: LiveSession, epoch: int) -> None:
+    def __init__(self, writer: JournalWriter, session: LiveSession, epoch: int) -> None:
         assert session.token_digest is not None
-        self.store = store
+        self.writer = writer
         self.session = session
         self.digest = session.token_digest
         self.keys = keys.session_keys(self.digest)
@@ -98,7 +95,7 @@ class RedisJournal:
     def _mark(self) -> None:
         if not self.dirty and not self.broken:
             self.dirty = True
-            self.store.schedule(self)
+            self.writer.schedule(self)
 
     # ------------------------------------------------------------------ the writer's side
     def write(self, pipe: Pipeline) -> None:
@@ -114,8 +111,8 @@ class RedisJournal:
             fields["context"] = json.dumps(self._context)
         args: list[Any] = [
             self.epoch,
-            self.store.stream_length,
-            self.store.session_ttl_ms,
+            self.writer.stream_length,
+            self.writer.ttl_ms,
             conversation.limits.messages,
             self._last if frames else "",
             keys.pack_frames(frames) if frames else "",
@@ -126,7 +123,7 @@ class RedisJournal:
         ]
         for name, value in fields.items():
             args += (name, value)
-        pipe.evalsha(self.store.append_script.sha, len(self.keys), *self.keys, *args)
+        pipe.evalsha(self.writer.append_script.sha, len(self.keys), *self.keys, *args)
         self._frames = []
         self._history = []
         self._replace = False
