@@ -304,6 +304,26 @@ async def test_a_thousand_forced_reconnects_lose_and_repeat_nothing(
     await ws.close()
 
 
+async def test_relays_share_one_redis_connection_however_many_come_and_go(
+    cluster: LocalCluster,
+) -> None:
+    import redis
+
+    client = redis.Redis(unix_socket_path=str(cluster.redis_socket))
+    try:
+        before = client.info("clients")["connected_clients"]
+        ws = await open_resumable(cluster.nodes[0])
+        await ask(ws, "hello")
+        for _ in range(100):  # each resume on node 1 is relayed to node 0
+            await drop(ws)
+            ws = await resume(cluster.nodes[1], ws, cluster)
+        assert text_of(await ask(ws, "recall")) == "You said 2 things: hello | recall"
+        await ws.close()
+        assert client.info("clients")["connected_clients"] <= before + 6
+    finally:
+        client.close()
+
+
 def test_every_key_in_redis_has_a_ttl(cluster: LocalCluster) -> None:
     import redis
 

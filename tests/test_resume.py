@@ -380,6 +380,24 @@ async def test_a_detached_model_that_never_stops_is_paused_within_the_buffer(
     await again.close()
 
 
+async def test_a_server_stopping_ends_a_turn_paused_on_a_full_buffer_at_once(
+    tmp_path: Path, start_server: Any
+) -> None:
+    models = copy_models(tmp_path / "models", "counter", source=RESUME_MODELS)
+    live: ServerProcess = start_server(
+        models, "--replay-buffer-bytes", "4096", "--grace-period", "0.5"
+    )
+    ws = await open_resumable(live)
+    await ws.send("forever 0.2")
+    await recv_frame(ws)
+    await drop(ws)
+    await asyncio.sleep(0.6)  # its client away, the model is paused on the full buffer
+    started = time.monotonic()
+    assert live.stop() == 0
+    assert time.monotonic() - started < 4, live.log  # the grace period, not the 10 s cleanup
+    assert "cleanup still running" not in live.log
+
+
 async def test_a_token_presented_with_another_api_key_is_expired(
     tmp_path: Path, start_server: Any
 ) -> None:

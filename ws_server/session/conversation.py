@@ -206,6 +206,7 @@ class Conversation:
         running = {t for t in (self._starting, self._turn_task) if t and not t.done()}
         if running:
             await asyncio.wait(running, timeout=grace_period)
+        self.outbox.unblock()  # a turn paused on a full buffer (its client away) ends too
         if self._starting is not None and not self._starting.done():
             self._starting.cancel()
         await self.stop_turn(INTERRUPTED if moving else "cancelled")

@@ -42,6 +42,7 @@ class Outbox:
     __slots__ = (
         "_buffer",
         "_buffered",
+        "_closing",
         "_first",
         "_limit",
         "_room",
@@ -64,6 +65,7 @@ class Outbox:
         self._buffered = 0
         self._sink: Sink | None = None
         self._room: asyncio.Future[None] | None = None  # set when a detached producer waits
+        self._closing = False  # the session is being wound down: nothing waits for room
 
     # ------------------------------------------------------------------ producer side
     async def chunk(self, turn: int, content: str) -> int:
@@ -133,7 +135,11 @@ class Outbox:
         """Detached, the producer waits for a connection once the buffer is past its
         bound; a session that keeps nothing (its client can't resume) waits at once, so a
         model that never awaits can't spin while its session winds up."""
-        while self._sink is None and (self._buffered > self._limit or not self._limit):
+        while (
+            self._sink is None
+            and not self._closing
+            and (self._buffered > self._limit or not self._limit)
+        ):
             if self._room is None or self._room.done():
                 self._room = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._room)
@@ -158,6 +164,14 @@ class Outbox:
     def detach(self) -> None:
         """The connection is gone: frames go to the buffer only."""
         self._sink = None
+
+    def unblock(self) -> None:
+        """The session is being wound down (server stopping): a producer paused for room
+        goes on, so that its turn can end (the buffer may pass its bound by the frames
+        that end it)."""
+        self._closing = True
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
 
     def frames_after(self, after: int) -> list[bytes] | None:
         """Every frame with a seq above ``after``, exactly as first sent; None when some of

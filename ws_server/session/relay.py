@@ -134,20 +134,24 @@ class Relay:
     async def _tail(self) -> str:
         """Frames from the stream to the client, watching the holder between reads."""
         store, writer, record = self.store, self.adapter.writer, self.record
+        follow = store.tail.follow(record.token_digest, self.last)
         checked = time.monotonic()
-        while not self._notice.done():
-            entries = await store.read_frames(record.token_digest, self.last)
-            for seq, data in entries:
-                if seq != self.last + 1:
-                    return "gap"
-                await writer.write(data)
-                self.last = seq
-            writer.flush()
-            if not entries or time.monotonic() - checked > HOLDER_CHECK:
-                checked = time.monotonic()
-                state = await store.owner_state(record)
-                if state == "free":
-                    return "take_over"
-                if state != "held":
-                    return state
-        return self._notice.result()
+        try:
+            while not self._notice.done():
+                entries = await store.tail.next(follow, HOLDER_CHECK)
+                for seq, data in entries:
+                    if seq != self.last + 1:
+                        return "gap"
+                    await writer.write(data)
+                    self.last = seq
+                writer.flush()
+                if not entries or time.monotonic() - checked > HOLDER_CHECK:
+                    checked = time.monotonic()
+                    state = await store.owner_state(record)
+                    if state == "free":
+                        return "take_over"
+                    if state != "held":
+                        return state
+            return self._notice.result()
+        finally:
+            store.tail.unfollow(follow)

@@ -35,6 +35,7 @@ INBOX_LENGTH: Final = 10_000  # entries kept in a node's inbox (it reads them at
 INBOX_TTL_MS: Final = 60_000
 GENERATION_TTL_MS: Final = 7 * 24 * 3600 * 1000
 CLOSE_STEP: Final = 2.0  # seconds each step of a shutdown may wait for Redis
+POOL_SIZE: Final = 64  # connections to Redis per node (blocking reads hold one each)
 
 
 def connect(url: str) -> tuple[Any, tuple[type[BaseException], ...]]:
@@ -49,7 +50,16 @@ def connect(url: str) -> tuple[Any, tuple[type[BaseException], ...]]:
             "--redis-url needs redis-py: pip install 'anything-agent[redis]'"
         ) from None
     try:
-        client = aioredis.from_url(url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=2.0)
+        # A bounded pool that makes a burst wait for a connection rather than fail (a
+        # thousand sessions closing at once, many relays starting).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=POOL_SIZE,
+            timeout=SOCKET_TIMEOUT,
+            socket_timeout=SOCKET_TIMEOUT,
+            socket_connect_timeout=2.0,
+        )
+        client = aioredis.Redis(connection_pool=pool)
     except ValueError:  # its message may quote the URL, a secret: not passed on
         raise StoreUnavailable(
             "--redis-url is not a Redis URL (redis://[:PASSWORD@]HOST:PORT/DB, "

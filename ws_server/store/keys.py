@@ -46,6 +46,11 @@ def inbox_key(node: str) -> str:
     return f"{PREFIX}inbox:{node}"
 
 
+def wake_key(node: str) -> str:
+    """A node's wake stream: ends its blocking read of relayed streams (``tail.py``)."""
+    return f"{PREFIX}wake:{node}"
+
+
 def stream_id(seq: int) -> bytes:
     return b"%d-0" % seq
 

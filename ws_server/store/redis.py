@@ -31,8 +31,9 @@ from ws_server.sdk import Message
 from ws_server.session.live import LiveSession
 from ws_server.store import keys
 from ws_server.store.base import SessionRecord, TakenOver
-from ws_server.store.cluster import BLOCK_MS, CLOSE_STEP, ClusterLink, connect
+from ws_server.store.cluster import CLOSE_STEP, ClusterLink, connect
 from ws_server.store.redis_journal import RedisJournal
+from ws_server.store.tail import FrameTail
 from ws_server.store.writer import JournalWriter
 
 if TYPE_CHECKING:
@@ -94,12 +95,12 @@ class RedisStore:
         )
         self._take_over = self.redis.register_script(keys.TAKE_OVER)
         self._release = self.redis.register_script(keys.RELEASE)
-        self._delete = self.redis.register_script(keys.DELETE)
         self._sessions: set[LiveSession] = set()
         self._held: dict[str, LiveSession] = {}  # resumable ones, by token digest
         self.relays: dict[str, Relay] = {}  # relays running here, by id
         self.remotes: dict[str, RemoteAttachment] = {}  # sessions here read elsewhere
-        self._writer_task: asyncio.Task[None] | None = None
+        self.tail = FrameTail(self.redis, self.link)  # the relays' live frames
+        self._tasks: list[asyncio.Task[None]] = []
         self._last_refresh = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
@@ -124,21 +125,22 @@ class RedisStore:
                 self.writer.append_script,
                 self._take_over,
                 self._release,
-                self._delete,
+                self.writer.delete_script,
             ):
                 await self.redis.script_load(script.script)
-        self._writer_task = asyncio.get_running_loop().create_task(self.writer.run())
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self.writer.run()), loop.create_task(self.tail.run())]
 
     async def close(self) -> None:
         """Stop (after the sessions have ended): flush, leave the cluster, disconnect.
         Each step is bounded: a Redis that does not answer never holds a shutdown."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.flush(), CLOSE_STEP)
-        if self._writer_task is not None:
-            self._writer_task.cancel()
+        for task in self._tasks:
+            task.cancel()
         await self.link.close()
         with contextlib.suppress(TimeoutError, *self._errors):
-            await asyncio.wait_for(self.redis.aclose(), CLOSE_STEP)
+            await asyncio.wait_for(self.redis.aclose(close_connection_pool=True), CLOSE_STEP)
 
     def _lost(self, error: BaseException) -> None:
         self.link.lost(error)
@@ -206,14 +208,21 @@ class RedisStore:
 
     async def find(self, token_digest: str) -> LiveSession | SessionRecord | None:
         session = self._held.get(token_digest)
-        if session is not None:
-            return None if session.ended else session
+        if session is not None and session.ended:
+            return None
         try:  # even while Redis seemed down: it may be back before the next heartbeat
             fields = await self.redis.hgetall(keys.session_key(token_digest))
         except self._errors as exc:
             self._lost(exc)
-            return None
+            return session  # held here: resumable here, whatever Redis says
         record = _record(token_digest, fields) if fields else None
+        if session is not None:
+            journal = self.journal_of(session)
+            if record is None or journal is None or record.epoch == journal.epoch:
+                return session
+            # Taken over by another node while this one stalled: it is theirs now.
+            self._fenced_now(session)
+            return record
         if record is not None and record.owner == self.node:
             return None  # held here, yet not among the held: it has just ended
         return record
@@ -255,16 +264,19 @@ class RedisStore:
             return
         del self._held[digest]
         journal = self.journal_of(session)
-        if journal is None or journal.released or not self.available:
-            return
-        await self.flush()
-        try:
-            await self._delete(keys=keys.session_keys(digest), args=[journal.epoch])
-        except self._errors as exc:
-            self._lost(exc)
+        if journal is not None and not journal.released:
+            journal.delete()  # with the writer's next batch: a thousand ending at once
+            # cost one pipeline, not a thousand connections
 
     def local(self) -> list[LiveSession]:
         return list(self._sessions)
+
+    def _fenced_now(self, session: LiveSession) -> None:
+        journal = self.journal_of(session)
+        if journal is not None:
+            journal.lose()
+            journal.released = True  # not ours to delete
+            self._fenced(journal)
 
     def _fenced(self, journal: RedisJournal) -> None:
         """Another node holds the session now (or its keys expired): let go of it here."""
@@ -379,20 +391,6 @@ class RedisStore:
             await self._release(keys=[journal.keys[0]], args=[journal.epoch])
         except self._errors as exc:
             self._lost(exc)
-
-    async def read_frames(self, digest: str, after: int) -> list[tuple[int, bytes]]:
-        """Frames after seq ``after`` as they arrive (waits up to half a second)."""
-        try:
-            answer = await self.redis.xread(
-                {keys.frames_key(digest): keys.stream_id(after)}, block=BLOCK_MS, count=512
-            )
-        except self._errors as exc:
-            self._lost(exc)
-            await asyncio.sleep(BLOCK_MS / 1000)
-            return []
-        if not answer:
-            return []
-        return [(seq, data) for seq, data in keys.unpack_entries(answer[0][1]) if seq > after]
 
     def _deliver(self, message: dict[str, bytes]) -> None:
         from ws_server.session.remote import RemoteAttachment

@@ -33,6 +33,7 @@ class RedisJournal:
         "_last",
         "_replace",
         "broken",
+        "deleting",
         "digest",
         "dirty",
         "epoch",
@@ -53,6 +54,7 @@ class RedisJournal:
         self.dirty = False  # waiting in the store's batch
         self.broken = False  # a write was lost (Redis went away): no more resumes elsewhere
         self.released = False  # drained: another node carries it on, keep its keys
+        self.deleting = False  # ended: its keys go with the next batch
         self._frames: list[bytes] = []
         self._last = 0  # the seq of the last of ``_frames``
         self._history: list[bytes] = []
@@ -92,15 +94,20 @@ class RedisJournal:
         self._context = context
         self._mark()
 
+    def delete(self) -> None:
+        """The session ended here: its keys go, after whatever is pending (one batch)."""
+        self.deleting = True
+        self._mark()
+
     def _mark(self) -> None:
         if not self.dirty and not self.broken:
             self.dirty = True
             self.writer.schedule(self)
 
     # ------------------------------------------------------------------ the writer's side
-    def write(self, pipe: Pipeline) -> None:
-        """Queue this journal's changes on ``pipe`` (the store's batch: one script call)
-        and forget them."""
+    def write(self, pipe: Pipeline) -> int:
+        """Queue this journal's changes on ``pipe`` (the writer's batch) and forget them;
+        how many script calls that took (the first one's answer says if it was fenced)."""
         self.dirty = False
         conversation = self.session.conversation
         fields = self._fields
@@ -130,6 +137,11 @@ class RedisJournal:
         self._fields = {}
         self._context = None
         self.pending_bytes = 0
+        if not self.deleting:
+            return 1
+        pipe.evalsha(self.writer.delete_script.sha, len(self.keys), *self.keys, self.epoch)
+        self.broken = True  # written for the last time
+        return 2
 
     def lose(self) -> None:
         """Redis went away with this journal's changes: it no longer mirrors anything (the

@@ -40,6 +40,7 @@ class JournalWriter:
         self.stream_length = stream_length  # frames kept per session's stream
         self.ttl_ms = ttl_ms  # a session's keys' TTL, renewed by every write
         self.append_script = redis.register_script(keys.APPEND)
+        self.delete_script = redis.register_script(keys.DELETE)
         self._on_fenced = on_fenced
         self.stale: set[str] = set()  # digests whose keys a lost write left behind
         self._dirty: list[RedisJournal] = []
@@ -74,8 +75,8 @@ class JournalWriter:
                 return
             pipe = self.redis.pipeline(transaction=False)
             pipe.scripts.add(self.append_script)
-            for journal in written:
-                journal.write(pipe)
+            pipe.scripts.add(self.delete_script)
+            calls = [journal.write(pipe) for journal in written]
             try:
                 results = await pipe.execute(raise_on_error=False)
             except self.link.errors as exc:
@@ -83,11 +84,13 @@ class JournalWriter:
                 for journal in written:
                     self._lose(journal)
                 return
-            for journal, outcome in zip(written, results, strict=True):
+            answers = iter(results)
+            for journal, count in zip(written, calls, strict=True):
+                outcome, *_ = (next(answers) for _ in range(count))  # APPEND's answer first
                 if isinstance(outcome, BaseException):
                     log.error("writing session %s failed: %s", journal.digest[:8], outcome)
                     self._lose(journal)
-                elif outcome == 0:  # fenced: another node holds the session now
+                elif outcome == 0 and not journal.deleting:  # fenced: held elsewhere now
                     journal.lose()
                     journal.released = True  # not ours to delete
                     self._on_fenced(journal)
