@@ -207,7 +207,7 @@ class ClusterLink:
     async def send(self, node: str, message: dict[str, Any]) -> None:
         """Put ``message`` in ``node``'s inbox."""
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.xadd(keys.inbox_key(node), message, maxlen=INBOX_LENGTH, approximate=True)
                 pipe.pexpire(keys.inbox_key(node), INBOX_TTL_MS)
                 await pipe.execute()
@@ -220,8 +220,10 @@ class ClusterLink:
         while True:
             try:
                 if last is None:  # start after a marker of our own: nothing older is ours
-                    last = await self.redis.xadd(inbox, {"op": "hello"}, maxlen=INBOX_LENGTH)
-                    await self.redis.pexpire(inbox, INBOX_TTL_MS)
+                    async with self.redis.pipeline(transaction=True) as pipe:
+                        pipe.xadd(inbox, {"op": "hello"}, maxlen=INBOX_LENGTH)
+                        pipe.pexpire(inbox, INBOX_TTL_MS)
+                        last, _ = await pipe.execute()
                 answer = await self.redis.xread({inbox: last}, block=BLOCK_MS, count=256)
             except asyncio.CancelledError:
                 raise
@@ -240,13 +242,13 @@ class ClusterLink:
     async def publish_reload(self) -> None:
         """This node reloaded through its API: every other node reloads too."""
         try:
-            generation = await self.redis.incr(keys.RELOAD_GENERATION)
-            self._generation = str(generation).encode()
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with self.redis.pipeline(transaction=True) as pipe:  # never without a TTL
+                pipe.incr(keys.RELOAD_GENERATION)
                 pipe.pexpire(keys.RELOAD_GENERATION, GENERATION_TTL_MS)
-                notice = json.dumps({"generation": generation, "node": self.node})
-                pipe.publish(keys.RELOAD_CHANNEL, notice)
-                await pipe.execute()
+                generation, _ = await pipe.execute()
+            self._generation = str(generation).encode()
+            notice = json.dumps({"generation": generation, "node": self.node})
+            await self.redis.publish(keys.RELOAD_CHANNEL, notice)
         except self.errors as exc:
             self.lost(exc)
             log.warning("the reload could not be passed on to other nodes (Redis down)")

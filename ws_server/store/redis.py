@@ -180,7 +180,7 @@ class RedisStore:
             "window": str(session.window),
         }
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with self.redis.pipeline(transaction=True) as pipe:  # never without a TTL
                 pipe.hset(keys.session_key(digest), mapping=record)
                 pipe.pexpire(keys.session_key(digest), self.session_ttl_ms)
                 await pipe.execute()

@@ -81,7 +81,7 @@ class FrameTail:
 
     async def _poke(self) -> None:
         with contextlib.suppress(*self.link.errors):
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.xadd(self._wake_key, {"w": "1"}, maxlen=16, approximate=True)
                 pipe.pexpire(self._wake_key, WAKE_TTL_MS)
                 await pipe.execute()
