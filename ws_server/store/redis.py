@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("anything_agent.store")
 
 TTL_REFRESH: Final = 30.0  # seconds between renewals of the held sessions' TTLs
-FRAME_GUESS: Final = 256  # bytes per frame, to turn the replay buffer's bytes into a length
+SMALLEST_FRAME: Final = 40  # bytes of the shortest chunk frame
 
 
 def default_node_id() -> str:
@@ -85,11 +85,13 @@ class RedisStore:
         )
         self.window = window  # --resume-window: how long keys must outlive their holder
         self.frames_per_minute = frames_per_minute  # for clients relayed from elsewhere
-        self.stream_length = max(64, replay_bytes // FRAME_GUESS)
+        # The most frames a stream can keep (of the smallest frames): how far ahead of
+        # the store a resuming client may claim to be.
+        self.stream_length = max(64, replay_bytes // SMALLEST_FRAME)
         self.writer = JournalWriter(
             self.redis,
             self.link,
-            stream_length=self.stream_length,
+            replay_bytes=replay_bytes,
             ttl_ms=self.session_ttl_ms,
             on_fenced=self._fenced,
         )

@@ -10,10 +10,12 @@ Redis, waits while too many of its frames are unwritten (backpressure).
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from ws_server.sdk import Message
 from ws_server.store import keys
+
+MIN_KEPT: Final = 64  # frames a session's stream keeps at least
 
 if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
@@ -32,6 +34,8 @@ class RedisJournal:
         "_history",
         "_last",
         "_replace",
+        "_sent_bytes",
+        "_sent_frames",
         "broken",
         "deleting",
         "digest",
@@ -57,6 +61,8 @@ class RedisJournal:
         self.deleting = False  # ended: its keys go with the next batch
         self._frames: list[bytes] = []
         self._last = 0  # the seq of the last of ``_frames``
+        self._sent_frames = 0  # frames written so far, and their bytes: the stream keeps
+        self._sent_bytes = 0  # about --replay-buffer-bytes of them, however big they are
         self._history: list[bytes] = []
         self._replace = False
         self._fields: dict[str, str] = {}
@@ -116,9 +122,15 @@ class RedisJournal:
             fields["seq"] = str(self._last)
         if self._context is not None:
             fields["context"] = json.dumps(self._context)
+        if frames:
+            self._sent_frames += len(frames)
+            self._sent_bytes += self.pending_bytes
+        keep = max(
+            MIN_KEPT, self.writer.replay_bytes * self._sent_frames // (self._sent_bytes or 1)
+        )
         args: list[Any] = [
             self.epoch,
-            self.writer.stream_length,
+            keep,
             self.writer.ttl_ms,
             conversation.limits.messages,
             self._last if frames else "",

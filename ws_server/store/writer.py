@@ -31,13 +31,13 @@ class JournalWriter:
         redis: Any,
         link: ClusterLink,
         *,
-        stream_length: int,
+        replay_bytes: int,
         ttl_ms: int,
         on_fenced: Callable[[RedisJournal], None],
     ) -> None:
         self.redis = redis
         self.link = link
-        self.stream_length = stream_length  # frames kept per session's stream
+        self.replay_bytes = replay_bytes  # about how much of its latest frames a stream keeps
         self.ttl_ms = ttl_ms  # a session's keys' TTL, renewed by every write
         self.append_script = redis.register_script(keys.APPEND)
         self.delete_script = redis.register_script(keys.DELETE)
