@@ -260,8 +260,10 @@ def _revision(node: ClusterNode, model: str) -> str:
 async def test_chats_go_on_while_redis_is_down_and_resume_comes_back(
     cluster: LocalCluster,
 ) -> None:
-    cluster.redis_stop()
     node = cluster.nodes[2]
+    earlier = await open_resumable(node)  # open before Redis goes: it must survive it
+    await ask(earlier, "before")
+    cluster.redis_stop()
     deadline = time.monotonic() + 5
     while get_json(f"{node.url}/healthz")["store"] != "unavailable":
         assert time.monotonic() < deadline
@@ -281,6 +283,13 @@ async def test_chats_go_on_while_redis_is_down_and_resume_comes_back(
     again = await resume(cluster.nodes[0], ws)
     assert text_of(await ask(again, "recall")) == "You said 2 things: back | recall"
     await again.close()
+    # The session opened before the outage (Redis came back empty) chats on, and its
+    # node wrote it whole again: it resumes on another node with its whole history.
+    assert text_of(await ask(earlier, "after")) == "after"
+    await drop(earlier)
+    moved = await resume(cluster.nodes[1], earlier, cluster)
+    assert text_of(await ask(moved, "recall")) == "You said 3 things: before | after | recall"
+    await moved.close()
 
 
 async def test_a_thousand_forced_reconnects_lose_and_repeat_nothing(

@@ -429,8 +429,7 @@ class AnythingAgentServer:
         """Server stopping: a running turn gets the grace period, then is cancelled (or
         interrupted, for a session that moves on); the connection (if any) closes with
         1001; ``on_chat_end`` runs."""
-        journal = self.redis.journal_of(session) if self.redis is not None else None
-        moving = journal is not None and self.redis is not None and self.redis.available
+        moving = self.redis is not None and self.redis.moving(session)
         await session.conversation.wind_down(grace, moving=moving)
         if moving and self.redis is not None:
             await self.redis.release(session)

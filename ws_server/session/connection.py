@@ -114,7 +114,8 @@ class ChatConnection:
     async def restart(self, session: LiveSession, context: dict[str, Any]) -> bool:
         """A session taken over from another node: a new model instance here
         (``on_chat_start``, then its ``context`` restored); False when it could not start
-        (the session has ended then, and the client was told)."""
+        (the session has ended then, and the client was told) or the client left while
+        it started (the session is left to the caller)."""
         session.attach(self)
         gone = asyncio.ensure_future(self.connection.wait_closed())
         try:
@@ -123,8 +124,9 @@ class ChatConnection:
             gone.cancel()
         if failure is not None:
             code, message = failure
-            if code != DISCONNECTED:
-                await self._fail_start(code, message)
+            if code == DISCONNECTED:  # its client left meanwhile: the caller decides
+                return False
+            await self._fail_start(code, message)
             await session.end(DISCONNECTED)
             return False
         return True

@@ -115,6 +115,10 @@ class Conversation:
         self.turn = self._ended_turn = turn
         self.history.replace(messages)
 
+    def context_snapshot(self) -> dict[str, Any]:
+        """The model's context as far as it moves between nodes ({} before it started)."""
+        return self._model.snapshot() if self._model is not None else {}
+
     @property
     def turn_running(self) -> bool:
         return self._turn_task is not None and not self._turn_task.done()

@@ -151,6 +151,9 @@ class Handover:
     ) -> None:
         session, context = taken
         if not await adapter.restart(session, context):
+            if not session.ended:  # the client left while the model started: the session
+                await self.store.release(session)  # waits in Redis for its next resume
+                await session.end(DISCONNECTED)
             return
         frames = await self.store.frames_after(session, after)
         if frames is None:  # trimmed while the takeover ran: the client starts over

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final, Protocol
 
 from ws_server import protocol
@@ -44,9 +44,11 @@ class Outbox:
         "_buffered",
         "_closing",
         "_first",
+        "_held",
         "_limit",
         "_room",
         "_sink",
+        "barrier",
         "base",
         "mirror",
         "seq",
@@ -57,6 +59,9 @@ class Outbox:
         self.base = seq  # frames up to this seq were stamped elsewhere (another node)
         # Every frame stamped, as it is stamped (a journal's write-behind; see journal.py).
         self.mirror: Callable[[int, bytes], None] | None = None
+        # Awaited before a turn's last frame goes to the client: until the mirror has it
+        # (a store that lets sessions move must never have the client ahead of it there).
+        self.barrier: Callable[[], Awaitable[None]] | None = None
         self._limit = replay_bytes  # 0: keep nothing (a client that can't resume)
         # The kept frames, oldest first; the first one's seq is ``_first`` (seqs are
         # contiguous, so none is stored). Made with the first frame: idle sessions are many.
@@ -66,6 +71,9 @@ class Outbox:
         self._sink: Sink | None = None
         self._room: asyncio.Future[None] | None = None  # set when a detached producer waits
         self._closing = False  # the session is being wound down: nothing waits for room
+        # While a frame waits for the barrier, the frames stamped after it wait behind it
+        # (the client gets every frame in seq order); None when nothing waits.
+        self._held: list[bytes] | None = None
 
     # ------------------------------------------------------------------ producer side
     async def chunk(self, turn: int, content: str) -> int:
@@ -77,6 +85,9 @@ class Outbox:
             self._keep(data)
             if self.mirror is not None:
                 self.mirror(self.seq, data)
+                if self._held is not None:
+                    self._held.append(data)
+                    return len(data)
         if sink is not None:
             await sink.write(data)
         else:
@@ -105,9 +116,30 @@ class Outbox:
             self._keep(data)
             if self.mirror is not None:
                 self.mirror(self.seq, data)
+                if self.barrier is not None:
+                    await self._after_barrier(data)
+                    return
         sink = self._sink
         if sink is not None:
             await sink.write_now(data)
+
+    async def _after_barrier(self, data: bytes) -> None:
+        """Send ``data`` once the mirror has it, and whatever was stamped meanwhile after
+        it, in order."""
+        if self._held is not None:  # another frame waits already: this one goes after it
+            self._held.append(data)
+            return
+        self._held = [data]
+        try:
+            assert self.barrier is not None
+            await self.barrier()
+        finally:
+            held = self._held
+            while held:
+                item = held.pop(0)
+                if self._sink is not None:
+                    await self._sink.write_now(item)
+            self._held = None
 
     def _keep(self, data: bytes) -> None:
         buffer = self._buffer

@@ -119,10 +119,14 @@ class Relay:
                     "op": "frame",
                     "s": digest,
                     "r": self.id,
+                    "n": self.store.node,
                     "d": data if binary else data.encode(),  # type: ignore[union-attr]
                     "b": "1" if binary else "0",
                 }
-                await self.store.send(owner, frame)
+                if not await self.store.send(owner, frame):
+                    # Redis did not take it: the client resumes, and sends it again.
+                    await self.adapter.connection.close(1011, "the session's node is unreachable")
+                    return
         except ConnectionClosed:
             pass
 

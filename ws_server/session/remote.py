@@ -60,34 +60,65 @@ class RemoteAttachment:
         self._rate = FrameRate(store.frames_per_minute)
         self._frames: asyncio.Queue[str | bytes] = asyncio.Queue()
         self._reader = asyncio.get_running_loop().create_task(self._read())
+        self._taken = 0  # client frames taken from this relay
+        # The newest connection of a session wins, here as on one node.
         previous = session.attach(self)
         session.conversation.outbox.attach(RemoteSink(store, journal))
+        self.attached = True
         session.conversation.log(logging.INFO, "resumed through node %s (relayed)", relay_node)
         if previous is not None:
-            self._previous = asyncio.ensure_future(previous.replaced())
+            _keep(asyncio.ensure_future(previous.replaced()))
+
+    def reattach(self) -> bool:
+        """Its relaying node was thought gone (a heartbeat missed) and sends again: be the
+        session's connection again, unless the session ended or another connection has
+        it now (False)."""
+        session = self.session
+        if self.attached:
+            return True
+        if session.ended or session.attachment is not None:
+            return False
+        session.attach(self)
+        session.conversation.outbox.attach(RemoteSink(self.store, self.journal))
+        self.attached = True
+        return True
 
     def feed(self, data: bytes, binary: bool = False) -> None:
         """A frame the client sent (in order)."""
         self._frames.put_nowait(data if binary else data.decode())
 
     async def _read(self) -> None:
-        taken = 0
         while True:
             data = await self._frames.get()
             await handle_frame(self.session.conversation, self._rate, data)
-            taken += 1
+            self._taken += 1
             # Written with the frame's effects (the same batch): a node taking the session
             # over knows which of the relay's frames this node took, and which it did not.
-            self.journal.relayed(self.relay_id, taken)
+            self.journal.relayed(self.relay_id, self._taken)
 
     async def replaced(self) -> None:
         """Another connection resumed the session: the relaying node closes with 4001."""
         self._reader.cancel()
+        self.attached = False
         self.store.remotes.pop(self.relay_id, None)
         await self.store.send(self.relay_node, {"op": "replaced", "r": self.relay_id})
 
     def gone(self, normal_close: bool) -> None:
-        """The client's connection on the relaying node closed (or that node died)."""
-        self._reader.cancel()
+        """The client's connection on the relaying node closed (or that node's heartbeat
+        lapsed: if it was a blip, ``attach`` takes the session back on its next frame)."""
+        if not self.attached:
+            return
+        self.attached = False
         self.session.close_code = 1000 if normal_close else 1006
         self.session.detach(self, normal_close=normal_close)
+
+    def close(self) -> None:
+        self._reader.cancel()
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+def _keep(task: asyncio.Task[None]) -> None:
+    _background.add(task)
+    task.add_done_callback(_background.discard)

@@ -204,8 +204,8 @@ class ClusterLink:
         return bool(await self.redis.exists(keys.node_key(node)))
 
     # ------------------------------------------------------------------ the inbox
-    async def send(self, node: str, message: dict[str, Any]) -> None:
-        """Put ``message`` in ``node``'s inbox."""
+    async def send(self, node: str, message: dict[str, Any]) -> bool:
+        """Put ``message`` in ``node``'s inbox; False if Redis could not take it."""
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.xadd(keys.inbox_key(node), message, maxlen=INBOX_LENGTH, approximate=True)
@@ -213,6 +213,8 @@ class ClusterLink:
                 await pipe.execute()
         except self.errors as exc:
             self.lost(exc)
+            return False
+        return True
 
     async def _inbox(self) -> None:
         inbox = keys.inbox_key(self.node)

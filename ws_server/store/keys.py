@@ -86,10 +86,14 @@ def unpack_entries(entries: list[Any]) -> list[tuple[int, bytes]]:
 # KEYS: hash, frames, history. ARGV: epoch, keep, ttl_ms, max_history, then the last
 # frame's seq and the packed frames ("" and "" when none), then the history mode ("A"
 # append, "R" replace), n_messages and the messages, then n_fields and (field, value)
-# pairs. Returns 1, or 0 when this writer no longer holds the session (fenced).
+# pairs. Returns 1; 0 when this writer no longer holds the session (fenced); -1 when the
+# session is not in Redis at all (Redis restarted empty, or its keys expired): its holder
+# writes it whole again (RESYNC).
 APPEND: Final = """
 local h, s, l = KEYS[1], KEYS[2], KEYS[3]
-if redis.call('HGET', h, 'epoch') ~= ARGV[1] then return 0 end
+local epoch = redis.call('HGET', h, 'epoch')
+if epoch == false then return -1 end
+if epoch ~= ARGV[1] then return 0 end
 if ARGV[5] ~= '' then
   local oldest = math.max(0, tonumber(ARGV[5]) - tonumber(ARGV[2]))
   redis.call('XADD', s, 'MINID', '~', string.format('%d', oldest), ARGV[5] .. '-0', 'f', ARGV[6])
@@ -131,6 +135,42 @@ if ARGV[7] ~= '' then redis.call('XADD', s, ARGV[6] .. '-0', 'f', ARGV[7]) end
 redis.call('PEXPIRE', h, ARGV[5])
 redis.call('PEXPIRE', s, ARGV[5])
 return epoch
+"""
+
+# KEYS: hash, frames, history. ARGV: epoch, owner, ttl_ms, n_fields and (field, value)
+# pairs, n_messages and the messages. The holder writes its session whole again after
+# Redis lost its writes (an outage, a restart): unless another node holds it now (0), the
+# hash is rewritten, the history replaced, and the stream starts over (frames before now
+# are not resumable elsewhere). Returns 1.
+RESYNC: Final = """
+local h, s, l = KEYS[1], KEYS[2], KEYS[3]
+local epoch = redis.call('HGET', h, 'epoch')
+if epoch ~= false and (epoch ~= ARGV[1] or redis.call('HGET', h, 'owner') ~= ARGV[2]) then
+  return 0
+end
+redis.call('DEL', s, l)
+local i = 5
+for _ = 1, tonumber(ARGV[4]) do
+  redis.call('HSET', h, ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+local n = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, n do
+  redis.call('RPUSH', l, ARGV[i])
+  i = i + 1
+end
+redis.call('PEXPIRE', h, ARGV[3])
+redis.call('PEXPIRE', l, ARGV[3])
+return 1
+"""
+
+# KEYS: hash, frames, history. ARGV: node. A session this node held has ended while its
+# writes could not reach Redis: its keys go if this node is still their holder.
+DROP_OWN: Final = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+return 1
 """
 
 # KEYS: hash. ARGV: epoch. A draining node lets go of a session: the next node a client

@@ -32,7 +32,7 @@ from ws_server.session.live import LiveSession
 from ws_server.store import keys
 from ws_server.store.base import SessionRecord, TakenOver
 from ws_server.store.cluster import CLOSE_STEP, ClusterLink, connect
-from ws_server.store.redis_journal import RedisJournal
+from ws_server.store.redis_journal import RedisJournal, session_fields
 from ws_server.store.tail import FrameTail
 from ws_server.store.writer import JournalWriter
 
@@ -94,11 +94,17 @@ class RedisStore:
             replay_bytes=replay_bytes,
             ttl_ms=self.session_ttl_ms,
             on_fenced=self._fenced,
+            on_lost=self._lost_writes,
         )
         self._take_over = self.redis.register_script(keys.TAKE_OVER)
         self._release = self.redis.register_script(keys.RELEASE)
         self._sessions: set[LiveSession] = set()
         self._held: dict[str, LiveSession] = {}  # resumable ones, by token digest
+        self._journals: dict[str, RedisJournal] = {}  # theirs (kept while a write is lost)
+        # Sessions that ended here while their writes could not reach Redis: their keys
+        # go once it is back (if this node is still their holder).
+        self._ended_unwritten: set[str] = set()
+        self._drop_own = self.redis.register_script(keys.DROP_OWN)
         self.relays: dict[str, Relay] = {}  # relays running here, by id
         self.remotes: dict[str, RemoteAttachment] = {}  # sessions here read elsewhere
         self.tail = FrameTail(self.redis, self.link)  # the relays' live frames
@@ -153,8 +159,8 @@ class RedisStore:
     async def publish_reload(self) -> None:
         await self.link.publish_reload()
 
-    async def send(self, node: str, message: dict[str, Any]) -> None:
-        await self.link.send(node, message)
+    async def send(self, node: str, message: dict[str, Any]) -> bool:
+        return await self.link.send(node, message)
 
     # ------------------------------------------------------------------ SessionStore
     async def add(self, session: LiveSession) -> bool:
@@ -165,22 +171,7 @@ class RedisStore:
         digest = session.token_digest
         if digest is None or not session.resumable:
             return True
-        conversation = session.conversation
-        version = conversation.version
-        record = {
-            "id": conversation.id,
-            "model": version.name,
-            "revision": version.revision,
-            "version": version.version,
-            "key": session.key_digest,
-            "owner": self.node,
-            "epoch": "1",
-            "seq": str(conversation.outbox.seq),
-            "turn": "0",
-            "running": "0",
-            "turn_seq": "0",
-            "window": str(session.window),
-        }
+        record = session_fields(session, 1, self.node, session.conversation.outbox.seq)
         try:
             async with self.redis.pipeline(transaction=True) as pipe:  # never without a TTL
                 pipe.hset(keys.session_key(digest), mapping=record)
@@ -201,12 +192,26 @@ class RedisStore:
         assert session.token_digest is not None
         self._held[session.token_digest] = session
         journal = RedisJournal(self.writer, session, epoch)
+        self._journals[session.token_digest] = journal
         session.conversation.journal = journal
         session.conversation.outbox.mirror = journal.frame
+        session.conversation.outbox.barrier = self._barrier(journal)
+
+    def _barrier(self, journal: RedisJournal) -> Callable[[], Awaitable[None]]:
+        async def written() -> None:
+            await self.writer.written(journal)
+
+        return written
 
     def journal_of(self, session: LiveSession) -> RedisJournal | None:
-        journal = session.conversation.journal
-        return journal if isinstance(journal, RedisJournal) else None
+        """The journal of a session held here (mirroring, or not since a lost write)."""
+        digest = session.token_digest
+        return self._journals.get(digest) if digest is not None else None
+
+    def moving(self, session: LiveSession) -> bool:
+        """Whether ``session`` can move to another node now (its writes reach Redis)."""
+        journal = self.journal_of(session)
+        return journal is not None and not journal.broken and self.available
 
     async def find(self, token_digest: str) -> LiveSession | SessionRecord | None:
         session = self._held.get(token_digest)
@@ -220,7 +225,11 @@ class RedisStore:
         record = _record(token_digest, fields) if fields else None
         if session is not None:
             journal = self.journal_of(session)
-            if record is None or journal is None or record.epoch == journal.epoch:
+            if (
+                record is None  # Redis lost it: still this node's (rewritten when back)
+                or journal is None
+                or (record.epoch == journal.epoch and record.owner == self.node)
+            ):
                 return session
             # Taken over by another node while this one stalled: it is theirs now.
             self._fenced_now(session)
@@ -265,10 +274,13 @@ class RedisStore:
         if digest is None or self._held.get(digest) is not session:
             return
         del self._held[digest]
-        journal = self.journal_of(session)
-        if journal is not None and not journal.released:
-            journal.delete()  # with the writer's next batch: a thousand ending at once
-            # cost one pipeline, not a thousand connections
+        journal = self._journals.pop(digest, None)
+        if journal is None or journal.released:
+            return
+        if journal.broken:  # its writes are not reaching Redis: its keys go when they do
+            self._ended_unwritten.add(digest)
+        else:  # with the writer's next batch: a thousand ending at once cost one pipeline
+            journal.delete()
 
     def local(self) -> list[LiveSession]:
         return list(self._sessions)
@@ -280,10 +292,14 @@ class RedisStore:
             journal.released = True  # not ours to delete
             self._fenced(journal)
 
+    def _lost_writes(self, journal: RedisJournal) -> None:
+        """A write of ``journal`` was lost (Redis away); it is rewritten once Redis is back."""
+
     def _fenced(self, journal: RedisJournal) -> None:
-        """Another node holds the session now (or its keys expired): let go of it here."""
+        """Another node holds the session now: let go of it here."""
         session = journal.session
         self._held.pop(journal.digest, None)
+        self._journals.pop(journal.digest, None)
         if session.ended:
             return
         session.conversation.log(logging.WARNING, "held by another node now; ending it here")
@@ -309,9 +325,11 @@ class RedisStore:
             return "held"  # nothing to decide on: carry on relaying
         if owner is None:
             return "gone"
-        if owner.decode() != record.owner or int(epoch) != record.epoch:
-            return "moved"
-        return "held" if record.owner and alive else "free"
+        if int(epoch) != record.epoch:
+            return "moved"  # taken over by another node meanwhile
+        if not owner:
+            return "free"  # released by a drain
+        return "held" if owner.decode() == record.owner and alive else "free"
 
     async def take_over(self, record: SessionRecord, seq: int) -> TakenOver | None:
         """Make this node the session's holder if nothing changed since ``record`` was
@@ -367,8 +385,13 @@ class RedisStore:
         """Whether the running turn's ``done`` reached the stream before its node went
         (its turn-ended mark may have been in the next, lost, batch)."""
         last = await self.redis.xrevrange(keys.frames_key(record.token_digest), count=1)
-        frames = keys.unpack_entries(last)
-        return bool(frames) and b'"type":"done"' in frames[-1][1]
+        for seq, data in reversed(keys.unpack_entries(last)):
+            if seq <= record.turn_seq:
+                break
+            frame = json.loads(data)
+            if frame.get("type") == "done" and frame.get("turn") == record.turn:
+                return True
+        return False
 
     async def _partial_reply(self, record: SessionRecord) -> str:
         entries = await self.redis.xrange(
@@ -395,41 +418,58 @@ class RedisStore:
             self._lost(exc)
 
     def _deliver(self, message: dict[str, bytes]) -> None:
+        """One inbox message: for a session held here (from the node relaying its client),
+        or for a relay running here (from the node holding its session)."""
         from ws_server.session.remote import RemoteAttachment
 
         op = message["op"]
         relay_id = message.get("r", b"").decode()
+        relay_node = message.get("n", b"").decode()
         if op == b"attach":
-            session = self._held.get(message["s"].decode())
-            relay_node = message["n"].decode()
-            if session is None or session.ended:
-                _spawn(self.send(relay_node, {"op": "gone", "r": relay_id}))
+            digest = message["s"].decode()
+            session, journal = self._held.get(digest), self._journals.get(digest)
+            if session is None or session.ended or journal is None or journal.broken:
+                _spawn(self._answer_gone(relay_node, relay_id, digest))
                 return
-            journal = self.journal_of(session)
-            assert journal is not None
             self.remotes[relay_id] = RemoteAttachment(self, session, journal, relay_node, relay_id)
         elif op == b"frame":
             remote = self.remotes.get(relay_id)
-            if remote is not None:
-                remote.feed(message["d"], binary=message.get("b") == b"1")
+            if remote is None or not remote.reattach():
+                # Not (or no longer) the session's connection here: its relay closes, and
+                # its client resumes and resends what was not taken.
+                answer = "gone" if remote is None or remote.session.ended else "replaced"
+                self.remotes.pop(relay_id, None)
+                _spawn(self.send(relay_node, {"op": answer, "r": relay_id}))
+                return
+            remote.feed(message["d"], binary=message.get("b") == b"1")
         elif op == b"detach":
             remote = self.remotes.pop(relay_id, None)
             if remote is not None:
                 remote.gone(normal_close=message.get("c") == b"1000")
+                remote.close()
         elif op in (b"replaced", b"gone"):
             relay = self.relays.get(relay_id)
             if relay is not None:
                 relay.notice(op.decode())
 
+    async def _answer_gone(self, relay_node: str, relay_id: str, digest: str) -> None:
+        """A relay asked for a session this node does not hold: if Redis still names this
+        node its holder (it ended here while its writes were lost), its keys go, so that
+        the client's next resume is told so instead of being relayed here again."""
+        if digest not in self._held:
+            with contextlib.suppress(*self._errors):
+                await self._drop_own(keys=keys.session_keys(digest), args=[self.node])
+        await self.send(relay_node, {"op": "gone", "r": relay_id})
+
     async def _after_beat(self, live: set[str], recovered: bool) -> None:
         """After each heartbeat: drop relays whose node died with its client, clear what a
         lost write left behind once Redis is back, renew the held sessions' TTLs."""
         for remote in list(self.remotes.values()):
-            if remote.relay_node not in live:
-                self.remotes.pop(remote.relay_id, None)
+            if remote.relay_node not in live:  # its client waits (or resumes) from here
                 remote.gone(normal_close=False)
-        if recovered:
-            await self._clear_stale()
+        if recovered or any(j.broken for j in self._journals.values()):
+            self._rewrite_lost()
+            await self._drop_ended_unwritten()
         if time.monotonic() - self._last_refresh > TTL_REFRESH:
             self._last_refresh = time.monotonic()
             await self._renew()
@@ -443,12 +483,21 @@ class RedisStore:
                         pipe.pexpire(key, ttl)
                 await pipe.execute()
 
-    async def _clear_stale(self) -> None:
-        """Keys a lost write left incomplete would resume wrongly elsewhere: gone."""
-        stale, self.writer.stale = self.writer.stale, set()
-        if stale:
-            with contextlib.suppress(*self._errors):
-                await self.redis.delete(*(k for d in stale for k in keys.session_keys(d)))
+    def _rewrite_lost(self) -> None:
+        """Redis is back: every session whose writes were lost is written whole again."""
+        for journal in self._journals.values():
+            if journal.broken and not journal.released and not journal.session.ended:
+                journal.resync()
+
+    async def _drop_ended_unwritten(self) -> None:
+        ended, self._ended_unwritten = self._ended_unwritten, set()
+        for digest in ended:
+            try:
+                await self._drop_own(keys=keys.session_keys(digest), args=[self.node])
+            except self._errors as exc:
+                self._lost(exc)
+                self._ended_unwritten |= ended
+                return
 
 
 def _record(digest: str, fields: dict[bytes, bytes]) -> SessionRecord | None:

@@ -24,6 +24,26 @@ if TYPE_CHECKING:
     from ws_server.store.writer import JournalWriter
 
 
+def session_fields(session: LiveSession, epoch: int, owner: str, seq: int) -> dict[str, str]:
+    """A session's hash as its holder first writes it."""
+    conversation = session.conversation
+    version = conversation.version
+    return {
+        "id": conversation.id,
+        "model": version.name,
+        "revision": version.revision,
+        "version": version.version,
+        "key": session.key_digest,
+        "owner": owner,
+        "epoch": str(epoch),
+        "seq": str(seq),
+        "turn": "0",
+        "running": "0",
+        "turn_seq": "0",
+        "window": str(session.window),
+    }
+
+
 class RedisJournal:
     """What one session has changed since its last write."""
 
@@ -34,6 +54,7 @@ class RedisJournal:
         "_history",
         "_last",
         "_replace",
+        "_resync",
         "_sent_bytes",
         "_sent_frames",
         "broken",
@@ -46,6 +67,7 @@ class RedisJournal:
         "released",
         "session",
         "writer",
+        "writing",
     )
 
     def __init__(self, writer: JournalWriter, session: LiveSession, epoch: int) -> None:
@@ -59,6 +81,8 @@ class RedisJournal:
         self.broken = False  # a write was lost (Redis went away): no more resumes elsewhere
         self.released = False  # drained: another node carries it on, keep its keys
         self.deleting = False  # ended: its keys go with the next batch
+        self.writing = False  # in the batch on its way to Redis
+        self._resync = False  # the next write rewrites the whole session first
         self._frames: list[bytes] = []
         self._last = 0  # the seq of the last of ``_frames``
         self._sent_frames = 0  # frames written so far, and their bytes: the stream keeps
@@ -105,6 +129,18 @@ class RedisJournal:
         self.deleting = True
         self._mark()
 
+    def resync(self) -> None:
+        """Redis is back after losing writes (or came back empty): mirror again, the next
+        write putting the whole session there first."""
+        self.broken = False
+        self._resync = True
+        self._frames, self._history, self._fields, self._replace = [], [], {}, False
+        self.pending_bytes = 0
+        conversation = self.session.conversation
+        conversation.journal = self
+        conversation.outbox.mirror = self.frame
+        self._mark()
+
     def _mark(self) -> None:
         if not self.dirty and not self.broken:
             self.dirty = True
@@ -113,9 +149,15 @@ class RedisJournal:
     # ------------------------------------------------------------------ the writer's side
     def write(self, pipe: Pipeline) -> int:
         """Queue this journal's changes on ``pipe`` (the writer's batch) and forget them;
-        how many script calls that took (the first one's answer says if it was fenced)."""
+        how many script calls that took (the first one's answer says whether this node
+        still holds the session)."""
         self.dirty = False
         conversation = self.session.conversation
+        calls = 0
+        if self._resync:
+            self._resync = False
+            self._write_whole(pipe, conversation.outbox.seq - len(self._frames))
+            calls += 1
         fields = self._fields
         frames = self._frames
         if frames:
@@ -149,11 +191,27 @@ class RedisJournal:
         self._fields = {}
         self._context = None
         self.pending_bytes = 0
-        if not self.deleting:
-            return 1
-        pipe.evalsha(self.writer.delete_script.sha, len(self.keys), *self.keys, self.epoch)
-        self.broken = True  # written for the last time
-        return 2
+        calls += 1
+        if self.deleting:
+            pipe.evalsha(self.writer.delete_script.sha, len(self.keys), *self.keys, self.epoch)
+            self.broken = True  # written for the last time
+            calls += 1
+        return calls
+
+    def _write_whole(self, pipe: Pipeline, seq: int) -> None:
+        """The RESYNC script: the session as it stands before the frames pending now."""
+        conversation = self.session.conversation
+        fields = session_fields(self.session, self.epoch, self.writer.link.node, seq)
+        fields["turn"] = str(conversation.turn)
+        fields["running"] = "1" if conversation.turn_running else "0"
+        fields["turn_seq"] = str(seq)  # the stream starts over here
+        fields["context"] = json.dumps(conversation.context_snapshot())
+        args: list[Any] = [self.epoch, self.writer.link.node, self.writer.ttl_ms, len(fields)]
+        for name, value in fields.items():
+            args += (name, value)
+        messages = conversation.history.messages()
+        args += [len(messages), *(json.dumps(m) for m in messages)]
+        pipe.evalsha(self.writer.resync_script.sha, len(self.keys), *self.keys, *args)
 
     def lose(self) -> None:
         """Redis went away with this journal's changes: it no longer mirrors anything (the

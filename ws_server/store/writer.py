@@ -34,6 +34,7 @@ class JournalWriter:
         replay_bytes: int,
         ttl_ms: int,
         on_fenced: Callable[[RedisJournal], None],
+        on_lost: Callable[[RedisJournal], None],
     ) -> None:
         self.redis = redis
         self.link = link
@@ -41,8 +42,9 @@ class JournalWriter:
         self.ttl_ms = ttl_ms  # a session's keys' TTL, renewed by every write
         self.append_script = redis.register_script(keys.APPEND)
         self.delete_script = redis.register_script(keys.DELETE)
+        self.resync_script = redis.register_script(keys.RESYNC)
         self._on_fenced = on_fenced
-        self.stale: set[str] = set()  # digests whose keys a lost write left behind
+        self._on_lost = on_lost
         self._dirty: list[RedisJournal] = []
         self._wake = asyncio.Event()
         self._flushed: asyncio.Future[None] | None = None  # the end of the next batch
@@ -65,18 +67,21 @@ class JournalWriter:
     async def _write_batch(self) -> None:
         batch, self._dirty = self._dirty, []
         self._writing = True
+        written = [j for j in batch if not j.broken]
         try:
             if not self.link.available:
-                for journal in batch:
+                for journal in written:
                     self._lose(journal)
                 return
-            written = [j for j in batch if not j.broken]
             if not written:
                 return
             pipe = self.redis.pipeline(transaction=False)
-            pipe.scripts.add(self.append_script)
-            pipe.scripts.add(self.delete_script)
-            calls = [journal.write(pipe) for journal in written]
+            for script in (self.append_script, self.delete_script, self.resync_script):
+                pipe.scripts.add(script)
+            calls = []
+            for journal in written:
+                journal.writing = True
+                calls.append(journal.write(pipe))
             try:
                 results = await pipe.execute(raise_on_error=False)
             except self.link.errors as exc:
@@ -86,7 +91,7 @@ class JournalWriter:
                 return
             answers = iter(results)
             for journal, count in zip(written, calls, strict=True):
-                outcome, *_ = (next(answers) for _ in range(count))  # APPEND's answer first
+                outcome, *_ = (next(answers) for _ in range(count))  # the first one decides
                 if isinstance(outcome, BaseException):
                     log.error("writing session %s failed: %s", journal.digest[:8], outcome)
                     self._lose(journal)
@@ -94,20 +99,31 @@ class JournalWriter:
                     journal.lose()
                     journal.released = True  # not ours to delete
                     self._on_fenced(journal)
+                elif outcome == -1 and not journal.deleting:  # gone from Redis: write it whole
+                    journal.resync()
         finally:
             self._writing = False
+            for journal in written:
+                journal.writing = False
             flushed, self._flushed = self._flushed, None
             if flushed is not None and not flushed.done():
                 flushed.set_result(None)
 
     def _lose(self, journal: RedisJournal) -> None:
         journal.lose()
-        self.stale.add(journal.digest)
+        self._on_lost(journal)
 
     async def flush(self) -> None:
         """Until every change made so far is written (or lost), the batch on its way
         included."""
         while self._dirty or self._writing:
+            await self._batch_written()
+
+    async def written(self, journal: RedisJournal) -> None:
+        """Until ``journal``'s changes so far are in Redis (or lost): a turn's last frame
+        reaches its client only once it is there, so that a node taking the session over
+        never ends that turn a second time."""
+        while journal.dirty or journal.writing:
             await self._batch_written()
 
     async def room(self, journal: RedisJournal, backlog: int) -> None:
