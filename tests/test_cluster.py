@@ -122,15 +122,20 @@ def post_json(url: str) -> Any:
         return json.loads(answer.read())
 
 
-async def written_to_redis(cluster: LocalCluster, ws: ClientConnection) -> None:
-    """Until the session of ``ws`` is in Redis with every frame ``ws`` got."""
+async def written_to_redis(
+    cluster: LocalCluster, ws: ClientConnection, running: int | None = None
+) -> None:
+    """Until the session of ``ws`` is in Redis with every frame ``ws`` got (and, with
+    ``running``, with that turn started)."""
     import redis.asyncio as aioredis
 
     client = aioredis.Redis(unix_socket_path=str(cluster.redis_socket))
     key = f"anything-agent:session:{hashlib.sha256(ws.token.encode()).hexdigest()}"  # type: ignore[attr-defined]
     try:
         for _ in range(100):
-            if int(await client.hget(key, "seq") or -1) >= ws.last_seq:  # type: ignore[attr-defined]
+            seq, turn, busy = await client.hmget(key, "seq", "turn", "running")
+            written = int(seq or -1) >= ws.last_seq  # type: ignore[attr-defined]
+            if written and (running is None or (int(turn) == running and busy == b"1")):
                 return
             await asyncio.sleep(0.02)
         raise AssertionError("the session never reached Redis")
@@ -198,6 +203,47 @@ async def test_killing_the_node_streaming_a_reply_ends_it_interrupted_and_the_ch
     reply = text_of(await ask(again, "recall"))
     assert reply == "You said 3 things: before | count 1000 0.01 | recall"
     await again.close()
+
+
+async def test_a_turn_lost_before_its_first_chunk_still_ends_interrupted(
+    cluster: LocalCluster,
+) -> None:
+    node = cluster.nodes[0]
+    ws = await open_resumable(node)
+    await ask(ws, "first")
+    await ws.send(json.dumps({"type": "message", "content": "wait 30"}))
+    await written_to_redis(cluster, ws, running=2)  # started there, nothing streamed yet
+    node.kill()
+    with pytest.raises(ConnectionClosed):
+        await recv_frame(ws)
+    again = await resume(cluster.nodes[1], ws)
+    rest = await until_done(again, timeout=NODE_TTL + 5)
+    assert [f["type"] for f in rest] == ["error", "done"]
+    assert rest[0]["code"] == "interrupted" and rest[0]["turn"] == 2
+    assert rest[1] == {"type": "done", "turn": 2, "reason": "error"}
+    await again.close()
+
+
+async def test_a_drained_holder_hands_a_relayed_client_over_in_place(
+    cluster: LocalCluster,
+) -> None:
+    holder, relaying = cluster.nodes[0], cluster.nodes[1]
+    ws = await open_resumable(holder)
+    await ask(ws, "hello")
+    await drop(ws)
+    relayed = await resume(relaying, ws, cluster)  # relayed to the holder
+    await relayed.send(json.dumps({"type": "message", "content": "count 2000 0.01"}))
+    shown = [await recv_frame(relayed) for _ in range(3)]
+    holder.process.send_signal(15)  # its turn outlasts the grace period (5 s)
+    shown += await until_done(relayed, timeout=20)
+    assert shown[-2]["code"] == "interrupted" and shown[-1]["reason"] == "error"
+    numbers = text_of(shown).split()
+    assert numbers == [str(n) for n in range(1, len(numbers) + 1)]
+    # The same connection goes on, now with the relaying node holding the session.
+    reply = text_of(await ask(relayed, "recall"))
+    assert reply == "You said 3 things: hello | count 2000 0.01 | recall"
+    await relayed.close()
+    holder.process.wait(15)
 
 
 async def test_a_node_restarted_under_the_same_id_does_not_keep_its_predecessors_sessions(

@@ -8,8 +8,9 @@ from ws_server import AnythingBaseModel
 
 class Numbers(AnythingBaseModel):
     """``count N [PAUSE]``: the chunks ``1 `` … ``N `` with PAUSE seconds between them
-    (default none, so a turn runs at full speed); ``recall``: the user messages so far;
-    anything else is echoed."""
+    (default none, so a turn runs at full speed); ``wait S``: nothing for S seconds, then
+    ``waited`` (a model thinking before its first token); ``recall``: the user messages
+    so far; anything else is echoed."""
 
     async def on_chat_messages(self, messages):
         words = messages[-1]["content"].split()
@@ -18,6 +19,9 @@ class Numbers(AnythingBaseModel):
             for number in range(1, int(words[1]) + 1):
                 yield f"{number} "
                 await asyncio.sleep(pause)
+        elif words and words[0] == "wait":
+            await asyncio.sleep(float(words[1]))
+            yield "waited"
         elif words == ["recall"]:
             said = [m["content"] for m in messages if m["role"] == "user"]
             yield f"You said {len(said)} things: " + " | ".join(said)
