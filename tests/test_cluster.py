@@ -197,6 +197,8 @@ async def test_killing_the_node_streaming_a_reply_ends_it_interrupted_and_the_ch
     assert error["type"] == "error" and error["code"] == "interrupted", rest[-3:]
     assert done == {"type": "done", "turn": 2, "reason": "error"}
     assert took < NODE_TTL + 1 + 0.5, f"interrupted {took:.2f} s after the kill"
+    taken = 'anything_agent_resumes_total{outcome="taken_over"}'
+    assert sum(metric(n, taken) for n in cluster.nodes if n.running) >= 1
     numbers = text_of(shown + rest).split()
     assert numbers == [str(n) for n in range(1, len(numbers) + 1)]  # none lost, none twice
     # The next message runs on a new instance, with the whole history, partial reply too.
@@ -299,6 +301,15 @@ async def test_a_reload_through_nginx_reaches_every_node_within_two_seconds(
         await asyncio.sleep(0.1)
 
 
+def metric(node: ClusterNode, line_start: str) -> float:
+    """A sample of ``node``'s ``/metrics`` (0 when it has none yet)."""
+    with urllib.request.urlopen(f"{node.url}/metrics", timeout=5) as answer:
+        for line in answer.read().decode().splitlines():
+            if line.startswith(line_start + " "):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def _revision(node: ClusterNode, model: str) -> str:
     return str(get_json(f"{node.url}/v1/models/{model}")["revision"])
 
@@ -314,6 +325,7 @@ async def test_chats_go_on_while_redis_is_down_and_resume_comes_back(
     while get_json(f"{node.url}/healthz")["store"] != "unavailable":
         assert time.monotonic() < deadline
         await asyncio.sleep(0.1)
+    assert metric(node, "anything_agent_store_up") == 0
     async with connect(ws_url(node), subprotocols=[V1, "resumable"]) as ws:  # type: ignore[list-item]
         ready = await recv_frame(ws)
         assert ready["type"] == "ready" and "resume_token" not in ready

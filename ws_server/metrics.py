@@ -69,6 +69,10 @@ SESSIONS_DETACHED = Gauge(
 )
 RESUMES = Counter("anything_agent_resumes", "Resume attempts, by outcome", ["outcome"])
 REPLAYED_FRAMES = Counter("anything_agent_replayed_frames", "Frames replayed to resumed clients")
+STORE_UP = Gauge(
+    "anything_agent_store_up",
+    "1 while the session store takes writes (always, in memory; Redis reachable, with it)",
+)
 REPLAY_BUFFER_BYTES = Gauge(
     "anything_agent_replay_buffer_bytes", "Bytes held in sessions' replay buffers"
 )

@@ -77,6 +77,7 @@ class AnythingAgentServer:
             store_status=lambda: self.store.status,
             cluster=self.redis.cluster if self.redis is not None else None,
         )
+        metrics.STORE_UP.set_function(lambda: 1.0 if self.store.available else 0.0)
         metrics.REPLAY_BUFFER_BYTES.set_function(
             lambda: sum(s.conversation.outbox.buffered_bytes for s in self.store.local())
         )

@@ -133,6 +133,7 @@ class Handover:
         session.conversation.restore(taken.turn, taken.history)
         self.store.adopt(session, taken.epoch)
         metrics.SESSIONS.labels(model=version.name).inc()
+        metrics.RESUMES.labels(outcome="taken_over").inc()
         session.conversation.log(
             logging.INFO,
             "taken over from node %s (epoch %d)",
