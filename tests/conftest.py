@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from system_packages import (
@@ -448,3 +449,62 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture
+def every_node_up(cluster: Any) -> Iterator[None]:
+    """For tests that kill and stop the nodes (or Redis) of their module's ``cluster``:
+    the next test starts with every one serving (``usefixtures("every_node_up")``)."""
+    yield
+    for node in cluster.nodes:
+        if not node.running:
+            node.restart()
+    if cluster.redis_process is None or cluster.redis_process.poll() is not None:
+        cluster.redis_start()
+
+
+CHROMIUM_ARGS = [  # no GPU here, and no calls home (background networking is refused)
+    "--disable-gpu",
+    "--disable-quic",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def browser(pytestconfig: pytest.Config) -> Iterator[Any]:
+    """Debian's Chromium, driven by Playwright (imported here: only browser tests load it)."""
+    from playwright.sync_api import sync_playwright
+
+    problem = pytestconfig.stash.get(CHROMIUM_PROBLEM, None)
+    if problem is not None:
+        pytest.fail(f"the browser tests need Chromium: {problem}", pytrace=False)
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A fresh browser profile per test; fails the test on any JavaScript error or any
+    request that leaves this machine (the page must work with no internet), and saves a
+    screenshot of how the test left the page."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    opened = context.new_page()
+    errors: list[str] = []
+    elsewhere: list[str] = []
+    opened.on("pageerror", lambda error: errors.append(str(error)))
+    opened.on(
+        "request",
+        lambda sent: urlsplit(sent.url).hostname == "127.0.0.1" or elsewhere.append(sent.url),
+    )
+    yield opened
+    from browser_support import screenshot
+
+    screenshot(opened, request.node.name)
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+    assert not elsewhere, f"the page reached beyond this machine: {elsewhere}"

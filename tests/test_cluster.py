@@ -24,7 +24,7 @@ from websockets.exceptions import ConnectionClosed
 
 from ws_server.deploy.local_cluster import ClusterNode, LocalCluster
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("every_node_up")]
 
 V1 = "anything-agent.v1"
 NODE_TTL = 1.0
@@ -43,17 +43,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         extra_args=["--no-limits", "--grace-period", "5"],
     ) as running:
         yield running
-
-
-@pytest.fixture(autouse=True)
-def every_node_up(cluster: LocalCluster) -> Iterator[None]:
-    """Tests kill and stop nodes; the next one starts with all three serving."""
-    yield
-    for node in cluster.nodes:
-        if not node.running:
-            node.restart()
-    if cluster.redis_process is None or cluster.redis_process.poll() is not None:
-        cluster.redis_start()
 
 
 def cluster_log(cluster: LocalCluster | None) -> str:

@@ -14,21 +14,18 @@ import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import pytest
+from browser_support import Wire, screenshot
 from conftest import (
     BROWSER_MODELS,
-    CHROMIUM_PROBLEM,
-    OUTPUT_DIR,
     SHIPPED_MODELS,
     ServerProcess,
     client_models,
     http,
     launch_server,
 )
-from playwright.sync_api import Browser, Page, WebSocket, expect, sync_playwright
-from system_packages import CHROMIUM
+from playwright.sync_api import Page, expect
 from websockets.sync.client import connect as ws_connect
 from websockets.typing import Subprotocol
 
@@ -36,54 +33,6 @@ pytestmark = pytest.mark.browser
 
 # Chromium as root in a container, on a machine with no way out: no sandbox (Playwright
 # adds --no-sandbox), no GPU, no background calls home.
-CHROMIUM_ARGS = [
-    "--disable-gpu",
-    "--disable-quic",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-SHOTS = OUTPUT_DIR / "screenshots"
-
-
-@pytest.fixture(scope="module")
-def browser(pytestconfig: pytest.Config) -> Iterator[Browser]:
-    problem = pytestconfig.stash.get(CHROMIUM_PROBLEM, None)
-    if problem is not None:
-        pytest.fail(f"the browser tests need Chromium: {problem}", pytrace=False)
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
-
-
-@pytest.fixture
-def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
-    """A fresh browser profile per test; fails the test on any JavaScript error or any
-    request that leaves this machine (the page must work with no internet), and saves a
-    screenshot of how the test left the page."""
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
-    opened = context.new_page()
-    errors: list[str] = []
-    elsewhere: list[str] = []
-    opened.on("pageerror", lambda error: errors.append(str(error)))
-    opened.on(
-        "request",
-        lambda sent: urlsplit(sent.url).hostname == "127.0.0.1" or elsewhere.append(sent.url),
-    )
-    yield opened
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    opened.screenshot(path=str(SHOTS / f"{request.node.name}.png"))
-    context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
-    assert not elsewhere, f"the page reached beyond this machine: {elsewhere}"
-
-
-def screenshot(page: Page, name: str) -> None:
-    """Keep a picture of a moment inside a scenario (the end is kept by the fixture)."""
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"))
 
 
 def open_chat(page: Page, server: ServerProcess, model: str) -> None:
@@ -455,42 +404,6 @@ def resume_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPr
     running = launch_server(models, tmp_path_factory.mktemp("resume-events"))
     yield running
     assert running.stop() == 0, running.log
-
-
-class Wire:
-    """Every frame of every WebSocket the page opens, per socket, in order: ("in" or "out",
-    the parsed frame)."""
-
-    def __init__(self, page: Page) -> None:
-        self.sockets: list[list[tuple[str, Any]]] = []
-        page.on("websocket", self._opened)
-
-    def _opened(self, socket: WebSocket) -> None:
-        frames: list[tuple[str, Any]] = []
-        self.sockets.append(frames)
-        socket.on("framereceived", lambda payload: frames.append(("in", self._parse(payload))))
-        socket.on("framesent", lambda payload: frames.append(("out", self._parse(payload))))
-
-    @staticmethod
-    def _parse(payload: str | bytes) -> Any:
-        try:
-            return json.loads(payload)
-        except ValueError:
-            return payload
-
-    def received(self, kind: str) -> list[dict[str, Any]]:
-        return self._frames("in", kind)
-
-    def sent(self, kind: str) -> list[dict[str, Any]]:
-        return self._frames("out", kind)
-
-    def _frames(self, way: str, kind: str) -> list[dict[str, Any]]:
-        return [
-            frame
-            for frames in self.sockets
-            for went, frame in frames
-            if went == way and isinstance(frame, dict) and frame.get("type") == kind
-        ]
 
 
 class CuttableProxy:

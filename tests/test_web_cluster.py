@@ -9,32 +9,20 @@ of where it ended (and of moments inside it) in test-output/screenshots/.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
-from conftest import CHROMIUM_PROBLEM, CLUSTER_PROBLEM, OUTPUT_DIR, RESUME_MODELS, copy_models
-from playwright.sync_api import Browser, Locator, Page, WebSocket, expect, sync_playwright
-from system_packages import CHROMIUM
+from browser_support import Wire, screenshot
+from conftest import CLUSTER_PROBLEM, RESUME_MODELS, copy_models
+from playwright.sync_api import Locator, Page, WebSocket, expect
 
 from ws_server.deploy.local_cluster import ClusterNode, LocalCluster
 
-pytestmark = [pytest.mark.browser, pytest.mark.cluster]
+pytestmark = [pytest.mark.browser, pytest.mark.cluster, pytest.mark.usefixtures("every_node_up")]
 
-CHROMIUM_ARGS = [  # as in test_web_client.py: no GPU, no calls home
-    "--disable-gpu",
-    "--disable-quic",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-SHOTS = OUTPUT_DIR / "screenshots"
 NODE_TTL = 1.0
 GRACE = 5  # a drained node's running turn has this long to finish
 TURN_MS = 15000  # the longest a reply may take to end in these tests (kill, resume, take over)
@@ -62,111 +50,7 @@ def cluster(
         yield running
 
 
-@pytest.fixture(autouse=True)
-def every_node_up(cluster: LocalCluster) -> Iterator[None]:
-    """Tests kill and stop nodes; the next one starts with all three serving."""
-    yield
-    for node in cluster.nodes:
-        if not node.running:
-            node.restart()
-
-
-@pytest.fixture(scope="module")
-def browser(pytestconfig: pytest.Config) -> Iterator[Browser]:
-    problem = pytestconfig.stash.get(CHROMIUM_PROBLEM, None)
-    if problem is not None:
-        pytest.fail(f"the browser tests need Chromium: {problem}", pytrace=False)
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
-
-
-@pytest.fixture
-def page(browser: Browser, cluster: LocalCluster, request: pytest.FixtureRequest) -> Iterator[Page]:
-    """A fresh browser profile per test; fails the test on any JavaScript error or any
-    request that leaves this machine, and saves a screenshot of how the test left the page."""
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
-    opened = context.new_page()
-    errors: list[str] = []
-    elsewhere: list[str] = []
-    opened.on("pageerror", lambda error: errors.append(str(error)))
-    opened.on(
-        "request",
-        lambda sent: urlsplit(sent.url).hostname == "127.0.0.1" or elsewhere.append(sent.url),
-    )
-    yield opened
-    screenshot(opened, request.node.name)
-    context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
-    assert not elsewhere, f"the page reached beyond this machine: {elsewhere}"
-
-
 # ---------------------------------------------------------------------- helpers
-class Wire:
-    """Every frame of every WebSocket the page opens, in order, per socket: ("in" or "out",
-    the parsed frame); shown in failure messages, so that a failure says what the page got."""
-
-    def __init__(self, page: Page) -> None:
-        self.sockets: list[tuple[WebSocket, list[tuple[str, Any]]]] = []
-        page.on("websocket", self._opened)
-
-    def _opened(self, socket: WebSocket) -> None:
-        frames: list[tuple[str, Any]] = []
-        self.sockets.append((socket, frames))
-        socket.on("framereceived", lambda payload: frames.append(("in", self._parse(payload))))
-        socket.on("framesent", lambda payload: frames.append(("out", self._parse(payload))))
-
-    @staticmethod
-    def _parse(payload: str | bytes) -> Any:
-        try:
-            return json.loads(payload)
-        except ValueError:
-            return payload
-
-    def received(self, kind: str) -> list[dict[str, Any]]:
-        return self._frames("in", kind)
-
-    def sent(self, kind: str) -> list[dict[str, Any]]:
-        return self._frames("out", kind)
-
-    def _frames(self, way: str, kind: str) -> list[dict[str, Any]]:
-        return [
-            frame
-            for _, frames in self.sockets
-            for went, frame in frames
-            if went == way and isinstance(frame, dict) and frame.get("type") == kind
-        ]
-
-    @property
-    def sessions(self) -> int:
-        """How many times the page got a session: a ``ready`` or a ``resumed``."""
-        return len(self.received("ready")) + len(self.received("resumed"))
-
-    @property
-    def session_id(self) -> str:
-        ready = self.received("ready")
-        assert ready, f"the page got no ready frame:\n{self}"
-        return str(ready[0]["session_id"])
-
-    def __str__(self) -> str:
-        """Each socket's frames, chunks run together (a reply is hundreds of them)."""
-        lines = []
-        for number, (_, frames) in enumerate(self.sockets):
-            lines.append(f"socket {number}:")
-            chunks: list[str] = []
-            for went, frame in [*frames, ("", None)]:
-                if isinstance(frame, dict) and frame.get("type") == "chunk" and went == "in":
-                    chunks.append(f"{frame.get('seq')}:{frame.get('content')!r}")
-                    continue
-                if chunks:
-                    lines.append(f"  in  {len(chunks)} chunks {chunks[0]} … {chunks[-1]}")
-                    chunks = []
-                if frame is not None:
-                    lines.append(f"  {went:<3} {json.dumps(frame)[:300]}")
-        return "\n".join(lines)
-
-
 def wait_until(page: Page, condition: Callable[[], bool], timeout: float) -> bool:
     """Poll ``condition`` (Playwright's events are taken in while the page waits)."""
     deadline = time.monotonic() + timeout
@@ -185,11 +69,6 @@ def settle(page: Page, wire: Wire, socket: WebSocket, sessions: int) -> None:
     if wait_until(page, socket.is_closed, 1.0):
         wait_until(page, lambda: wire.sessions > sessions, TURN_MS / 1000)
     connected(page)
-
-
-def screenshot(page: Page, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"))
 
 
 def connected(page: Page, timeout: float = TURN_MS) -> None:

@@ -12,6 +12,8 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Final
 
+from ws_server import protocol
+from ws_server.exceptions import AnythingAgentError
 from ws_server.http.limits import FrameRate
 from ws_server.session.connection import handle_frame
 from ws_server.session.live import LiveSession
@@ -90,7 +92,12 @@ class RemoteAttachment:
     async def _read(self) -> None:
         while True:
             data = await self._frames.get()
-            await handle_frame(self.session.conversation, self._rate, data)
+            conversation = self.session.conversation
+            if conversation.closing and not _is_cancel(data):
+                # This node is draining: what the client sends now is left untaken, for
+                # the node that takes the session over (``Relay.unseen``) to run.
+                return
+            await handle_frame(conversation, self._rate, data)
             self._taken += 1
             # Written with the frame's effects (the same batch): a node taking the session
             # over knows which of the relay's frames this node took, and which it did not.
@@ -114,6 +121,13 @@ class RemoteAttachment:
 
     def close(self) -> None:
         self._reader.cancel()
+
+
+def _is_cancel(data: str | bytes) -> bool:
+    try:
+        return isinstance(protocol.parse_client_frame(data), protocol.CancelTurn)
+    except AnythingAgentError:
+        return False
 
 
 _background: set[asyncio.Task[None]] = set()
