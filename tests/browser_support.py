@@ -5,12 +5,24 @@ conftest.py): screenshots, and a record of every WebSocket frame the page sends 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from conftest import OUTPUT_DIR
-from playwright.sync_api import Page, WebSocket
+from playwright.sync_api import Locator, Page, WebSocket, expect
 
 SHOTS = OUTPUT_DIR / "screenshots"
+
+
+def replies(page: Page) -> Locator:
+    return page.locator(".message.assistant")
+
+
+def finished_reply(page: Page, index: int = -1) -> Locator:
+    """The reply at ``index`` once its turn is over."""
+    reply = replies(page).nth(index)
+    expect(reply).to_have_attribute("data-reason", re.compile(".+"), timeout=15000)
+    return reply
 
 
 def screenshot(page: Page, name: str) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from browser_support import Wire, screenshot
+from browser_support import Wire, finished_reply, replies, screenshot
 from conftest import (
     BROWSER_MODELS,
     SHIPPED_MODELS,
@@ -45,17 +45,6 @@ def open_chat(page: Page, server: ServerProcess, model: str) -> None:
 def say(page: Page, text: str) -> None:
     page.locator("#input").fill(text)
     page.locator("#input").press("Enter")
-
-
-def replies(page: Page):  # type: ignore[no-untyped-def]
-    return page.locator(".message.assistant")
-
-
-def finished_reply(page: Page, index: int = -1):  # type: ignore[no-untyped-def]
-    """The reply at ``index`` once its turn is over."""
-    reply = replies(page).nth(index)
-    expect(reply).to_have_attribute("data-reason", re.compile(".+"), timeout=15000)
-    return reply
 
 
 # ---------------------------------------------------------------------- the model picker

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
-from browser_support import Wire, screenshot
+from browser_support import Wire, finished_reply, replies, screenshot
 from conftest import CLUSTER_PROBLEM, RESUME_MODELS, copy_models
 from playwright.sync_api import Locator, Page, WebSocket, expect
 
@@ -83,17 +83,6 @@ def say(page: Page, text: str) -> None:
     page.locator("#input").fill(text)
     page.locator("#input").press("Enter")
     expect(page.locator(".message.user").last.locator(".body")).to_have_text(text)
-
-
-def replies(page: Page) -> Locator:
-    return page.locator(".message.assistant")
-
-
-def finished_reply(page: Page, index: int = -1) -> Locator:
-    """The reply at ``index`` once its turn is over."""
-    reply = replies(page).nth(index)
-    expect(reply).to_have_attribute("data-reason", re.compile(".+"), timeout=TURN_MS)
-    return reply
 
 
 def counted(reply: Locator) -> list[int]:

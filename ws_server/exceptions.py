@@ -33,6 +33,13 @@ class StoreUnavailable(SettingsError):
     redis-py installed, or a URL that is not one); the server does not start."""
 
 
+class ResumeFailed(AnythingAgentError):
+    """A session held by another node cannot be carried on here (it ended there, its
+    frames are gone, its model cannot run here); the client gets ``resume_expired``."""
+
+    code = "resume_expired"
+
+
 class ModelLoadError(AnythingAgentError):
     """A model directory could not be turned into a servable model.
 

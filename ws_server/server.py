@@ -14,7 +14,7 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from ws_server import metrics, protocol
-from ws_server.exceptions import AdminOnly, HandshakeRefused
+from ws_server.exceptions import AdminOnly, HandshakeRefused, ResumeFailed
 from ws_server.http import peers
 from ws_server.http.limits import ConnectionCounter
 from ws_server.http.routes import HttpApi, chat_model_name, error_response
@@ -31,7 +31,7 @@ from ws_server.loop_watch import LoopWatch
 from ws_server.registry.catalog import ModelVersion, Registry
 from ws_server.session.connection import ChatConnection, ConnectionLimits
 from ws_server.session.conversation import Conversation, HistoryLimits
-from ws_server.session.handover import Handover, ResumeFailed
+from ws_server.session.handover import Handover
 from ws_server.session.live import LiveSession, digest, new_token
 from ws_server.session.outbox import Outbox
 from ws_server.settings import ServerSettings

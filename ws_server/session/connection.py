@@ -87,16 +87,8 @@ class ChatConnection:
         conversation = session.conversation
         conversation.log(logging.INFO, "opened from %s", peer(self.connection))
         session.attach(self)  # before ready: a shutdown meanwhile closes us with 1001
-        gone = asyncio.ensure_future(self.connection.wait_closed())
-        try:
-            failure = await conversation.start(gone)
-        finally:
-            gone.cancel()
-        if failure is not None:
-            code, message = failure
-            if code != DISCONNECTED:
-                await self._fail_start(code, message)
-            await session.end(DISCONNECTED)
+        if await self._start(session) is not None:
+            await session.end(DISCONNECTED)  # a failed start has ended it already
             return False
         version = conversation.version
         ready = protocol.encode_ready(
@@ -117,19 +109,26 @@ class ChatConnection:
         (the session has ended then, and the client was told) or the client left while
         it started (the session is left to the caller)."""
         session.attach(self)
+        return await self._start(session, context) is None
+
+    async def _start(
+        self, session: LiveSession, context: dict[str, Any] | None = None
+    ) -> str | None:
+        """Run ``on_chat_start`` (restoring ``context``); None when it returned. A start
+        that failed is told to the client and ends the session; ``DISCONNECTED`` (the
+        client left meanwhile) is only returned."""
         gone = asyncio.ensure_future(self.connection.wait_closed())
         try:
             failure = await session.conversation.start(gone, context)
         finally:
             gone.cancel()
-        if failure is not None:
-            code, message = failure
-            if code == DISCONNECTED:  # its client left meanwhile: the caller decides
-                return False
+        if failure is None:
+            return None
+        code, message = failure
+        if code != DISCONNECTED:
             await self._fail_start(code, message)
             await session.end(DISCONNECTED)
-            return False
-        return True
+        return code
 
     async def resume(
         self, session: LiveSession, after: int, frames: list[bytes], announce: bool = True

@@ -18,7 +18,7 @@ from typing import Any, Final
 from websockets.exceptions import ConnectionClosed
 
 from ws_server import metrics
-from ws_server.exceptions import AnythingAgentError
+from ws_server.exceptions import AnythingAgentError, ResumeFailed
 from ws_server.registry.catalog import ModelVersion, Registry
 from ws_server.session.connection import ChatConnection
 from ws_server.session.conversation import DISCONNECTED
@@ -34,12 +34,6 @@ CATCH_UP: Final = 1.0  # seconds (past --node-ttl) a resume waits for the client
 
 # Makes a session held here: (version, token digest, key digest, window, id, seq).
 SessionFactory = Callable[[ModelVersion, str, str, float, str, int], LiveSession]
-
-
-class ResumeFailed(AnythingAgentError):
-    """The session cannot be carried on here; the client gets ``resume_expired``."""
-
-    code = "resume_expired"
 
 
 class Handover:

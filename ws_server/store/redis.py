@@ -288,15 +288,16 @@ class RedisStore:
     def _fenced_now(self, session: LiveSession) -> None:
         journal = self.journal_of(session)
         if journal is not None:
-            journal.lose()
-            journal.released = True  # not ours to delete
             self._fenced(journal)
 
     def _lost_writes(self, journal: RedisJournal) -> None:
         """A write of ``journal`` was lost (Redis away); it is rewritten once Redis is back."""
 
     def _fenced(self, journal: RedisJournal) -> None:
-        """Another node holds the session now: let go of it here."""
+        """Another node holds the session now: stop mirroring it, keep its keys (theirs),
+        and let go of it here."""
+        journal.lose()
+        journal.released = True
         session = journal.session
         self._held.pop(journal.digest, None)
         self._journals.pop(journal.digest, None)

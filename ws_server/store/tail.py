@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from ws_server.store import keys
+from ws_server.store.cluster import BLOCK_MS
 
 if TYPE_CHECKING:
     from ws_server.store.cluster import ClusterLink
 
-BLOCK_MS: Final = 500  # under redis-py's socket timeout
 BATCH: Final = 512  # stream entries per session and read
 WAKE_TTL_MS: Final = 60_000
 

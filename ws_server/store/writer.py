@@ -96,8 +96,6 @@ class JournalWriter:
                     log.error("writing session %s failed: %s", journal.digest[:8], outcome)
                     self._lose(journal)
                 elif outcome == 0 and not journal.deleting:  # fenced: held elsewhere now
-                    journal.lose()
-                    journal.released = True  # not ours to delete
                     self._on_fenced(journal)
                 elif outcome == -1 and not journal.deleting:  # gone from Redis: write it whole
                     journal.resync()
