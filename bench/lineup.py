@@ -13,6 +13,10 @@ row is that again with its sessions in a Redis the runner starts (``--redis-url`
 by the environment: a redis-server on a unix socket in the scratch directory), and the
 "before" row is the server as it was at ``BEFORE`` (before sessions could outlive their
 connection), run from a copy of that commit's tree with the same virtualenv.
+
+The SSE mode has servers of its own (``sse_lineup``): AnythingAgent as above, driven both
+through its WebSocket chat and through ``POST /v1/chat/completions`` with ``stream: true``,
+and a minimal Starlette+uvicorn server streaming the same ``chat.completion.chunk`` events.
 """
 
 from __future__ import annotations
@@ -144,6 +148,19 @@ def lineup(scratch: Path, before: str = BEFORE) -> list[ServerSpec]:
             "nomodel-1", "no model, 1 write/frame", _script("nomodel_server.py", "--batch", "1")
         ),
         ServerSpec("nomodel", "no model, batched writes", _script("nomodel_server.py")),
+    ]
+
+
+SSE_AGENT: Final = "anything_agent"
+SSE_STARLETTE: Final = "starlette_sse"
+
+
+def sse_lineup() -> list[ServerSpec]:
+    """The SSE mode's servers: AnythingAgent serving the bench model (shared, its defaults
+    plus ``--no-limits``), and the Starlette SSE server."""
+    return [
+        ServerSpec(SSE_AGENT, "AnythingAgent", _anything_agent(BENCH_MODEL.parent)),
+        ServerSpec(SSE_STARLETTE, "Starlette+uvicorn SSE", _script("starlette_sse_server.py")),
     ]
 
 

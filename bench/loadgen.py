@@ -12,6 +12,8 @@ Six modes, each against a server already listening:
   and MB/s of chunk frames' payloads over a window after a warm-up.
 - ``latency``: C connections each send a one-chunk turn as soon as the last one is done;
   the time from sending the message to receiving its first chunk (p50/p99/max).
+  ``first_chunk`` is its one-connection form with a set number of samples (the SSE mode's
+  WebSocket side; bench/sse_client.py drives the SSE side the same way).
 - ``capacity``: open K idle sessions (up to ``concurrency`` handshakes in flight) as fast
   as possible; handshakes/s until the last ``ready``, and the server's RSS growth per
   session.
@@ -38,6 +40,7 @@ import json
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
@@ -311,6 +314,55 @@ async def latency(
         figures["max_us"] = samples[-1]
     figures["errors"] = _errors(sessions)
     return figures
+
+
+@dataclass
+class Timed:
+    """First-chunk times gathered by one connection: in ns, over ``seconds``."""
+
+    samples_ns: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, other: Timed) -> None:
+        self.samples_ns += other.samples_ns
+        self.seconds += other.seconds
+        self.errors = (self.errors + other.errors)[:ERRORS_KEPT]
+
+    def figures(self) -> dict[str, Any]:
+        """p50/p99/max in µs, the number of samples and the turns/s they came at."""
+        ordered = sorted(ns / 1000 for ns in self.samples_ns)
+        found: dict[str, Any] = {"samples": len(ordered), "seconds": self.seconds}
+        found["turns_per_s"] = len(ordered) / self.seconds if self.seconds else 0.0
+        if ordered:
+            found["p50_us"] = percentile(ordered, 0.50)
+            found["p99_us"] = percentile(ordered, 0.99)
+            found["max_us"] = ordered[-1]
+        found["errors"] = self.errors
+        return found
+
+
+async def first_chunk(
+    url: str, size: int, samples: int, warmup: float, offers: Sequence[str] = ()
+) -> Timed:
+    """One session, one-chunk turns back to back: ``warmup`` seconds of them, then the time
+    from sending each of ``samples`` more to receiving its first chunk."""
+    (session,) = await open_sessions(url, 1, offers=offers)
+    try:
+        session.latencies = []
+        session.start(request_frame(1, size))
+        await asyncio.sleep(warmup)
+        session.latencies.clear()
+        started = time.perf_counter()
+        await _until(
+            lambda: len(session.latencies or ()) >= samples or not session.running,
+            time.monotonic() + MAX_EXTENSION,
+        )
+        elapsed = time.perf_counter() - started
+        taken = session.latencies[:samples]
+    finally:
+        await close_sessions([session])
+    return Timed(taken, elapsed, _errors([session]))
 
 
 async def capacity(

@@ -8,7 +8,11 @@ Input is the run's JSON payload (see ``bench/run.py``): ``servers`` maps a serve
 its ``label`` and one dict of figures per mode (``throughput``, ``latency_1``,
 ``latency_crowd``, ``capacity``, ``resume``, ``detached``), or an ``error`` when it could
 not be measured; ``cluster``, when measured, holds the throughput figures of each cluster
-(``nodes_1``, ``nodes_3``) or why it failed.
+(``nodes_1``, ``nodes_3``) or why it failed; ``sse``, when measured, the figures of each
+path (``ws``, ``sse``: AnythingAgent's WebSocket chat and its OpenAI-compatible SSE;
+``starlette_sse``) under ``latency`` (first chunk, one connection), ``throughput_1`` and
+``throughput_n`` (streamed turns on 1 and on ``sse_connections`` connections), with the
+comparisons between them under ``compare``, or why it failed.
 """
 
 from __future__ import annotations
@@ -163,6 +167,8 @@ def _grid(
 def table(payload: dict[str, Any]) -> str:
     """The whole run as tables: each cell a figure and its ratio to bare websockets (the
     resume and detached figures: to the server's own, see ``RESUME_COLUMNS``)."""
+    if not payload["servers"]:  # only modes with servers of their own were run
+        return ""
     settings = payload["settings"]
     groups = {
         "throughput": f"throughput ({settings['connections']} conn)",
@@ -321,6 +327,123 @@ def cluster(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+SSE_LABELS: Final = {
+    "ws": "AnythingAgent WebSocket",
+    "sse": "AnythingAgent SSE",
+    "starlette_sse": "Starlette+uvicorn SSE",
+}
+SSE_LOADS: Final = ("throughput_1", "throughput_n")
+
+
+def _path_figure(found: dict[str, Any], load: str, path: str, field: str) -> float | None:
+    value = found.get(load, {}).get(path, {}).get(field)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def sse_compare(found: dict[str, Any]) -> dict[str, float | None]:
+    """The sse mode's comparisons: AnythingAgent's SSE first chunk minus its WebSocket one
+    (µs), over Starlette's; its SSE chunks/s over its WebSocket's and over Starlette's."""
+
+    def get(load: str, path: str, field: str) -> float | None:
+        return _path_figure(found, load, path, field)
+
+    compare: dict[str, float | None] = {}
+    for field in ("p50_us", "p99_us"):
+        sse, ws = get("latency", "sse", field), get("latency", "ws", field)
+        theirs = get("latency", "starlette_sse", field)
+        at = field.removesuffix("_us")
+        compare[f"sse_minus_ws_{at}_us"] = sse - ws if sse is not None and ws is not None else None
+        compare[f"sse_over_starlette_{at}"] = sse / theirs if sse is not None and theirs else None
+    for load in SSE_LOADS:
+        sse, ws = get(load, "sse", "chunks_per_s"), get(load, "ws", "chunks_per_s")
+        theirs = get(load, "starlette_sse", "chunks_per_s")
+        compare[f"{load}_sse_over_ws"] = sse / ws if sse is not None and ws else None
+        compare[f"{load}_sse_over_starlette"] = sse / theirs if sse is not None and theirs else None
+    return compare
+
+
+def sse(payload: dict[str, Any]) -> str:
+    """The sse mode: first chunk and chunks/s through each path, each cell ×its ratio to
+    AnythingAgent's WebSocket path, and the comparisons asked for."""
+    found = payload.get("sse")
+    if not found:
+        return ""
+    if "failed" in found:
+        return f"SSE: could not be measured: {found['failed']}"
+    settings = payload["settings"]
+    connections = settings.get("sse_connections", "?")
+    lines = [
+        "SSE: AnythingAgent (--no-limits, the bench model) through its WebSocket chat (an open "
+        "session, message → first chunk frame) and through POST /v1/chat/completions with "
+        '"stream": true (a kept-alive HTTP/1.1 connection, request → first data: event), '
+        "and a minimal Starlette+uvicorn SSE server (StreamingResponse, httptools, uvloop). "
+        f"First chunk: one connection, one-chunk turns of {settings['size']} B back to back, "
+        f"{settings.get('sse_turns', '?')} timed per path after {settings['warmup']:g} s of "
+        f"warm-up a round. Streaming: turns of {settings.get('sse_chunks', '?')} chunks of "
+        f"{settings['size']} B back to back, {settings['duration']:g} s, on 1 and on "
+        f"{connections} connections. ×ratio to AnythingAgent WebSocket; CPU: % of a core "
+        "over the 1-connection window. Client on CPU 0, servers on CPU 1.",
+        "",
+    ]
+    columns = [
+        ("latency", "p50_us", "p50 µs"),
+        ("latency", "p99_us", "p99 µs"),
+        ("latency", "max_us", "max µs"),
+        ("throughput_1", "chunks_per_s", "1 conn ch/s"),
+        ("throughput_n", "chunks_per_s", f"{connections} conn ch/s"),
+        ("throughput_1", "writes_per_chunk", "writes/chunk"),
+        ("throughput_1", "cpu_server_pct", "server %"),
+        ("throughput_1", "cpu_client_pct", "client %"),
+    ]
+    head = f"{'path':<{LABEL}}" + "".join(f"{title:>{CELL}}" for _, _, title in columns)
+    lines += [head, "-" * len(head)]
+    for path, label in SSE_LABELS.items():
+        cells = ""
+        for load, field, _ in columns:
+            value = _path_figure(found, load, path, field)
+            if value is None:
+                cells += f"{MISSING:>{CELL}}"
+                continue
+            base = _path_figure(found, load, "ws", field)
+            if field.startswith("cpu_"):
+                text = f"{value:.0f}"
+            elif field.startswith("writes_"):
+                text = f"{value:.3f}"
+            else:
+                text = _number(value)
+            if base and not field.startswith(("cpu_", "writes_")):
+                text += f" ×{_ratio(value / base)}"
+            cells += f"{text:>{CELL}}"
+        lines.append(f"{label:<{LABEL}}{cells}")
+    compare = found.get("compare", {})
+
+    def shown(name: str, unit: str = "×") -> str:
+        value = compare.get(name)
+        if value is None:
+            return MISSING
+        return f"{value:+.0f} µs" if unit == "µs" else f"×{_ratio(value)}"
+
+    lines += [
+        "",
+        f"AnythingAgent SSE − WebSocket, first chunk: p50 {shown('sse_minus_ws_p50_us', 'µs')}, "
+        f"p99 {shown('sse_minus_ws_p99_us', 'µs')}. AnythingAgent SSE / Starlette SSE, first "
+        f"chunk: p50 {shown('sse_over_starlette_p50')}, p99 {shown('sse_over_starlette_p99')}.",
+        f"Chunks/s, AnythingAgent SSE / its WebSocket: {shown('throughput_1_sse_over_ws')} "
+        f"(1 connection), {shown('throughput_n_sse_over_ws')} ({connections}); AnythingAgent "
+        f"SSE / Starlette SSE: {shown('throughput_1_sse_over_starlette')} (1), "
+        f"{shown('throughput_n_sse_over_starlette')} ({connections}).",
+    ]
+    errors = [
+        f"  {SSE_LABELS.get(path, path)} ({load}): {error}"
+        for load in ("latency", *SSE_LOADS)
+        for path, figures in found.get(load, {}).items()
+        for error in figures.get("errors", [])
+    ]
+    if errors:
+        lines += ["", "SSE errors (figures above may be off):", *errors]
+    return "\n".join(lines)
+
+
 def targets(payload: dict[str, Any]) -> list[dict[str, Any]]:
     """The targets (issue 7's, and resuming's), each with the measured value and whether it
     is met (None: not measured in this run)."""
@@ -460,6 +583,14 @@ def targets(payload: dict[str, Any]) -> list[dict[str, Any]]:
             False,
             " ms",
         )
+    found_sse = payload.get("sse") or {}
+    check(
+        "AnythingAgent SSE first-chunk p50 ≤ its WebSocket path's + 300 µs (1 connection)",
+        found_sse.get("compare", {}).get("sse_minus_ws_p50_us"),
+        300.0,
+        False,
+        " µs",
+    )
     held = get("resumable", "detached", "rss_per_session_kib")
     check(
         f"detached session's RSS ≤ 1.3× --replay-buffer-bytes "

@@ -15,9 +15,18 @@ its rounds, and drift of the machine falls on all servers alike. A row whose ses
 in Redis gets a redis-server of the runner's (on CPU 1 too), and for the resume probe a
 second node sharing it; the cluster mode, last, starts nginx in front of 3 nodes and of 1
 (``LocalCluster``, every process of it on every CPU) and takes the throughput load through
-each, round by round. Prints one table, the
-comparisons with the server before resumable sessions, and the targets; writes the raw
-figures as JSON and a PNG chart (default bench/results/bench-<time>.json and .png beside it).
+each, round by round. The sse mode, on servers of its own (AnythingAgent with
+``--no-limits`` and a minimal Starlette SSE server, both on CPU 1), times the first chunk of
+one-chunk turns on one connection through AnythingAgent's WebSocket chat, its
+``POST /v1/chat/completions`` with ``stream: true`` (a kept-alive HTTP/1.1 connection,
+bench/sse_client.py) and the Starlette server (``--sse-turns`` samples each, pooled over
+the rounds), then streams turns of ``--sse-chunks`` chunks through each with 1 and with
+``--sse-connections`` connections. Prints one table, the comparisons with the server
+before resumable sessions, the SSE comparison, and the targets; writes the raw figures as
+JSON and a PNG chart (default bench/results/bench-<time>.json and .png beside it; the
+chart leaves the sse mode out).
+
+    .venv/bin/python bench/run.py --modes sse     # the SSE mode alone: its servers only
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ import loadgen
 import procs
 import profiling
 import report
+import sse_client
 import uvloop
 from lineup import (
     BEFORE,
@@ -53,17 +63,22 @@ from lineup import (
     KEYS,
     REFERENCE,
     RESUMABLE,
+    SSE_AGENT,
+    SSE_STARLETTE,
     ServerSpec,
     check_out,
     lineup,
     prepare,
+    sse_lineup,
 )
 
 from ws_server.deploy.local_cluster import LocalCluster, find_program
 from ws_server.deploy.redis_server import RedisServer
 
 HERE = Path(__file__).resolve().parent
-MODES = ("capacity", "throughput", "latency", "resume", "detached", "cluster")
+SERVER_MODES = ("capacity", "throughput", "latency", "resume", "detached")  # on every server
+MODES = (*SERVER_MODES, "cluster", "sse")
+SSE_PATHS = ("ws", "sse", "starlette_sse")  # AnythingAgent's two paths, the Starlette server
 CLUSTER_SIZES = (1, 3)  # nodes behind nginx: the first is the cluster mode's reference
 READY_TIMEOUT = 600.0  # an isolated model's environment is built on first start
 
@@ -110,6 +125,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="awaits",
         help="detached: the model awaits between chunks, or yields without ever waiting",
     )
+    add(
+        "--sse-turns",
+        type=int,
+        default=2000,
+        help="sse: first chunks timed per path, in all, split over the rounds (after warm-up)",
+    )
+    add("--sse-chunks", type=int, default=20_000, help="sse: chunks per streamed turn")
+    add("--sse-connections", type=int, default=8, help="sse: the concurrent streaming run's C")
     add("--before", default=BEFORE, help="the commit whose server the 'before' row runs")
     add("--servers", default=",".join(KEYS), help=f"comma-separated, from {','.join(KEYS)}")
     add("--modes", default=",".join(MODES), help=f"comma-separated, from {','.join(MODES)}")
@@ -220,10 +243,11 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 async def measure_all(
     entries: list[Entry], args: argparse.Namespace, scratch: Path
-) -> dict[str, Any] | None:
+) -> dict[str, Any]:
     """Capacity on each fresh server, then ``--rounds`` rounds in which every server takes
     each load in turn: slow drift of the machine falls on all servers alike, and each
-    figure is the median of its rounds; then the cluster mode, whose figures it returns."""
+    figure is the median of its rounds; then the sse and cluster modes, on servers of
+    their own, whose figures it returns (``{"sse": ..., "cluster": ...}``, those run)."""
     if "capacity" in args.modes:
         for entry in [e for e in entries if e.ok]:
             assert entry.server is not None
@@ -305,14 +329,22 @@ async def measure_all(
     for entry in [e for e in entries if e.ok]:
         assert entry.server is not None
         await entry.server.settle()  # let it finish closing before it is stopped
-    if "cluster" not in args.modes:
-        return None
-    print("cluster", file=sys.stderr, flush=True)
-    try:
-        return await cluster(args)
-    except Exception as exc:  # the other figures stand without it
-        print(f"  cluster failed: {exc}", file=sys.stderr)
-        return {"failed": f"{type(exc).__name__}: {exc}"}
+    extra: dict[str, Any] = {}
+    if "sse" in args.modes:
+        print("sse", file=sys.stderr, flush=True)
+        try:
+            extra["sse"] = await sse(args, scratch)
+        except Exception as exc:  # the other figures stand without it
+            print(f"  sse failed: {exc}", file=sys.stderr)
+            extra["sse"] = {"failed": f"{type(exc).__name__}: {exc}"}
+    if "cluster" in args.modes:
+        print("cluster", file=sys.stderr, flush=True)
+        try:
+            extra["cluster"] = await cluster(args)
+        except Exception as exc:  # the other figures stand without it
+            print(f"  cluster failed: {exc}", file=sys.stderr)
+            extra["cluster"] = {"failed": f"{type(exc).__name__}: {exc}"}
+    return extra
 
 
 def _start_cluster(nodes: int) -> LocalCluster:
@@ -377,6 +409,113 @@ async def cluster(args: argparse.Namespace) -> dict[str, Any]:
                 )
     figures = {f"nodes_{n}": combine(r) for n, r in zip(CLUSTER_SIZES, rounds, strict=True)}
     return {**figures, "offers": list(RESUMABLE), "cpus": os.cpu_count()}
+
+
+async def sse(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    """AnythingAgent's OpenAI-compatible SSE against its WebSocket chat, on one fresh server
+    and the same model, and against a minimal Starlette SSE server: the first chunk of
+    one-chunk turns on one connection, then chunks/s of long streamed turns on 1 and on
+    ``--sse-connections`` connections. Each round every path takes each load in turn;
+    first-chunk samples are pooled over the rounds, throughput is the median of its rounds.
+    """
+    specs = {spec.key: spec for spec in sse_lineup()}
+    servers: dict[str, procs.Server] = {}
+    clock = os.sysconf("SC_CLK_TCK")
+    try:
+        for key, spec in specs.items():
+            servers[key] = procs.start(spec.command, scratch / "logs" / f"sse-{key}.log")
+        ours, theirs = servers[SSE_AGENT], servers[SSE_STARLETTE]
+        ws_url = f"ws://127.0.0.1:{ours.port}/v1/chat/bench"
+        behind = {"ws": ours, "sse": ours, "starlette_sse": theirs}
+
+        def cpu(server: procs.Server) -> Callable[[], dict[str, float]]:
+            def used() -> dict[str, float]:
+                times = os.times()
+                return {"server": server.cpu_ticks() / clock, "client": times.user + times.system}
+
+            return used
+
+        def first(path: str, samples: int) -> Awaitable[loadgen.Timed]:
+            if path == "ws":
+                return loadgen.first_chunk(ws_url, args.size, samples, args.warmup)
+            return sse_client.first_chunk(behind[path].port, args.size, samples, args.warmup)
+
+        def stream(path: str, connections: int) -> Awaitable[dict[str, Any]]:
+            server = behind[path]
+            load = (args.sse_chunks, args.size, args.duration, args.warmup)
+            if path == "ws":
+                return loadgen.throughput(
+                    ws_url, connections, *load, write_calls=server.write_calls, cpu=cpu(server)
+                )
+            return sse_client.throughput(
+                server.port, connections, *load, write_calls=server.write_calls, cpu=cpu(server)
+            )
+
+        per_round = math.ceil(args.sse_turns / args.rounds)
+        timed = {path: loadgen.Timed() for path in SSE_PATHS}
+        loads = {"throughput_1": 1, "throughput_n": args.sse_connections}
+        rounds: dict[str, dict[str, list[dict[str, Any]]]] = {
+            load: {path: [] for path in SSE_PATHS} for load in loads
+        }
+        for number in range(1, args.rounds + 1):
+            print(f"round {number}/{args.rounds}: sse first chunk", file=sys.stderr, flush=True)
+            for path in SSE_PATHS:
+                await behind[path].settle()
+                timed[path].add(await first(path, per_round))
+            for load, connections in loads.items():
+                print(f"round {number}/{args.rounds}: sse {load}", file=sys.stderr, flush=True)
+                for path in SSE_PATHS:
+                    await behind[path].settle()
+                    rounds[load][path].append(await stream(path, connections))
+        figures: dict[str, Any] = {
+            "servers": {
+                key: {"label": spec.label, "command": list(spec.command)}
+                for key, spec in specs.items()
+            },
+            "latency": {path: found.figures() for path, found in timed.items()},
+        }
+        for load, by_path in rounds.items():
+            figures[load] = {path: combine(found) for path, found in by_path.items()}
+        figures["compare"] = report.sse_compare(figures)
+        if args.profile is not None:
+            await profile_sse(ours, args, first, stream)
+        await ours.settle()
+        return figures
+    except Exception:
+        for server in servers.values():
+            print(server.log_tail(), file=sys.stderr)
+        raise
+    finally:
+        for server in servers.values():
+            await asyncio.to_thread(server.stop)
+
+
+async def profile_sse(
+    server: procs.Server,
+    args: argparse.Namespace,
+    first: Callable[[str, int], Awaitable[loadgen.Timed]],
+    stream: Callable[[str, int], Awaitable[dict[str, Any]]],
+) -> None:
+    """The sse mode's AnythingAgent loads once more under py-spy, each path on its own:
+    first chunks (``--sse-turns`` of them) and one connection's streaming."""
+    runs: dict[str, Callable[[], Awaitable[Any]]] = {
+        "sse-first-ws": lambda: first("ws", args.sse_turns),
+        "sse-first-sse": lambda: first("sse", args.sse_turns),
+        "sse-stream-ws": lambda: stream("ws", 1),
+        "sse-stream-sse": lambda: stream("sse", 1),
+    }
+    for name, run in runs.items():
+        print(f"profiling {name}: AnythingAgent", file=sys.stderr, flush=True)
+        await server.settle()
+        raw = args.profile / f"{SSE_AGENT}-{name}.txt"
+        recording = profiling.Recording(server.process.pid, raw)
+        await asyncio.sleep(0.5)  # attached
+        try:
+            await run()
+        finally:
+            await asyncio.to_thread(recording.stop)
+        summary = profiling.summarize(raw)
+        raw.with_name(f"{SSE_AGENT}-{name}-summary.txt").write_text(summary + "\n")
 
 
 async def metric_gauges(port: int) -> dict[str, float]:
@@ -508,13 +647,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     code_revision = revision()  # before the servers start: the code they run
     scratch = Path(tempfile.mkdtemp(prefix="aa-bench-"))
-    prepare(scratch)
-    entries = [Entry(spec) for spec in lineup(scratch, args.before) if spec.key in args.servers]
-    cluster_figures: dict[str, Any] | None = None
+    entries: list[Entry] = []
+    if set(args.modes) & set(SERVER_MODES):  # else only modes with servers of their own
+        prepare(scratch)
+        entries = [Entry(s) for s in lineup(scratch, args.before) if s.key in args.servers]
+    extra: dict[str, Any] = {}
     try:
-        print(f"starting {len(entries)} servers", file=sys.stderr, flush=True)
+        if entries:
+            print(f"starting {len(entries)} servers", file=sys.stderr, flush=True)
         start_all(entries, scratch)
-        cluster_figures = uvloop.run(measure_all(entries, args, scratch))
+        extra = uvloop.run(measure_all(entries, args, scratch))
     finally:
         for entry in entries:
             for server in (entry.peer, entry.server, entry.redis):  # Redis last
@@ -528,6 +670,7 @@ def main(argv: list[str] | None = None) -> int:
             *("connections", "chunks", "size", "duration", "warmup", "rounds", "crowd"),
             *("sessions", "concurrency", "resume_samples", "detached_sessions"),
             *("replay_buffer_bytes", "flood", "before"),
+            *("sse_turns", "sse_chunks", "sse_connections"),
         )
     }
     payload: dict[str, Any] = {
@@ -543,22 +686,26 @@ def main(argv: list[str] | None = None) -> int:
         "reference": REFERENCE,
         "servers": servers,
     }
-    if cluster_figures is not None:
-        payload["cluster"] = cluster_figures
+    payload.update(extra)  # "sse", "cluster": those run
     payload["targets"] = report.targets(payload)
-    print(report.table(payload))
-    for section in (report.comparisons(payload), report.cluster(payload)):
-        if section:
-            print()
-            print(section)
+    sections = (
+        report.table(payload),
+        report.comparisons(payload),
+        report.sse(payload),
+        report.cluster(payload),
+    )
+    print("\n\n".join(section for section in sections if section))
     print()
     print(report.targets_text(payload["targets"]))
     report.write_json(args.json, payload)
-    report.chart(args.chart, payload)
-    print(f"\nraw figures: {args.json}\nchart: {args.chart}")
+    print(f"\nraw figures: {args.json}")
+    if servers:  # the chart shows the per-server modes only
+        report.chart(args.chart, payload)
+        print(f"chart: {args.chart}")
     if args.profile is not None:
         print(f"profiles: {args.profile}/*-summary.txt")
-    return 1 if any("error" in s for s in servers.values()) else 0
+    failed = any("error" in s for s in servers.values())
+    return 1 if failed or "failed" in payload.get("sse", {}) else 0
 
 
 if __name__ == "__main__":

@@ -261,11 +261,12 @@ BROWSER_MODELS = Path(__file__).resolve().parent / "browser_models"
 
 def client_models(target: Path) -> Path:
     """What the client tests (browser, terminal, Python API) talk to: echo as shipped, the
-    scripted test model, models that time out or fail to start, and one that fails to load."""
+    scripted test model, models that time out or fail to start, one that fails to load, and
+    one that answers with the params it was given."""
     target.mkdir(parents=True, exist_ok=True)
     shutil.copytree(SHIPPED_MODELS / "echo", target / "echo")
     shutil.copytree(BROWSER_MODELS / "scripted", target / "scripted")
-    for name in ("sleepy", "start_fails", "broken_syntax"):
+    for name in ("sleepy", "start_fails", "broken_syntax", "params_echo"):
         shutil.copytree(TEST_MODELS / name, target / name)
     return target
 

@@ -1,6 +1,7 @@
 """The benchmark still works end to end: every server, every mode, the table, the JSON and
 the PNG, with tiny figures (speed is not judged here; bench/run.py is the benchmark). The
-Redis row and the cluster mode run redis-server and nginx (installed by the run if missing)."""
+Redis row and the cluster mode run redis-server and nginx (installed by the run if missing);
+the sse mode alone needs neither."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import CLUSTER_PROBLEM, ROOT
@@ -29,6 +31,30 @@ MODES = {"throughput", "latency_1", "latency_crowd", "capacity", "resume"}
 RESUME_SAMPLES = 6
 DETACHED = 4
 BUFFER = 16 * 1024
+SSE_TURNS = 20
+SSE_PATHS = {"ws", "sse", "starlette_sse"}
+TINY_SSE = ["--sse-turns", str(SSE_TURNS), "--sse-chunks", "50", "--sse-connections", "2"]
+
+
+def check_sse(payload: dict[str, Any]) -> None:
+    """The sse mode's figures: every path timed and streamed, without an error."""
+    found = payload["sse"]
+    assert "failed" not in found, found
+    assert set(found["servers"]) == {"anything_agent", "starlette_sse"}, found["servers"]
+    assert "--no-limits" in found["servers"]["anything_agent"]["command"]
+    assert set(found["latency"]) == SSE_PATHS, found["latency"]
+    for path, latency in found["latency"].items():
+        assert latency["samples"] == SSE_TURNS and not latency["errors"], (path, latency)
+        assert 0 < latency["p50_us"] <= latency["p99_us"] <= latency["max_us"], (path, latency)
+    for load, connections in (("throughput_1", 1), ("throughput_n", 2)):
+        for path in SSE_PATHS:
+            figures = found[load][path]
+            assert figures["connections"] == connections, (load, path, figures)
+            assert figures["chunks_per_s"] > 0 and not figures["errors"], (load, path, figures)
+            assert figures["cpu_server_pct"] > 0, (load, path, figures)
+    assert all(value is not None for value in found["compare"].values()), found["compare"]
+    (target,) = [t for t in payload["targets"] if "SSE first-chunk" in t["target"]]
+    assert target["met"] in (True, False), target
 
 
 @pytest.mark.cluster
@@ -43,7 +69,7 @@ def test_bench_runs_every_server_and_mode_and_writes_json_and_chart(
     tiny = ["--connections", "2", "--chunks", "50", "--duration", "0.2", "--warmup", "0.05"]
     tiny += ["--crowd", "3", "--sessions", "20", "--rounds", "1"]
     tiny += ["--resume-samples", str(RESUME_SAMPLES), "--detached-sessions", str(DETACHED)]
-    tiny += ["--replay-buffer-bytes", str(BUFFER)]
+    tiny += ["--replay-buffer-bytes", str(BUFFER), *TINY_SSE]
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), *tiny, "--json", str(output)],
         capture_output=True,
@@ -98,6 +124,7 @@ def test_bench_runs_every_server_and_mode_and_writes_json_and_chart(
             assert figures[f"cpu_{part}_pct"] >= 0, (nodes, part, figures)
         assert figures["cpu_nodes_pct"] > 0, (nodes, figures)
     assert servers["before"]["commit"] == "cd360c5", servers["before"]
+    check_sse(payload)
     assert {t["met"] for t in payload["targets"]} <= {True, False}  # all measured
     assert chart.read_bytes().startswith(b"\x89PNG"), "the chart sits beside the JSON"
     table = result.stdout
@@ -105,7 +132,30 @@ def test_bench_runs_every_server_and_mode_and_writes_json_and_chart(
     assert "AnythingAgent isolated" in table and "failed" not in table
     assert "resumed p50" in table and "Against AnythingAgent @cd360c5" in table
     assert "across p50" in table and "3 nodes" in table
+    assert "AnythingAgent SSE − WebSocket" in table
     assert "could not be measured" not in table
+
+
+def test_bench_sse_mode_runs_alone_on_its_own_servers(tmp_path: Path) -> None:
+    """--modes sse starts only its two servers (no lineup, no chart) and reports every path."""
+    output = tmp_path / "sse.json"
+    tiny = ["--modes", "sse", "--rounds", "1", "--duration", "0.2", "--warmup", "0.05"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), *tiny, *TINY_SSE, "--json", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    payload = json.loads(output.read_text())
+    assert payload["servers"] == {}, "no lineup server for the sse mode"
+    check_sse(payload)
+    assert not output.with_suffix(".png").exists(), "the chart shows the per-server modes only"
+    table = result.stdout
+    for label in ("AnythingAgent WebSocket", "AnythingAgent SSE", "Starlette+uvicorn SSE"):
+        assert label in table, table
+    assert "AnythingAgent SSE − WebSocket" in table and "SSE errors" not in table
 
 
 def test_bench_profile_writes_a_summary_per_mode(tmp_path: Path) -> None:

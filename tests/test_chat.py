@@ -166,7 +166,10 @@ async def test_message_during_a_turn_is_busy(server: ServerProcess) -> None:
         ("{oops", "invalid JSON"),
         ('{"type": "dance"}', "unknown frame type"),
         ('{"type": "message"}', 'missing field "content"'),
-        ('{"type": "message", "content": ["x"]}', "must be a string"),
+        ('{"type": "message", "content": 5}', "must be a string or an array of content parts"),
+        ('{"type": "message", "content": ["x"]}', '"content"[0] must be an object'),
+        ('{"type": "message", "content": [{"type": "video"}]}', '"content"[0].type'),
+        ('{"type": "message", "content": "x", "params": [1]}', '"params" must be an object'),
         ('{"content": "no type"}', 'missing field "type"'),
         ('{"type": "messages", "messages": [{"role": "robot", "content": "x"}]}', "role"),
     ],
@@ -325,3 +328,45 @@ async def test_banner_example_draws_with_its_own_dependency(server: ServerProces
     assert (fence, end) == ("```\n", "```")  # a code block: monospace in chat pages
     assert len(art) >= 4 and all(line.endswith("\n") for line in art)
     assert "|_|" in turn.text
+
+
+# ---------------------------------------------------------------------- params and parts
+async def test_params_reach_the_model_for_their_turn_only(server: ServerProcess) -> None:
+    async with chat(server, "params_echo") as ws:
+        given = {"temperature": 0.2, "stop": ["x"], "tools": [{"name": "add"}]}
+        first = await run_turn(ws, {"type": "message", "content": "hi", "params": given})
+        assert json.loads(first.text) == given
+        assert json.loads((await run_turn(ws, "again")).text) == {}
+        replaced = await run_turn(
+            ws,
+            {
+                "type": "messages",
+                "messages": [{"role": "user", "content": "x"}],
+                "params": {"seed": 7},
+            },
+        )
+        assert json.loads(replaced.text) == {"seed": 7}
+
+
+async def test_params_over_16_kib_are_refused_and_the_session_goes_on(
+    server: ServerProcess,
+) -> None:
+    async with chat(server, "params_echo") as ws:
+        await ws.send(json.dumps({"type": "message", "content": "x", "params": {"k": "v" * 17000}}))
+        error = await recv_frame(ws)
+        assert error["code"] == "bad_request" and "over the limit of 16384" in error["message"]
+        assert json.loads((await run_turn(ws, "fine")).text) == {}
+
+
+async def test_content_parts_reach_the_model_as_text_with_the_parts_beside(
+    server: ServerProcess,
+) -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    async with chat(server, "recorder") as ws:
+        parts = [{"type": "text", "text": "sta"}, image, {"type": "text", "text": "te"}]
+        state = json.loads((await run_turn(ws, {"type": "message", "content": parts})).text)
+    assert state["messages"][-1] == {"role": "user", "content": "state", "parts": parts}
+    async with chat(server, "echo") as ws:
+        text_only = [{"type": "text", "text": "just "}, {"type": "text", "text": "words"}]
+        turn = await run_turn(ws, {"type": "message", "content": text_only})
+        assert turn.text == "just words"  # text parts alone: a plain string, no parts kept

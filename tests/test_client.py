@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import RESUME_MODELS, SHIPPED_MODELS, ServerProcess, client_models, launch_server
+from conftest import (
+    RESUME_MODELS,
+    SHIPPED_MODELS,
+    ServerProcess,
+    client_models,
+    launch_server,
+)
 from websockets.asyncio.client import connect as ws_connect
 from websockets.typing import Subprotocol
 
@@ -221,6 +227,65 @@ def test_chat_url_quotes_the_model_name_and_rejects_other_schemes() -> None:
     assert chat_url("ws://h", "a/../b") == "ws://h/v1/chat/a%2F..%2Fb"
     with pytest.raises(ValueError, match="not a server URL"):
         chat_url("ftp://h", "echo")
+
+
+# ---------------------------------------------------------------------- params
+
+
+async def test_params_reach_the_model_for_their_turn_only(clients_server: ServerProcess) -> None:
+    async with connect(clients_server.ws_url, "params_echo") as chat:
+        turn = await chat.send("hi", params={"temperature": 0.5})
+        assert json.loads(await turn.reply()) == {"temperature": 0.5}
+        assert json.loads(await chat.ask("again")) == {}
+        given = {"stop": ["x", "y"], "options": {"n": 2, "stream": True}, "seed": None}
+        assert json.loads(await chat.ask("nested", params=given)) == given
+        assert json.loads(await chat.ask("empty", params={})) == {}
+        assert [m["content"] for m in chat.history] == [
+            "hi",
+            '{"temperature": 0.5}',
+            "again",
+            "{}",
+            "nested",
+            json.dumps(given, sort_keys=True),
+            "empty",
+            "{}",
+        ]
+
+
+async def test_replace_history_sends_params_too(clients_server: ServerProcess) -> None:
+    async with connect(clients_server.ws_url, "params_echo") as chat:
+        given = [{"role": "user", "content": "from scratch"}]
+        turn = await chat.replace_history(given, params={"style": "terse"})
+        assert json.loads(await turn.reply()) == {"style": "terse"}
+        assert chat.history == [*given, {"role": "assistant", "content": '{"style": "terse"}'}]
+
+
+@pytest.mark.parametrize("params", [["temperature", 0.5], "temperature=0.5", 0.5])
+async def test_params_that_are_not_a_dict_raise_type_error_and_nothing_is_sent(
+    clients_server: ServerProcess, params: Any
+) -> None:
+    raw: list[str] = []
+    async with connect(clients_server.ws_url, "params_echo", on_frame=raw.append) as chat:
+        with pytest.raises(TypeError, match="params must be a dict"):
+            await chat.send("hi", params=params)
+        with pytest.raises(TypeError, match="params must be a dict"):
+            await chat.ask("hi", params=params)
+        with pytest.raises(TypeError, match="params must be a dict"):
+            await chat.replace_history([{"role": "user", "content": "hi"}], params=params)
+        assert (chat.running, chat.history, len(raw)) == (None, [], 1)  # only the ready frame
+        turn = await chat.send("then")
+        assert (turn.number, json.loads(await turn.reply())) == (1, {})
+
+
+async def test_params_over_16_kib_are_refused_and_the_session_goes_on(
+    clients_server: ServerProcess,
+) -> None:
+    async with connect(clients_server.ws_url, "params_echo") as chat:
+        with pytest.raises(ServerError) as refused:
+            await chat.ask("big", params={"text": "x" * (16 * 1024)})
+        assert refused.value.code == "bad_request"
+        assert (chat.running, chat.history) == (None, [])
+        assert json.loads(await chat.ask("small", params={"n": 1})) == {"n": 1}
 
 
 # ---------------------------------------------------------------------- resuming

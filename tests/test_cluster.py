@@ -166,6 +166,29 @@ async def test_a_chat_through_nginx_resumes_on_whichever_node_it_reaches(
     await ws.close()
 
 
+def test_chat_completions_stream_through_nginx_as_the_model_yields(cluster: LocalCluster) -> None:
+    """nginx passes each SSE event on at once (``X-Accel-Buffering: no``), whichever node
+    answers, and a completion leaves nothing in Redis (``test_every_key_in_redis_has_a_ttl``)."""
+    body = json.dumps(
+        {
+            "model": "numbers",
+            "stream": True,
+            "messages": [{"role": "user", "content": "count 3 0.4"}],
+        }
+    ).encode()
+    for _ in range(3):  # round-robin: each node once
+        request = urllib.request.Request(f"{cluster.url}/v1/chat/completions", data=body)
+        arrivals: list[tuple[float, str]] = []
+        with urllib.request.urlopen(request, timeout=20) as response:
+            assert response.headers["Content-Type"].startswith("text/event-stream")
+            for line in response:
+                if line.startswith(b"data: {"):
+                    delta = json.loads(line[6:])["choices"][0]["delta"]
+                    arrivals.append((time.monotonic(), delta.get("content", "")))
+        assert "".join(text for _, text in arrivals) == "1 2 3 "
+        assert arrivals[-1][0] - arrivals[0][0] > 0.7  # streamed, not buffered until the end
+
+
 async def test_killing_the_node_streaming_a_reply_ends_it_interrupted_and_the_chat_goes_on(
     cluster: LocalCluster,
 ) -> None:

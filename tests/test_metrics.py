@@ -69,12 +69,12 @@ async def test_metrics_count_connections_sessions_turns_chunks_errors_and_refusa
     assert (await refused_handshake(server, "nobody")).status_code == 404
 
     after = scrape(server)
-    assert after['anything_agent_turns_total{model="echo",reason="stop"}'] == 1
-    assert after['anything_agent_turns_total{model="faulty",reason="error"}'] == 1
-    assert after['anything_agent_chunks_total{model="echo"}'] == 3
-    assert after['anything_agent_chunk_bytes_total{model="echo"}'] > len("one two three")
-    assert after['anything_agent_first_chunk_seconds_count{model="echo"}'] == 1
-    assert after['anything_agent_turn_seconds_count{model="echo"}'] == 1
+    assert after['anything_agent_turns_total{api="ws",model="echo",reason="stop"}'] == 1
+    assert after['anything_agent_turns_total{api="ws",model="faulty",reason="error"}'] == 1
+    assert after['anything_agent_chunks_total{api="ws",model="echo"}'] == 3
+    assert after['anything_agent_chunk_bytes_total{api="ws",model="echo"}'] > len("one two three")
+    assert after['anything_agent_first_chunk_seconds_count{api="ws",model="echo"}'] == 1
+    assert after['anything_agent_turn_seconds_count{api="ws",model="echo"}'] == 1
     assert after['anything_agent_errors_total{code="model_error"}'] == 1
     assert after['anything_agent_handshake_refusals_total{status="404"}'] == 1
     assert after["anything_agent_connections{}"] == 0

@@ -56,7 +56,16 @@ def test_cancel_frame() -> None:
         ('{"type": "shout"}', 'unknown frame type "shout"'),
         ('{"type": 7}', '"type" must be a string'),
         ('{"type": "message"}', 'missing field "content"'),
-        ('{"type": "message", "content": 5}', '"content" must be a string, not a number'),
+        (
+            '{"type": "message", "content": 5}',
+            '"content" must be a string or an array of content parts, not a number',
+        ),
+        ('{"type": "message", "content": []}', '"content" must hold at least one content part'),
+        (
+            '{"type": "message", "content": [{"type": "image_url", "image_url": "u"}]}',
+            '"content"[0].image_url must be an object',
+        ),
+        ('{"type": "message", "content": "x", "params": 5}', '"params" must be an object'),
         ('{"type": "messages"}', 'missing field "messages"'),
         ('{"type": "messages", "messages": {}}', '"messages" must be an array'),
         ('{"type": "messages", "messages": []}', "at least one message"),
@@ -67,7 +76,7 @@ def test_cancel_frame() -> None:
         ),
         (
             '{"type": "messages", "messages": [{"role": "user"}]}',
-            "messages[0].content must be a string, not null",
+            "messages[0].content must be a string or an array of content parts, not null",
         ),
         ("   ", "empty frame"),
         ("[" * 100000, None),  # not a '{' frame: a (strange) plain message
@@ -124,6 +133,23 @@ def test_server_frames_are_compact_json() -> None:
     assert json.loads(protocol.encode_http_error("not_found", "no")) == {
         "error": {"code": "not_found", "message": "no"}
     }
+
+
+def test_api_errors_take_openais_envelope() -> None:
+    assert json.loads(protocol.encode_api_error("model_not_found", "no", 404, "model")) == {
+        "error": {
+            "message": "no",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
+    }
+    assert json.loads(protocol.encode_api_error("unauthorized", "key?", 401))["error"]["type"] == (
+        "authentication_error"
+    )
+    assert json.loads(protocol.encode_api_error("internal", "oops", 500))["error"]["type"] == (
+        "server_error"
+    )
 
 
 # --------------------------------------------------------------------- the client side

@@ -35,9 +35,10 @@ from conftest import (
 from websockets.asyncio.client import connect
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.http11 import Request
+from websockets.http11 import Response
 
 from ws_server.exceptions import AdminOnly, Unauthorized
+from ws_server.http.exchange import HttpRequest
 from ws_server.http.routes import HttpApi
 from ws_server.http.security import AccessPolicy, key_protocol, presented_key
 from ws_server.registry.catalog import Registry
@@ -252,11 +253,11 @@ def test_without_an_admin_key_reload_is_accepted_from_this_machine_only() -> Non
 async def test_a_reload_from_another_address_is_refused_with_403(tmp_path: Path) -> None:
     registry = Registry(tmp_path)
     api = HttpApi(registry, AccessPolicy(ServerSettings()))
-    request = Request("/v1/models/reload", Headers({"Host": "x"}), method="POST")
+    request = HttpRequest("POST", "/v1/models/reload", Headers({"Host": "x"}), peer="203.0.113.7")
     # A peer address other than loopback can't be made in a test that stays on 127.0.0.1,
     # so this one goes through the route table directly.
-    response = await api.respond(request, "203.0.113.7")
-    assert response is not None and response.status_code == 403
+    response = await api.respond(request)
+    assert isinstance(response, Response) and response.status_code == 403
     assert json.loads(response.body)["error"]["code"] == "forbidden"
     await registry.close()
 

@@ -23,6 +23,8 @@ from conftest import ServerProcess, launch_server
 # The resume tests' helpers: the numbers model and a TCP proxy whose connections a test cuts.
 from test_client import TcpProxy, numbers, resume_models
 
+from ws_server.cli import param_entry
+
 CLI = Path(sys.executable).parent / "anything-agent"
 
 
@@ -95,6 +97,83 @@ def test_a_pipe_skips_blank_lines_and_takes_crlf_line_ends(clients_server: Serve
     assert result.returncode == 0, result.stderr
     chunks = [f["content"] for f in map(json.loads, result.stdout.splitlines()) if "content" in f]
     assert chunks == ["a", "You said 2 things: a | recall"]
+
+
+# ---------------------------------------------------------------------- --param
+
+
+def test_param_values_reach_the_model_parsed_as_json(clients_server: ServerProcess) -> None:
+    result = chat_cli(
+        clients_server,
+        "params_echo",
+        "--param",
+        "temperature=0.5",
+        "--param",
+        "style=terse",
+        "-m",
+        "hi",
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == '{"style": "terse", "temperature": 0.5}\n'
+
+
+def test_params_go_with_every_message_of_the_run(clients_server: ServerProcess) -> None:
+    result = chat_cli(
+        clients_server,
+        "params_echo",
+        "--param",
+        'stop=["x", "y"]',
+        "--param",
+        "n=1",
+        "--param",
+        "n=2",  # the last one given wins
+        stdin="first\nsecond\n",
+    )
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line) for line in result.stdout.splitlines()] == [
+        {"n": 2, "stop": ["x", "y"]},
+        {"n": 2, "stop": ["x", "y"]},
+    ]
+
+
+def test_without_param_the_model_sees_empty_params(clients_server: ServerProcess) -> None:
+    result = chat_cli(clients_server, "params_echo", "-m", "hi")
+    assert (result.returncode, result.stdout) == (0, "{}\n")
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ("temperature=0.2", ("temperature", 0.2)),
+        ('stop=["x"]', ("stop", ["x"])),
+        ("style=terse", ("style", "terse")),
+        ("greeting=hello world", ("greeting", "hello world")),
+        ('quoted="0.2"', ("quoted", "0.2")),
+        ("on=true", ("on", True)),
+        ("none=null", ("none", None)),
+        ('options={"n": 2}', ("options", {"n": 2})),
+        ("empty=", ("empty", "")),
+        ("formula=a=b", ("formula", "a=b")),
+        ("nan=NaN", ("nan", "NaN")),  # not JSON: a string, never a float NaN
+    ],
+)
+def test_a_param_value_is_json_when_it_parses_and_a_string_otherwise(
+    entry: str, expected: tuple[str, Any]
+) -> None:
+    assert param_entry(entry) == expected
+
+
+@pytest.mark.parametrize("entry", ["style", "=0.5", ""])
+def test_a_malformed_param_is_a_usage_error_naming_it(
+    clients_server: ServerProcess, entry: str
+) -> None:
+    result = chat_cli(
+        clients_server, "params_echo", "--param", "ok=1", "--param", entry, "-m", "hi"
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "usage: anything-agent chat" in result.stderr
+    assert "argument --param: " in result.stderr and repr(entry) in result.stderr
 
 
 def ignore_sigint() -> None:

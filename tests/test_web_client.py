@@ -347,6 +347,74 @@ def test_new_chat_starts_a_fresh_session(page: Page, clients_server: ServerProce
     expect(finished_reply(page).locator(".body")).to_have_text("You said 1 things: recall")
 
 
+# ---------------------------------------------------------------------- parameters
+
+
+def set_params(page: Page, text: str) -> None:
+    """Type ``text`` in the Parameters box (opened if it is closed)."""
+    box = page.locator("#params-input")
+    if not box.is_visible():
+        page.locator("#params summary").click()
+    box.fill(text)
+
+
+def test_parameters_typed_as_json_go_with_each_message(
+    page: Page, clients_server: ServerProcess
+) -> None:
+    wire = Wire(page)
+    open_chat(page, clients_server, "params_echo")
+    expect(page.locator("#params-input")).to_be_hidden()  # out of the way until asked for
+    set_params(page, '{"temperature": 0.2}')
+    expect(page.locator("#params-state")).to_have_text("(temperature)")
+    say(page, "hi")
+    expect(finished_reply(page).locator(".body")).to_contain_text('"temperature": 0.2')
+    say(page, "again")
+    expect(finished_reply(page).locator(".body")).to_have_text('{"temperature": 0.2}')
+    screenshot(page, "parameters-sent")
+    sent = wire.sent("message")
+    assert [frame.get("params") for frame in sent] == [{"temperature": 0.2}] * 2, str(wire)
+    page.locator("#params summary").click()  # closed, they still go: the summary says so
+    expect(page.locator("#params-input")).to_be_hidden()
+    expect(page.locator("#params-state")).to_be_visible()
+    set_params(page, "  ")
+    expect(page.locator("#params-state")).to_have_text("")
+    say(page, "without")
+    expect(finished_reply(page).locator(".body")).to_have_text("{}")
+    assert "params" not in wire.sent("message")[-1], str(wire)
+
+
+@pytest.mark.parametrize(
+    ("typed", "named"),
+    [
+        ("{temperature: 0.2}", "Parameters are not valid JSON: "),
+        ('{"a": <b>bold</b>}', "Parameters are not valid JSON: "),
+        ("[0.2]", 'must be a JSON object, like {"temperature": 0.2}, not an array'),
+        ("0.2", "not a number"),
+    ],
+    ids=["unquoted_key", "markup", "array", "number"],
+)
+def test_invalid_parameters_are_named_inline_and_nothing_is_sent(
+    page: Page, clients_server: ServerProcess, typed: str, named: str
+) -> None:
+    wire = Wire(page)
+    open_chat(page, clients_server, "params_echo")
+    set_params(page, typed)
+    expect(page.locator("#params-state")).to_have_text("(invalid)")
+    say(page, "hi")
+    error = page.locator("#params-error")
+    expect(error).to_be_visible()
+    expect(error).to_contain_text(named)
+    expect(error.locator("*")).to_have_count(0)  # the error is text, never markup
+    screenshot(page, "parameters-invalid")
+    expect(page.locator("#input")).to_have_value("hi")  # kept, to send once fixed
+    expect(page.locator(".message")).to_have_count(0)
+    assert wire.sent("message") == [] and wire.sent("messages") == [], str(wire)
+    set_params(page, '{"temperature": 0.2}')  # fixing it clears the error
+    expect(error).to_be_hidden()
+    page.locator("#input").press("Enter")
+    expect(finished_reply(page).locator(".body")).to_have_text('{"temperature": 0.2}')
+
+
 # ---------------------------------------------------------------------- the connection
 def test_the_page_recovers_after_a_server_restart_and_the_conversation_goes_on(
     page: Page, start_server: object, tmp_path: Path

@@ -29,6 +29,10 @@ const ui = {
   send: $("send"),
   stop: $("stop"),
   stopLabel: $("stop-label"),
+  params: $("params"),
+  paramsInput: $("params-input"),
+  paramsError: $("params-error"),
+  paramsState: $("params-state"),
   keyDialog: $("key-dialog"),
   keyForm: $("key-form"),
   keyInput: $("key-input"),
@@ -399,10 +403,18 @@ function settleReplay() {
 function sendMessage() {
   const text = ui.input.value;
   if (!text.trim() || app.turn || !app.connection || app.connection.state !== "connected") return;
+  const { params, error } = readParams();
+  if (error) {
+    showParamsError(error); // nothing is sent: the message stays in the box
+    ui.params.open = true;
+    ui.paramsInput.focus();
+    return;
+  }
   const userMessage = { role: "user", content: text };
   const frame = app.resync
     ? { type: "messages", messages: [...app.history, userMessage] }
     : { type: "message", content: text };
+  if (params) frame.params = params;
   if (!app.connection.send(frame)) return;
   const resync = app.resync;
   app.resync = false;
@@ -503,6 +515,40 @@ function codedBox(className, code, text) {
   message.textContent = text;
   box.append(label, message);
   return box;
+}
+
+// ------------------------------------------------------------------ parameters
+// A JSON object typed under the composer goes with every message as "params" (the model's
+// self.params for that turn). Empty: none.
+
+/** The parameters box read: {params} (null when empty), or {error} saying what is wrong. */
+function readParams() {
+  const text = ui.paramsInput.value.trim();
+  if (!text) return { params: null };
+  let value;
+  try {
+    value = JSON.parse(text);
+  } catch (error) {
+    return { error: `Parameters are not valid JSON: ${error.message}` };
+  }
+  if (value === null || typeof value !== "object" || Array.isArray(value)) {
+    const kind = value === null ? "null" : Array.isArray(value) ? "an array" : `a ${typeof value}`;
+    return { error: `Parameters must be a JSON object, like {"temperature": 0.2}, not ${kind}.` };
+  }
+  return { params: Object.keys(value).length ? value : null };
+}
+
+function showParamsError(text) {
+  ui.paramsError.textContent = text;
+  ui.paramsError.hidden = !text;
+  ui.paramsInput.setAttribute("aria-invalid", String(Boolean(text)));
+}
+
+/** What the closed box shows after "Parameters": the names set, or that it is invalid. */
+function showParamsState() {
+  const { params, error } = readParams();
+  ui.paramsState.textContent = error ? "(invalid)" : params ? `(${Object.keys(params).join(", ")})` : "";
+  ui.params.dataset.state = error ? "invalid" : params ? "set" : "empty";
 }
 
 // ------------------------------------------------------------------ log
@@ -708,6 +754,10 @@ ui.input.addEventListener("input", () => {
   updateComposer();
 });
 ui.stop.addEventListener("click", stopTurn);
+ui.paramsInput.addEventListener("input", () => {
+  showParamsError("");
+  showParamsState();
+});
 ui.newChat.addEventListener("click", () => {
   newChat();
 });

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import json
 import os
 import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ws_server import __version__
 from ws_server.client.chat import DEFAULT_URL
@@ -55,6 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.add_argument(
         "--json", action="store_true", help="print every frame as received, one JSON per line"
+    )
+    chat.add_argument(
+        "--param",
+        dest="params",
+        metavar="KEY=VALUE",
+        type=param_entry,
+        action="append",
+        default=[],
+        help="a parameter sent with every message, which the model sees in self.params; "
+        "VALUE is read as JSON when it is JSON (0.2, true, [1,2]), else as a string; repeatable",
     )
     chat.add_argument(
         "--api-key-file",
@@ -106,7 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "chat":
             restore_ctrl_c()  # before anything can block: Ctrl-C must work from the start
             key = chat_api_key(args.api_key_file)
-            options = ChatOptions(args.url, args.model, args.message, args.json, key, args.resume)
+            options = ChatOptions(
+                args.url, args.model, args.message, args.json, key, args.resume, dict(args.params)
+            )
             return run_chat(options)
         if args.command == "check":
             return check(models_dir_from(args))
@@ -117,6 +131,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"anything-agent: error: {exc.message}", file=sys.stderr)
         return 2
+
+
+def param_entry(entry: str) -> tuple[str, Any]:
+    """One ``--param KEY=VALUE``: VALUE parsed as JSON when it is JSON, else the string as
+    typed (so ``style=terse`` needs no quotes; NaN and Infinity, not JSON, stay strings)."""
+    key, equals, text = entry.partition("=")
+    if not equals:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {entry!r}")
+    if not key:
+        raise argparse.ArgumentTypeError(f"the key is empty in {entry!r} (expected KEY=VALUE)")
+
+    def not_json(constant: str) -> Any:
+        raise ValueError(constant)
+
+    try:
+        return key, json.loads(text, parse_constant=not_json)
+    except ValueError:
+        return key, text
 
 
 def chat_api_key(path: Path | None) -> str | None:

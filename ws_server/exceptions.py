@@ -56,7 +56,11 @@ class ModelLoadError(AnythingAgentError):
 
 # --------------------------------------------------------------------- handshake
 class HandshakeRefused(AnythingAgentError):
-    """A WebSocket handshake or HTTP request is answered with an error status."""
+    """A WebSocket handshake or HTTP request is answered with an error status; ``param``
+    names the request field at fault, where there is one (OpenAI's error envelope)."""
+
+    param: str | None = None
+    retry_after: int | None = None  # seconds, sent as Retry-After
 
 
 class ModelNotFound(HandshakeRefused):
@@ -73,6 +77,42 @@ class ModelUnavailable(HandshakeRefused):
     http_status = 503
 
     def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ModelNotListed(ModelNotFound):
+    """An OpenAI-compatible request names a model that does not exist (OpenAI's own code)."""
+
+    code = "model_not_found"
+    param = "model"
+
+
+class InvalidRequest(HandshakeRefused):
+    """An HTTP request's body is not what the route takes; ``param`` names the field."""
+
+    code = "bad_request"
+    http_status = 400
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class PayloadTooLarge(HandshakeRefused):
+    """An HTTP request's body is over ``--max-frame-size``."""
+
+    code = "bad_request"
+    http_status = 413
+
+
+class TooManyRequests(HandshakeRefused):
+    """One client address sent more requests than ``--max-messages-per-minute`` allows."""
+
+    code = "rate_limited"
+    http_status = 429
+
+    def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
 
@@ -99,10 +139,21 @@ class UpgradeRequired(HandshakeRefused):
 
 
 class MethodNotAllowed(HandshakeRefused):
-    """The route exists but not for this HTTP method."""
+    """The route exists but not for this HTTP method; ``allowed`` are the ones it takes."""
 
     code = "method_not_allowed"
     http_status = 405
+
+    def __init__(self, message: str, allowed: list[str]) -> None:
+        super().__init__(message)
+        self.allowed = [*dict.fromkeys(allowed), "HEAD"] if "GET" in allowed else allowed
+
+
+class InternalError(HandshakeRefused):
+    """A route failed for a reason of ours (logged with its traceback)."""
+
+    code = "internal"
+    http_status = 500
 
 
 class Unauthorized(HandshakeRefused):
@@ -164,6 +215,7 @@ class RateLimited(AnythingAgentError):
     """The connection sent more frames a minute than ``--max-messages-per-minute``."""
 
     code = "rate_limited"
+    retry_after: float = 0.0  # seconds until the next frame would be taken
 
 
 class ServerUnavailable(AnythingAgentError):

@@ -49,19 +49,21 @@ PROCESS_INFO = Gauge(
 )
 CONNECTIONS = Gauge("anything_agent_connections", "Open WebSocket connections")
 SESSIONS = Gauge("anything_agent_sessions", "Open chat sessions", ["model"])
-TURNS = Counter("anything_agent_turns", "Turns ended", ["model", "reason"])
-CHUNKS = Counter("anything_agent_chunks", "Chunk frames sent", ["model"])
+# Turns by the surface they came through: api="ws" (the chat endpoint) or "openai"
+# (POST /v1/chat/completions).
+TURNS = Counter("anything_agent_turns", "Turns ended", ["model", "reason", "api"])
+CHUNKS = Counter("anything_agent_chunks", "Chunks sent", ["model", "api"])
 CHUNK_BYTES = Counter(
-    "anything_agent_chunk_bytes", "Size of the chunk frames sent (characters of JSON)", ["model"]
+    "anything_agent_chunk_bytes", "Size of the chunks sent (bytes as written)", ["model", "api"]
 )
 FIRST_CHUNK = Histogram(
     "anything_agent_first_chunk_seconds",
-    "From a turn's start to its first chunk frame being written",
-    ["model"],
+    "From a turn's start to its first chunk being written",
+    ["model", "api"],
     buckets=LATENCY_BUCKETS,
 )
 TURN_DURATION = Histogram(
-    "anything_agent_turn_seconds", "Turn duration", ["model"], buckets=DURATION_BUCKETS
+    "anything_agent_turn_seconds", "Turn duration", ["model", "api"], buckets=DURATION_BUCKETS
 )
 ERRORS = Counter("anything_agent_errors", "Error frames sent", ["code"])
 SESSIONS_DETACHED = Gauge(
@@ -95,12 +97,13 @@ class ModelMetrics:
     """One model's labelled series, looked up once (a label lookup per turn showed up in
     profiles of short turns)."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, api: str) -> None:
         self.model = model
-        self.chunks = CHUNKS.labels(model=model)
-        self.chunk_bytes = CHUNK_BYTES.labels(model=model)
-        self.first_chunk = FIRST_CHUNK.labels(model=model)
-        self.turn_duration = TURN_DURATION.labels(model=model)
+        self.api = api
+        self.chunks = CHUNKS.labels(model=model, api=api)
+        self.chunk_bytes = CHUNK_BYTES.labels(model=model, api=api)
+        self.first_chunk = FIRST_CHUNK.labels(model=model, api=api)
+        self.turn_duration = TURN_DURATION.labels(model=model, api=api)
         self._turns: dict[str, Counter] = {}
 
     def turn_ended(
@@ -108,7 +111,9 @@ class ModelMetrics:
     ) -> None:
         turns = self._turns.get(reason)
         if turns is None:
-            turns = self._turns[reason] = TURNS.labels(model=self.model, reason=reason)
+            turns = self._turns[reason] = TURNS.labels(
+                model=self.model, reason=reason, api=self.api
+            )
         turns.inc()
         self.turn_duration.observe(duration)
         if chunks:
@@ -118,14 +123,14 @@ class ModelMetrics:
             self.first_chunk.observe(first_chunk)
 
 
-_models: dict[str, ModelMetrics] = {}
+_models: dict[tuple[str, str], ModelMetrics] = {}
 
 
-def for_model(model: str) -> ModelMetrics:
-    """The labelled series of ``model`` (made once per model name)."""
-    found = _models.get(model)
+def for_model(model: str, api: str = "ws") -> ModelMetrics:
+    """The labelled series of ``model``'s turns through ``api`` (made once per pair)."""
+    found = _models.get((model, api))
     if found is None:
-        found = _models[model] = ModelMetrics(model)
+        found = _models[model, api] = ModelMetrics(model, api)
     return found
 
 

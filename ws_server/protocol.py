@@ -32,6 +32,9 @@ ErrorCode = Literal[
     "internal",
 ]
 ROLES: Final = ("user", "assistant", "system")
+# OpenAI-style content parts a message may hold; the model sees the text parts joined.
+PART_TYPES: Final = ("text", "image_url", "input_audio", "file", "refusal")
+PARAMS_LIMIT: Final = 16 * 1024  # bytes of JSON a frame's params may take
 # JSON's \ud800-style escapes can spell lone surrogates, which are not text: they can't be
 # encoded as UTF-8, so they can't be sent or counted. Found where strings enter.
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
@@ -48,16 +51,26 @@ DONE_REASONS: Final = ("stop", "cancelled", "timeout", "error")
 # --------------------------------------------------------------------- client → server
 @dataclass(frozen=True, slots=True)
 class UserMessage:
-    """Append one user message to the history and run a turn."""
+    """Append one user message to the history and run a turn. ``parts``: the content as
+    sent, when it was a list of parts holding more than text."""
 
     content: str
+    params: dict[str, Any] | None = None
+    parts: list[dict[str, Any]] | None = None
+
+    def message(self) -> dict[str, Any]:
+        """The history entry this frame adds."""
+        if self.parts is None:
+            return {"role": "user", "content": self.content}
+        return {"role": "user", "content": self.content, "parts": self.parts}
 
 
 @dataclass(frozen=True, slots=True)
 class ReplaceHistory:
     """Replace the whole history (clients that keep their own) and run a turn."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
+    params: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,16 +175,14 @@ def _frame_from_object(frame: dict[str, Any]) -> ClientFrame:
         raise BadRequest('missing field "type"; expected one of: message, messages, cancel')
     kind = frame["type"]
     if kind == "message":
-        content = frame.get("content")
         if "content" not in frame:
             raise BadRequest('"message" frame is missing field "content"')
-        if not isinstance(content, str):
-            raise BadRequest(f'"content" must be a string, not {_json_type(content)}')
-        return UserMessage(_checked_text(content, '"content"'))
+        content, parts = parse_content(frame["content"], '"content"')
+        return UserMessage(content, _params(frame), parts)
     if kind == "messages":
         if "messages" not in frame:
             raise BadRequest('"messages" frame is missing field "messages"')
-        return ReplaceHistory(_validate_history(frame["messages"]))
+        return ReplaceHistory(_validate_history(frame["messages"]), _params(frame))
     if kind == "cancel":
         return _CANCEL
     if not isinstance(kind, str):
@@ -182,22 +193,81 @@ def _frame_from_object(frame: dict[str, Any]) -> ClientFrame:
     )
 
 
-def _validate_history(messages: Any) -> list[dict[str, str]]:
+def _params(frame: dict[str, Any]) -> dict[str, Any] | None:
+    """A frame's ``params``: a JSON object of at most ``PARAMS_LIMIT`` bytes, or None."""
+    params = frame.get("params")
+    if params is None:
+        return None
+    if not isinstance(params, dict):
+        raise BadRequest(f'"params" must be an object, not {_json_type(params)}')
+    size = len(_encoded(params, '"params"'))
+    if size > PARAMS_LIMIT:
+        raise BadRequest(f'"params" takes {size} bytes of JSON, over the limit of {PARAMS_LIMIT}')
+    return params or None
+
+
+def parse_content(value: Any, where: str) -> tuple[str, list[dict[str, Any]] | None]:
+    """A message's ``content``: a string, or a list of OpenAI-style content parts. Returns
+    the text the model sees (the text parts joined) and the parts themselves when they
+    held anything but text (None otherwise)."""
+    if isinstance(value, str):
+        return _checked_text(value, where), None
+    if not isinstance(value, list):
+        raise BadRequest(
+            f"{where} must be a string or an array of content parts, not {_json_type(value)}"
+        )
+    if not value:
+        raise BadRequest(f"{where} must hold at least one content part")
+    texts: list[str] = []
+    rich = False
+    for index, part in enumerate(value):
+        at = f"{where}[{index}]"
+        if not isinstance(part, dict):
+            raise BadRequest(f"{at} must be an object, not {_json_type(part)}")
+        kind = part.get("type")
+        if kind not in PART_TYPES:
+            raise BadRequest(f"{at}.type must be one of: {', '.join(PART_TYPES)}")
+        if kind in ("text", "refusal"):
+            text = part.get(kind)
+            if not isinstance(text, str):
+                raise BadRequest(f"{at}.{kind} must be a string, not {_json_type(text)}")
+            texts.append(_checked_text(text, f"{at}.{kind}"))
+        else:
+            if not isinstance(part.get(kind), dict):
+                raise BadRequest(f"{at}.{kind} must be an object, not {_json_type(part.get(kind))}")
+            _encoded(part, at)
+            rich = True
+    return "".join(texts), (value if rich else None)
+
+
+def _encoded(value: Any, where: str) -> bytes:
+    """``value`` as UTF-8 JSON; a lone surrogate anywhere in it is refused."""
+    try:
+        return _dumps(value).encode()
+    except UnicodeEncodeError:
+        raise BadRequest(
+            f"{where} holds a lone surrogate (an escape like \\ud800): not text"
+        ) from None
+
+
+def _validate_history(messages: Any) -> list[dict[str, Any]]:
     if not isinstance(messages, list):
         raise BadRequest(f'"messages" must be an array, not {_json_type(messages)}')
     if not messages:
         raise BadRequest('"messages" must hold at least one message')
-    history: list[dict[str, str]] = []
+    history: list[dict[str, Any]] = []
     for index, item in enumerate(messages):
         where = f"messages[{index}]"
         if not isinstance(item, dict):
             raise BadRequest(f"{where} must be an object, not {_json_type(item)}")
-        role, content = item.get("role"), item.get("content")
+        role = item.get("role")
         if role not in ROLES:
             raise BadRequest(f'{where}.role must be one of "user", "assistant", "system"')
-        if not isinstance(content, str):
-            raise BadRequest(f"{where}.content must be a string, not {_json_type(content)}")
-        history.append({"role": role, "content": _checked_text(content, f"{where}.content")})
+        content, parts = parse_content(item.get("content"), f"{where}.content")
+        message: dict[str, Any] = {"role": role, "content": content}
+        if parts is not None:
+            message["parts"] = parts
+        history.append(message)
     return history
 
 
@@ -216,8 +286,8 @@ def _json_type(value: Any) -> str:
 
 
 # --------------------------------------------------------------------- server → client
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+# Made once: json.dumps with options builds a new encoder per call (per chunk, in a profile).
+_dumps: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def encode_ready(
@@ -288,20 +358,55 @@ def encode_error(
     return _dumps(frame)
 
 
+def error_type(status: int) -> str:
+    """OpenAI's error ``type`` for an HTTP ``status``."""
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def error_envelope(
+    code: str, message: str, status: int, param: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error envelope, for ``POST /v1/chat/completions`` (its SDK and the chat UIs
+    read it): ``{"error": {"message", "type", "param", "code"}}``, our code in ``code``."""
+    return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
+
+
 def encode_http_error(code: str, message: str) -> bytes:
     """The JSON body of a refused handshake or failed HTTP request."""
     return _dumps({"error": {"code": code, "message": message}}).encode()
 
 
+def encode_api_error(code: str, message: str, status: int, param: str | None = None) -> bytes:
+    """The body of a failed OpenAI-compatible request (``error_envelope``)."""
+    return _dumps(error_envelope(code, message, status, param)).encode()
+
+
 # --------------------------------------------------------------------- client side
-def encode_message(content: str) -> str:
-    """Append a user message to the session's history and run a turn."""
-    return _dumps({"type": "message", "content": content})
+def encode_message(
+    content: str | list[dict[str, Any]], params: dict[str, Any] | None = None
+) -> str:
+    """Append a user message to the session's history and run a turn (``params``: what
+    the model sees as ``self.params`` for that turn)."""
+    frame: dict[str, Any] = {"type": "message", "content": content}
+    if params:
+        frame["params"] = params
+    return _dumps(frame)
 
 
-def encode_messages(messages: list[dict[str, str]]) -> str:
+def encode_messages(messages: list[dict[str, Any]], params: dict[str, Any] | None = None) -> str:
     """Replace the session's history and run a turn."""
-    return _dumps({"type": "messages", "messages": messages})
+    frame: dict[str, Any] = {"type": "messages", "messages": messages}
+    if params:
+        frame["params"] = params
+    return _dumps(frame)
 
 
 def encode_cancel() -> str:

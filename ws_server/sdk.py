@@ -18,8 +18,11 @@ __all__ = ["AnythingBaseModel", "Message", "__version__", "context_snapshot"]
 
 CONTEXT_SNAPSHOT_LIMIT = 64 * 1024  # bytes of JSON kept of a session's context
 
-Message = dict[str, str]
-"""One chat message: ``{"role": "user" | "assistant" | "system", "content": "..."}``."""
+Message = dict[str, Any]
+"""One chat message: ``{"role": "user" | "assistant" | "system", "content": "..."}``.
+
+``content`` is always a string. A message whose client sent a list of content parts
+holding more than text (an image, a file) also has them, as sent, under ``parts``."""
 
 
 def context_snapshot(context: dict[Any, Any]) -> dict[str, Any]:
@@ -68,6 +71,10 @@ class AnythingBaseModel:
     """What ``load_resources`` returned for this model version (``None`` by default)."""
     context: dict[str, Any]
     """Per-session scratch space; ``clear_context()`` empties it."""
+    params: dict[str, Any]
+    """The client's parameters for the running turn (``temperature``, ``max_tokens``, ...
+    or anything the client chose); set before each ``on_chat_messages``, ``{}`` when the
+    client sent none."""
 
     _anything_bound: ClassVar[bool] = False
 
@@ -80,6 +87,8 @@ class AnythingBaseModel:
             self.config = {}
         if not hasattr(self, "resources"):
             self.resources = None
+        if not hasattr(self, "params"):
+            self.params = {}
 
     # ----------------------------------------------------------------- per version
     @classmethod
@@ -137,5 +146,6 @@ class AnythingBaseModel:
         instance.data_dir = model_dir / "data"
         instance.resources = resources
         instance.context = {}
+        instance.params = {}
         instance.__init__()  # type: ignore[misc]
         return instance

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Coroutine
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -16,7 +16,9 @@ from websockets.http11 import Request, Response
 from ws_server import metrics, protocol
 from ws_server.exceptions import AdminOnly, HandshakeRefused, ResumeFailed
 from ws_server.http import peers
-from ws_server.http.limits import ConnectionCounter
+from ws_server.http.exchange import HttpRequest
+from ws_server.http.front_door import Entrance
+from ws_server.http.limits import ConnectionCounter, RequestRate
 from ws_server.http.routes import HttpApi, chat_model_name, error_response
 from ws_server.http.security import (
     AccessPolicy,
@@ -28,12 +30,13 @@ from ws_server.http.security import (
 from ws_server.isolation import cgroups, sandbox
 from ws_server.isolation.environments import EnvironmentBuilder, default_cache_dir
 from ws_server.loop_watch import LoopWatch
+from ws_server.openai_compat.endpoint import ChatCompletions
 from ws_server.registry.catalog import ModelVersion, Registry
 from ws_server.session.connection import ChatConnection, ConnectionLimits
 from ws_server.session.conversation import Conversation, HistoryLimits
 from ws_server.session.handover import Handover
 from ws_server.session.live import LiveSession, digest, new_token
-from ws_server.session.outbox import Outbox
+from ws_server.session.outbox import Encoding, Outbox
 from ws_server.settings import ServerSettings
 from ws_server.store.base import SessionRecord, SessionStore
 from ws_server.store.memory import MemoryStore
@@ -69,6 +72,15 @@ class AnythingAgentServer:
         self.redis: RedisStore | None = None  # several nodes: sessions shared in Redis
         self.handover: Handover | None = None
         self.store: SessionStore = self._make_store()  # where sessions live between connections
+        completions = ChatCompletions(
+            self.registry,
+            self.access,
+            self._open_completion,
+            rate=RequestRate(settings.max_messages_per_minute if limited else None),
+            connections=self.connections,
+            keepalive=settings.sse_keepalive,
+            max_reply_bytes=settings.max_history_bytes,
+        )
         self.http = HttpApi(
             self.registry,
             self.access,
@@ -76,6 +88,15 @@ class AnythingAgentServer:
             on_reload=self._reloaded_here,
             store_status=lambda: self.store.status,
             cluster=self.redis.cluster if self.redis is not None else None,
+            completions=completions,
+        )
+        # Every connection's first stop: WebSocket upgrades go on to websockets, plain
+        # HTTP (request bodies, streamed answers) to http/http1.py.
+        self.entrance = Entrance(
+            self.http.respond,
+            body_limit=settings.max_frame_size,
+            head_timeout=settings.handshake_timeout,
+            refuse=self._from_a_sandbox,
         )
         metrics.STORE_UP.set_function(lambda: 1.0 if self.store.available else 0.0)
         metrics.REPLAY_BUFFER_BYTES.set_function(
@@ -137,6 +158,8 @@ class AnythingAgentServer:
             # backpressure (a paused reader's TCP window would hold gigabytes of it).
             compression=None,
             start_serving=False,  # bound (so the port is ours), accepting once loaded
+            # A documented seam ("a wrapper or a subclass"): a front door per connection.
+            create_connection=cast("type[ServerConnection]", self.entrance),
         )
         self._loop_watch = LoopWatch(asyncio.get_running_loop())
         self._loop_watch.start()
@@ -244,6 +267,7 @@ class AnythingAgentServer:
         assert self._ws_server is not None
         grace = self.settings.grace_period
         self._ws_server.close(close_connections=False)
+        self.entrance.close_idle()
         sessions = self.store.local()
         log.info("stopping: %d open sessions, grace period %g s", len(sessions), grace)
         relays = list(self.redis.relays.values()) if self.redis is not None else []
@@ -252,10 +276,11 @@ class AnythingAgentServer:
             *(relay.adapter.close_going_away() for relay in relays),
         )
         try:  # handshakes still in progress, peers that never answer the close
-            await asyncio.wait_for(self._ws_server.wait_closed(), CLOSE_LIMIT)
+            await asyncio.wait_for(self._closed(), CLOSE_LIMIT)
         except TimeoutError:
             for connection in list(self._ws_server.connections):
                 connection.transport.abort()
+            self.entrance.abort()
             await self._ws_server.wait_closed()
         await self.registry.close()
         if self.redis is not None:
@@ -267,17 +292,27 @@ class AnythingAgentServer:
             self._loop_watch.stop()
         log.info("stopped")
 
+    async def _closed(self) -> None:
+        """Every connection gone: WebSocket ones and plain-HTTP ones."""
+        assert self._ws_server is not None
+        await self._ws_server.wait_closed()
+        await self.entrance.wait_closed()
+
     # ------------------------------------------------------------------ websockets hooks
     async def _process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
-        if self._from_a_sandbox(connection):
-            log.warning("refused a connection from a networked sandbox to the server's port")
-            connection.transport.abort()  # as if there were no route: nothing to read
-            return error_response(AdminOnly("sandboxed models may not use this server"))
-        return await self.http.respond(request, _peer_address(connection))
+        """A WebSocket handshake: the route table admits it or answers it (and then the
+        connection closes)."""
+        asked = HttpRequest("GET", request.path, request.headers, peer=_peer_address(connection))
+        answer = await self.http.respond(asked)
+        if answer is None:
+            return None
+        if not isinstance(answer, Response):  # streamed answers take a POST: not here
+            answer = error_response(AdminOnly("this route takes no WebSocket handshake"))
+        return answer
 
-    def _from_a_sandbox(self, connection: ServerConnection) -> bool:
+    def _from_a_sandbox(self, transport: asyncio.Transport) -> bool:
         """Whether a loopback peer is a sandboxed model with network: its host user is
         the sandbox's own (told apart when the server is root; see http/peers.py)."""
         if not self.registry.networked_sandboxes():
@@ -285,11 +320,14 @@ class AnythingAgentServer:
         user = sandbox.host_user()
         if user is None:
             return False
-        peer, ours = connection.remote_address, connection.local_address
+        peer, ours = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
         if not isinstance(peer, tuple) or not peers.is_loopback(str(peer[0])):
             return False
         owner = peers.socket_owner((str(peer[0]), int(peer[1])), (str(ours[0]), int(ours[1])))
-        return owner == user[0]
+        if owner == user[0]:
+            log.warning("refused a connection from a networked sandbox to the server's port")
+            return True
+        return False
 
     async def _handle_connection(self, connection: ServerConnection) -> None:
         assert connection.request is not None
@@ -387,6 +425,25 @@ class AnythingAgentServer:
             session.conversation.outbox = Outbox(0)
         metrics.SESSIONS.labels(model=version.name).inc()
         return session, token
+
+    async def _open_completion(
+        self, version: ModelVersion, encoding: Encoding, session_id: str
+    ) -> LiveSession:
+        """A short-lived session for one ``POST /v1/chat/completions`` on ``version``."""
+        conversation = Conversation(
+            version,
+            Outbox(0, encoding=encoding),
+            limits=self.history_limits,
+            debug=self.settings.debug,
+            session_id=session_id,
+            api="openai",
+        )
+        session = LiveSession(
+            conversation, token_digest=None, key_digest="", window=0.0, on_end=self._ended
+        )
+        await self.store.add(session)
+        metrics.SESSIONS.labels(model=version.name).inc()
+        return session
 
     def _held_session(
         self,

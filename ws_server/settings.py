@@ -51,6 +51,7 @@ class ServerSettings:
     idle_timeout: float = 900.0  # 0: never
     ping_interval: float = 20.0  # 0: no keepalive pings
     ping_timeout: float = 20.0
+    sse_keepalive: float = 15.0  # POST /v1/chat/completions: ": ping" after this quiet (0: none)
     # --- resuming (see session/live.py): how long a dropped session waits, what it keeps
     resume_window: float = 30.0  # 0: resume off
     replay_buffer_bytes: int = 1024 * 1024
@@ -176,7 +177,11 @@ _SERVE_OPTIONS: Final = (
     _Option("--log-level", _log_level, "debug, info, warning or error"),
     _Option("--debug", _boolean, "add model exception types and messages to error frames"),
     _Option("--grace-period", _positive_float, "seconds running turns get at shutdown"),
-    _Option("--max-frame-size", _frame_size, "largest client frame in bytes (close 1009)"),
+    _Option(
+        "--max-frame-size",
+        _frame_size,
+        "largest client frame (close 1009) or HTTP request body (413), in bytes",
+    ),
     _Option("--env-cache-dir", Path, "where isolated models' virtualenvs are built and kept"),
     _Option("--api-keys-file", Path, "file of API keys, one a line; clients must send one"),
     _Option("--admin-key", _secret, "key for admin routes such as POST /v1/models/reload"),
@@ -195,6 +200,11 @@ _SERVE_OPTIONS: Final = (
     _Option("--idle-timeout", _positive_float, "seconds without a frame before closing (0: never)"),
     _Option("--ping-interval", _positive_float, "seconds between keepalive pings (0: none)"),
     _Option("--ping-timeout", _positive_float, "seconds to wait for a pong before dropping"),
+    _Option(
+        "--sse-keepalive",
+        _positive_float,
+        "seconds of silence before a streamed chat completion gets ': ping' (0: none)",
+    ),
     _Option("--resume-window", _positive_float, "seconds a dropped session waits (0: no resume)"),
     _Option("--replay-buffer-bytes", _count, "bytes of frames kept per session for resumes"),
     _Option("--redis-url", _secret, "Redis for sessions, heartbeats, reloads (several nodes)"),

@@ -342,20 +342,24 @@ class ChatClient:
         """False once the client was closed or its connection is lost for good."""
         return not self._closing and self._dead is None
 
-    async def send(self, content: str) -> Turn:
-        """Send a user message; returns the turn to iterate for the reply."""
-        return await self._start(
-            protocol.encode_message(content), [{"role": "user", "content": content}], replace=False
-        )
+    async def send(self, content: str, *, params: dict[str, Any] | None = None) -> Turn:
+        """Send a user message; returns the turn to iterate for the reply. ``params`` (a
+        JSON object) is what the model sees as ``self.params`` for this turn only."""
+        frame = protocol.encode_message(content, _checked(params))
+        return await self._start(frame, [{"role": "user", "content": content}], replace=False)
 
-    async def replace_history(self, messages: list[Message]) -> Turn:
-        """Replace the session's history (for clients that keep their own) and run a turn."""
+    async def replace_history(
+        self, messages: list[Message], *, params: dict[str, Any] | None = None
+    ) -> Turn:
+        """Replace the session's history (for clients that keep their own) and run a turn,
+        with ``params`` as in ``send``."""
         copied: list[Message] = [{"role": m["role"], "content": m["content"]} for m in messages]
-        return await self._start(protocol.encode_messages(copied), copied, replace=True)
+        frame = protocol.encode_messages(copied, _checked(params))
+        return await self._start(frame, copied, replace=True)
 
-    async def ask(self, content: str) -> str:
+    async def ask(self, content: str, *, params: dict[str, Any] | None = None) -> str:
         """Send a message and return the whole reply (``TurnFailed`` if the turn failed)."""
-        return await (await self.send(content)).reply()
+        return await (await self.send(content, params=params)).reply()
 
     async def cancel(self) -> None:
         """Cancel the running turn, if any (safe to call from another task)."""
@@ -730,6 +734,14 @@ def _refusal(exc: InvalidStatus) -> ChatRefused:
         code=code,
         retry_after=int(retry) if retry and retry.isdigit() else None,
     )
+
+
+def _checked(params: object) -> dict[str, Any] | None:
+    """``params`` if it can be a turn's parameters: a dict (a JSON object) or None. Checked
+    here, so that a mistake is a ``TypeError`` at the call, not a ``bad_request`` later."""
+    if params is not None and not isinstance(params, dict):
+        raise TypeError(f"params must be a dict (a JSON object), not {type(params).__name__}")
+    return params
 
 
 def _lost(close: Close | None) -> ConnectionLost:

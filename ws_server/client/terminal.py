@@ -5,7 +5,8 @@ pings while the main thread waits at the prompt; the main thread owns the termin
 editing, Ctrl-C). Ctrl-C during a reply cancels the turn; a second one, or one at the
 prompt, quits. ``-m`` sends one message and exits non-zero if the turn failed; ``--json``
 prints every frame exactly as received, one per line, for bots (after a resume, frames the
-server replayed are printed once: those already printed are skipped).
+server replayed are printed once: those already printed are skipped). ``--param KEY=VALUE``
+goes with every message of the run, as the model's ``self.params``.
 
 A dropped connection is resumed (``--no-resume`` turns that off), with a one-line notice on
 stderr; a reply being streamed carries on where it stopped. When the server no longer has
@@ -23,7 +24,7 @@ import sys
 import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TextIO, TypeVar
 
 from ws_server.client.chat import ChatClient, ResumeNotice, Turn
@@ -59,6 +60,7 @@ class ChatOptions:
     json: bool = False  # --json: raw frames on stdout
     api_key: str | None = None
     resumable: bool = True  # --no-resume: a dropped connection ends the chat
+    params: dict[str, Any] = field(default_factory=dict)  # --param: sent with every message
 
 
 class _Style:
@@ -236,10 +238,11 @@ class TerminalChat:
         conversation so far with it (the model's history went with the old session)."""
         if self._carry_history:
             messages = [*client.previous_history, {"role": "user", "content": text}]
-            turn: Turn = self.io.run(client.replace_history(messages))
+            params = self.options.params
+            turn: Turn = self.io.run(client.replace_history(messages, params=params))
             self._carry_history = False  # only once sent: a refusal keeps it for the retry
             return turn
-        return self.io.run(client.send(text))
+        return self.io.run(client.send(text, params=self.options.params))
 
     def _on_resume(self, notice: ResumeNotice) -> None:
         """A dropped connection was resumed, or could not be: one line on stderr."""

@@ -1,14 +1,24 @@
-"""Abuse limits: connections per server and per client address, and frames per minute per
-connection (the history's limits live in ``history.py``). Pure bookkeeping, no I/O; the
-server and the session apply them."""
+"""Abuse limits: connections per server and per client address, frames per minute per
+connection, and plain-HTTP requests per minute per address (the history's limits live in
+``history.py``). Pure bookkeeping, no I/O; the server and the session apply them."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
 
-from ws_server.exceptions import RateLimited, TooManyConnections, TooManyFromAddress
+from ws_server.exceptions import (
+    RateLimited,
+    TooManyConnections,
+    TooManyFromAddress,
+    TooManyRequests,
+)
+
+# Addresses whose request buckets are kept at most; past it, the full ones are forgotten
+# (a full bucket is what a new address gets anyway).
+TRACKED_ADDRESSES = 4096
 
 
 class ConnectionCounter:
@@ -66,7 +76,45 @@ class FrameRate:
             self._tokens -= 1.0
             return
         wait = (1.0 - self._tokens) / rate
-        raise RateLimited(
+        refused = RateLimited(
             f"more than {self.per_minute} frames a minute; this one was dropped, "
             f"send again in {wait:.1f} s"
         )
+        refused.retry_after = wait
+        raise refused
+
+    def full(self) -> bool:
+        """Whether the bucket has refilled: it holds what a new one would."""
+        if self.per_minute is None:
+            return True
+        refill = (self._clock() - self._updated) * self.per_minute / 60.0
+        return self._tokens + refill >= self.per_minute
+
+
+class RequestRate:
+    """Plain-HTTP requests a minute per client address (a request has no connection of its
+    own to count on: clients pool them), one token bucket per address."""
+
+    def __init__(self, per_minute: int | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_minute = per_minute
+        self._clock = clock
+        self._buckets: dict[str, FrameRate] = {}
+
+    def take(self, address: str) -> None:
+        """Count one request from ``address``; raise ``TooManyRequests`` if over."""
+        if self.per_minute is None:
+            return
+        bucket = self._buckets.get(address)
+        if bucket is None:
+            if len(self._buckets) >= TRACKED_ADDRESSES:
+                self._buckets = {a: b for a, b in self._buckets.items() if not b.full()}
+            bucket = self._buckets[address] = FrameRate(self.per_minute, self._clock)
+        try:
+            bucket.take()
+        except RateLimited as exc:
+            wait = math.ceil(exc.retry_after)
+            raise TooManyRequests(
+                f"more than {self.per_minute} requests a minute from {address}; "
+                f"send again in {wait} s",
+                retry_after=wait,
+            ) from None

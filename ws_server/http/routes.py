@@ -1,8 +1,11 @@
 """Plain HTTP on the WebSocket port: the route table and its handlers.
 
-The server hands every handshake request here (websockets' ``process_request`` hook).
-A route returns a ``Response``; the chat route returns ``None`` to let the WebSocket
-handshake proceed, or a refusal with the JSON error body when the model can't serve.
+Every request comes here: WebSocket handshakes through websockets' ``process_request``
+hook, plain requests through ``http1.py``. A route returns a ``Response``, or a
+``Streamed`` one (``POST /v1/chat/completions``); the chat route returns ``None`` to let
+the WebSocket handshake proceed, or a refusal with the JSON error body when the model
+can't serve. Browsers on the origins of ``--allowed-origins`` get CORS headers, and their
+preflights (``OPTIONS``) are answered without a key.
 """
 
 from __future__ import annotations
@@ -17,19 +20,21 @@ from typing import Any, Final, Literal
 from urllib.parse import unquote
 
 from websockets.datastructures import Headers
-from websockets.http11 import Request, Response
+from websockets.http11 import Response
 
 from ws_server import metrics, protocol
 from ws_server.exceptions import (
     BadRequest,
+    ForbiddenOrigin,
     HandshakeRefused,
+    InternalError,
     MalformedHandshake,
     MethodNotAllowed,
-    ModelUnavailable,
     RouteNotFound,
     Unauthorized,
     UpgradeRequired,
 )
+from ws_server.http.exchange import HttpRequest, Streamed
 from ws_server.http.limits import ConnectionCounter
 from ws_server.http.security import SAFE_METHODS, AccessPolicy, offered_subprotocols
 from ws_server.http.static_files import content_type, resolve_static
@@ -38,8 +43,9 @@ from ws_server.registry.catalog import Registry
 log = logging.getLogger("anything_agent.http")
 
 CHAT_PATH: Final = re.compile(r"^/v1/chat/([^/]*)$")
+COMPLETIONS_PATH: Final = re.compile(r"^/v1/chat/completions$")
 
-Handler = Callable[[Request, dict[str, str]], Awaitable[Response | None]]
+Handler = Callable[[HttpRequest, dict[str, str]], Awaitable[Response | Streamed | None]]
 # Who may call a route: anyone (the page, health checks), API-key holders, or admins.
 Access = Literal["public", "client", "admin"]
 
@@ -50,6 +56,7 @@ class Route:
     pattern: re.Pattern[str]
     handler: Handler
     access: Access
+    api: bool = False  # an OpenAI-compatible route: errors in OpenAI's envelope
 
 
 def path_of(target: str) -> str:
@@ -75,6 +82,7 @@ class HttpApi:
         on_reload: Callable[[], None] | None = None,
         store_status: Callable[[], str] | None = None,
         cluster: Callable[[str], dict[str, int]] | None = None,
+        completions: Handler | None = None,
     ) -> None:
         self.registry = registry
         self.on_reload = on_reload  # after a reload through this API (passed on to other nodes)
@@ -84,6 +92,7 @@ class HttpApi:
         self.access = access
         self.connections = connections or ConnectionCounter(None, None)
         self.routes: tuple[Route, ...] = (
+            Route("POST", COMPLETIONS_PATH, completions or self.no_completions, "client", True),
             Route("GET", CHAT_PATH, self.open_chat, "client"),
             Route("GET", re.compile(r"^/v1/models$"), self.list_models, "client"),
             Route("POST", re.compile(r"^/v1/models/reload$"), self.reload, "admin"),
@@ -93,39 +102,51 @@ class HttpApi:
             Route("GET", re.compile(r"^/(.*)$"), self.static, "public"),
         )
 
-    async def respond(self, request: Request, peer: str = "") -> Response | None:
-        """Route one request from ``peer`` (the client's address); ``None`` means: go on
-        with the WebSocket handshake."""
+    async def respond(self, request: HttpRequest) -> Response | Streamed | None:
+        """Route one request; ``None`` means: go on with the WebSocket handshake."""
+        answer = await self._route(request)
+        origin = self.access.cors_origin(request.headers)
+        if origin is not None and isinstance(answer, Response):
+            _allow_origin(answer, origin)
+        return answer
+
+    async def _route(self, request: HttpRequest) -> Response | Streamed | None:
         path = path_of(request.path)
+        method = "GET" if request.method == "HEAD" else request.method
+        api = False
         try:
             allowed = []
+            taken = False  # a path of its own (no parameter) for other methods: 405 wins
             for route in self.routes:
                 match = route.pattern.match(path)
                 if match is None:
                     continue
-                if route.method != request.method:
+                if route.method != method:
                     allowed.append(route.method)
+                    taken = taken or route.pattern.groups == 0
                     continue
-                self._admit(request, route, peer)
+                if taken:  # e.g. GET /v1/models/reload is no model named "reload"
+                    continue
+                api = route.api
+                self._admit(request, route)
                 params = {str(i): unquote(g) for i, g in enumerate(match.groups(), 1)}
                 if route.handler == self.open_chat:
-                    self.connections.check(peer)
+                    self.connections.check(request.peer)
                 return await route.handler(request, params)
+            if allowed and request.method == "OPTIONS":
+                return self._preflight(request, allowed)
             if allowed:
-                raise MethodNotAllowed(f"{request.method} is not allowed on {path}")
+                raise MethodNotAllowed(f"{request.method} is not allowed on {path}", allowed)
             raise RouteNotFound(f"nothing at {path}")
         except HandshakeRefused as exc:
             if "websocket" in request.headers.get("Upgrade", "").lower():
                 metrics.HANDSHAKE_REFUSALS.labels(status=str(exc.http_status)).inc()
-            return error_response(exc)
+            return error_response(exc, api)
         except Exception:
             log.exception("%s %s failed", request.method, path[:200])
-            return json_response(
-                {"error": {"code": "internal", "message": "internal server error"}},
-                HTTPStatus.INTERNAL_SERVER_ERROR,
-            )
+            return error_response(InternalError("internal server error"), api)
 
-    def _admit(self, request: Request, route: Route, peer: str) -> None:
+    def _admit(self, request: HttpRequest, route: Route) -> None:
         """Origin first (a browser on another site gets nowhere), then the key."""
         upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
         if upgrade or request.method not in SAFE_METHODS:
@@ -133,10 +154,35 @@ class HttpApi:
         if route.access == "client":
             self.access.check_client(request.headers)
         elif route.access == "admin":
-            self.access.check_admin(request.headers, peer)
+            self.access.check_admin(request.headers, request.peer)
+
+    def _preflight(self, request: HttpRequest, allowed: list[str]) -> Response:
+        """``OPTIONS``: a browser asks whether it may send its request. Answered for the
+        origins allowed, without a key (browsers never send one with a preflight)."""
+        methods = ", ".join(dict.fromkeys([*allowed, "OPTIONS"]))
+        answer = response(HTTPStatus.NO_CONTENT, b"", "text/plain")
+        answer.headers["Allow"] = methods
+        if "Origin" not in request.headers:
+            return answer
+        origin = self.access.cors_origin(request.headers)
+        if origin is None:
+            raise ForbiddenOrigin(
+                f"origin {request.headers['Origin'][:200]!r} is not allowed; the server's "
+                "operator can add it with --allowed-origins"
+            )
+        answer.headers["Access-Control-Allow-Methods"] = methods
+        asked = request.headers.get("Access-Control-Request-Headers", "")
+        granted = [h for h in (n.strip().lower() for n in asked.split(",")) if cors_header(h)]
+        if granted:
+            answer.headers["Access-Control-Allow-Headers"] = ", ".join(granted)
+        answer.headers["Access-Control-Max-Age"] = "600"
+        return answer
 
     # ------------------------------------------------------------------ routes
-    async def open_chat(self, request: Request, params: dict[str, str]) -> Response | None:
+    async def no_completions(self, request: HttpRequest, params: dict[str, str]) -> Response:
+        raise RouteNotFound("this server has no chat completions endpoint")
+
+    async def open_chat(self, request: HttpRequest, params: dict[str, str]) -> Response | None:
         try:
             protocol.parse_offer(offered_subprotocols(request.headers))
         except BadRequest as exc:
@@ -149,11 +195,11 @@ class HttpApi:
             )
         return None
 
-    async def list_models(self, request: Request, params: dict[str, str]) -> Response:
+    async def list_models(self, request: HttpRequest, params: dict[str, str]) -> Response:
         rows = [self._with_cluster(row) for row in self.registry.list_models()]
         return json_response({"object": "list", "data": rows})
 
-    async def get_model(self, request: Request, params: dict[str, str]) -> Response:
+    async def get_model(self, request: HttpRequest, params: dict[str, str]) -> Response:
         info = self.registry.model_info(params["1"])
         if info is None:
             raise RouteNotFound(f"no model named {params['1']!r}; GET /v1/models lists them")
@@ -168,13 +214,13 @@ class HttpApi:
             row["cluster"] = {serving: 1} if serving else {}
         return row
 
-    async def reload(self, request: Request, params: dict[str, str]) -> Response:
+    async def reload(self, request: HttpRequest, params: dict[str, str]) -> Response:
         report = await self.registry.reload()
         if self.on_reload is not None:
             self.on_reload()
         return json_response(report.as_dict())
 
-    async def healthz(self, request: Request, params: dict[str, str]) -> Response:
+    async def healthz(self, request: HttpRequest, params: dict[str, str]) -> Response:
         return json_response(
             {
                 "status": "ok",
@@ -183,11 +229,11 @@ class HttpApi:
             }
         )
 
-    async def metrics(self, request: Request, params: dict[str, str]) -> Response:
+    async def metrics(self, request: HttpRequest, params: dict[str, str]) -> Response:
         body, media_type = metrics.exposition()
         return response(HTTPStatus.OK, body, media_type)
 
-    async def static(self, request: Request, params: dict[str, str]) -> Response:
+    async def static(self, request: HttpRequest, params: dict[str, str]) -> Response:
         path = resolve_static(params["1"])
         if path is None:
             raise RouteNotFound(f"nothing at /{params['1']}")
@@ -201,6 +247,9 @@ def response(status: HTTPStatus, body: bytes, media_type: str) -> Response:
             ("Content-Type", media_type),
             ("Content-Length", str(len(body))),
             ("Cache-Control", "no-store"),
+            # The listing, health, admin and page routes answer one request per
+            # connection, as they always have (clients reading to the end rely on it);
+            # chat completions keep theirs open for the next request (openai_compat).
             ("Connection", "close"),
         ]
     )
@@ -212,14 +261,55 @@ def json_response(payload: Any, status: HTTPStatus = HTTPStatus.OK) -> Response:
     return response(status, body, "application/json")
 
 
-def error_response(exc: HandshakeRefused) -> Response:
-    """The JSON error body of design.md, with ``Retry-After`` when the model is building."""
+def error_response(exc: HandshakeRefused, api: bool = False) -> Response:
+    """The JSON error body (OpenAI's envelope for ``api`` routes), with ``Retry-After``
+    when it is worth trying again later (a model building, a rate limit)."""
     status = HTTPStatus(exc.http_status)
-    result = response(status, protocol.encode_http_error(exc.code, exc.message), "application/json")
+    if api:
+        body = protocol.encode_api_error(exc.code, exc.message, status.value, exc.param)
+    else:
+        body = protocol.encode_http_error(exc.code, exc.message)
+    result = response(status, body, "application/json")
     if isinstance(exc, UpgradeRequired):
         result.headers["Upgrade"] = "websocket"
-    if isinstance(exc, ModelUnavailable) and exc.retry_after is not None:
+    if isinstance(exc, MethodNotAllowed):
+        result.headers["Allow"] = ", ".join(exc.allowed)
+    if exc.retry_after is not None:
         result.headers["Retry-After"] = str(exc.retry_after)
     if isinstance(exc, Unauthorized):
         result.headers["WWW-Authenticate"] = 'Bearer realm="anything-agent"'
     return result
+
+
+def cors_header(name: str) -> bool:
+    """Whether a browser on an allowed origin may send request header ``name`` (lower
+    case): what the OpenAI SDK and chat UIs send, its ``x-stainless-*`` ones included."""
+    return name in CORS_HEADERS or name.startswith("x-stainless-")
+
+
+CORS_HEADERS: Final = frozenset(
+    (
+        "authorization",
+        "content-type",
+        "accept",
+        "openai-organization",
+        "openai-project",
+        "openai-beta",
+        "x-requested-with",
+        "sec-websocket-protocol",
+    )
+)
+
+
+def cors_headers(origin: str) -> list[tuple[str, str]]:
+    """The CORS headers of an answer to a browser on an allowed origin."""
+    return [
+        ("Access-Control-Allow-Origin", origin),
+        ("Vary", "Origin"),
+        ("Access-Control-Expose-Headers", "Retry-After"),
+    ]
+
+
+def _allow_origin(answer: Response, origin: str) -> None:
+    for name, value in cors_headers(origin):
+        answer.headers[name] = value

@@ -216,6 +216,16 @@ class AccessPolicy:
             "--allowed-origins"
         )
 
+    def cors_origin(self, headers: Headers) -> str | None:
+        """The ``Origin`` to grant in CORS headers: one of ``--allowed-origins`` (any,
+        with ``*``); None for none (the server's own pages need no CORS)."""
+        origins = headers.get_all("Origin")
+        if len(origins) != 1 or not self._origins:
+            return None
+        origin = origins[0].strip()
+        allowed = "*" in self._origins or origin.rstrip("/").lower() in self._origins
+        return origin if allowed else None
+
     def _is_own_origin(self, origin: str, host: str) -> bool:
         try:
             parts = urlsplit(origin)

@@ -8,9 +8,9 @@ library only: the worker imports this from inside the model's virtualenv.
 Server → worker: ``["config", "", config]`` (first, once: the model's config, secrets
 included, which must never be a command-line argument), ``["start", sid, context]``
 (context: a snapshot to restore after ``on_chat_start``, or null),
-``["turn", sid, messages, turn_id, snapshot]`` (snapshot: whether ``turn_end`` carries the
-session's context), ``["cancel", sid]``, ``["pause", sid]``,
-``["resume", sid]``, ``["ping", sid]``, ``["end", sid]``.
+``["turn", sid, messages, turn_id, snapshot, params]`` (snapshot: whether ``turn_end``
+carries the session's context; params: the client's for that turn, or null),
+``["cancel", sid]``, ``["pause", sid]``, ``["resume", sid]``, ``["ping", sid]``, ``["end", sid]``.
 Worker → server: ``["ready", description]``, ``["load_failed", message, detail]``,
 ``["started", sid, error]``, ``["chunk", sid, turn_id, text]``,
 ``["turn_end", sid, turn_id, outcome, detail, context]`` (outcome ``stop``, ``cancelled``,

@@ -552,7 +552,12 @@ class IsolatedSession:
     def snapshot(self) -> dict[str, Any]:
         return self._context
 
-    async def stream(self, messages: list[Message], snapshot: bool = False) -> AsyncIterator[str]:
+    async def stream(
+        self,
+        messages: list[Message],
+        snapshot: bool = False,
+        params: dict[str, Any] | None = None,
+    ) -> AsyncIterator[str]:
         if self._sent_start_to != await self.runner.ensure_running():
             await self.start()  # a new worker: on_chat_start runs again there
         queue: asyncio.Queue[str | _TurnEnd | _Crash] = asyncio.Queue()
@@ -560,7 +565,7 @@ class IsolatedSession:
         self._overrun = False
         self._turn_id += 1
         self.oom_mark = self.runner.oom_kills()
-        self.runner.send(["turn", self.sid, messages, self._turn_id, snapshot])
+        self.runner.send(["turn", self.sid, messages, self._turn_id, snapshot, params])
         finished = False
         try:
             while True:

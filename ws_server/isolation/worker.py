@@ -134,8 +134,9 @@ class Worker:
         elif kind == "turn" and session is not None:
             earlier = set(session.turns)
             snapshot = len(message) > 4 and bool(message[4])
+            params = message[5] if len(message) > 5 and isinstance(message[5], dict) else None
             session.turn = self.spawn(
-                self.run_turn(sid, session, message[2], message[3], earlier, snapshot)
+                self.run_turn(sid, session, message[2], message[3], earlier, snapshot, params)
             )
             session.turns.add(session.turn)
             session.turn.add_done_callback(session.turns.discard)
@@ -175,6 +176,7 @@ class Worker:
         turn_id: int,
         earlier: set[asyncio.Task[None]],
         snapshot: bool = False,
+        params: dict[str, Any] | None = None,
     ) -> None:
         channel = self.channel
         outcome, detail = "stop", None
@@ -186,7 +188,7 @@ class Worker:
                 await asyncio.wait(pending)
             session.flowing.set()
             session.cancel_requested = False
-            stream = session.model.stream(messages)
+            stream = session.model.stream(messages, params=params)
             try:
                 sent = 0
                 async for chunk in stream:

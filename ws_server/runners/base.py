@@ -16,12 +16,18 @@ class ModelSession(Protocol):
     generator so its ``finally`` blocks run: that is how cancel and timeout reach it.
     A session that moves between nodes carries its context along: ``start`` restores a
     snapshot after ``on_chat_start``, and a turn streamed with ``snapshot=True`` leaves
-    one for ``snapshot()`` to return once it has ended.
+    one for ``snapshot()`` to return once it has ended. ``params`` is the client's for
+    that turn: the model sees it as ``self.params`` (``{}`` for None).
     """
 
     async def start(self, context: dict[str, Any] | None = None) -> None: ...
 
-    def stream(self, messages: list[Message], snapshot: bool = False) -> AsyncIterator[str]: ...
+    def stream(
+        self,
+        messages: list[Message],
+        snapshot: bool = False,
+        params: dict[str, Any] | None = None,
+    ) -> AsyncIterator[str]: ...
 
     def snapshot(self) -> dict[str, Any]: ...
 

@@ -68,7 +68,13 @@ class SharedSession:
     async def end(self) -> None:
         await call_hook(self.model.on_chat_end)
 
-    async def stream(self, messages: list[Message], snapshot: bool = False) -> AsyncIterator[str]:
+    async def stream(
+        self,
+        messages: list[Message],
+        snapshot: bool = False,
+        params: dict[str, Any] | None = None,
+    ) -> AsyncIterator[str]:
+        self.model.params = params if params is not None else {}  # this turn's, never the last's
         method: Callable[..., Any] = self.model.on_chat_messages
         if inspect.isasyncgenfunction(method):
             chunks = method(messages)

@@ -30,7 +30,7 @@ from ws_server.redaction import redact
 from ws_server.registry.catalog import ModelVersion
 from ws_server.runners import ModelSession
 from ws_server.sdk import Message
-from ws_server.session.history import History
+from ws_server.session.history import History, message_bytes
 from ws_server.session.journal import Journal
 from ws_server.session.outbox import Outbox
 
@@ -89,6 +89,7 @@ class Conversation:
         limits: HistoryLimits | None = None,
         debug: bool = False,
         session_id: str | None = None,
+        api: str = "ws",
     ) -> None:
         self.id = session_id or uuid.uuid4().hex[:16]
         self.version = version
@@ -100,7 +101,7 @@ class Conversation:
         self._ended_turn = 0  # the last turn whose done frame was sent
         self.closing = False  # the server is stopping: no new turns
         self.last_activity = time.monotonic()  # when it started, or its last turn ended
-        self._metrics = metrics.for_model(version.name)
+        self._metrics = metrics.for_model(version.name, api)  # api: "ws" or "openai"
         self._model: ModelSession | None = None
         self._starting: asyncio.Task[None] | None = None
         self._turn_task: asyncio.Task[None] | None = None
@@ -229,7 +230,7 @@ class Conversation:
             return
         journal = self.journal
         if isinstance(frame, protocol.UserMessage):
-            message: Message = {"role": "user", "content": frame.content}
+            message = frame.message()
             self.history.append(message)
             if journal is not None:
                 journal.history_appended(message)
@@ -243,7 +244,7 @@ class Conversation:
         self._stop_reason = None
         self._turn_closing = False
         self._turn_task = asyncio.get_running_loop().create_task(
-            self._run_turn(self.turn, self.history.messages())
+            self._run_turn(self.turn, self.history.messages(), frame.params)
         )
         self._watched(self._turn_task)
 
@@ -252,12 +253,8 @@ class Conversation:
             raise ServerUnavailable("the server is shutting down; no new turns start")
         if self.turn_running:
             raise Busy(f"turn {self.turn} is still running; send cancel to stop it")
-        newest = (
-            frame.content
-            if isinstance(frame, protocol.UserMessage)
-            else frame.messages[-1]["content"]
-        )
-        size = len(newest.encode())
+        newest = frame.message() if isinstance(frame, protocol.UserMessage) else frame.messages[-1]
+        size = message_bytes(newest)
         if size > self.limits.bytes:
             raise BadRequest(
                 f"the message is {size} bytes, over this server's history limit of "
@@ -307,7 +304,9 @@ class Conversation:
             self._stop_reason = "timeout"
             task.cancel()
 
-    async def _run_turn(self, turn: int, messages: list[Message]) -> None:
+    async def _run_turn(
+        self, turn: int, messages: list[Message], params: dict[str, Any] | None = None
+    ) -> None:
         assert self._model is not None
         task = asyncio.current_task()
         assert task is not None
@@ -321,7 +320,7 @@ class Conversation:
         reason = "stop"
         outbox = self.outbox
         journal = self.journal
-        stream = self._model.stream(messages, journal is not None)
+        stream = self._model.stream(messages, journal is not None, params)
         try:
             try:
                 async for piece in stream:

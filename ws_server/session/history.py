@@ -10,12 +10,19 @@ newest one fits.
 
 from __future__ import annotations
 
+import json
+
 from ws_server.sdk import Message
 
 
 def message_bytes(message: Message) -> int:
-    """What the byte limit counts of a message: its content's UTF-8 size."""
-    return len(message["content"].encode())
+    """What the byte limit counts of a message: its content's UTF-8 size, and its parts'
+    (an image or a file) as JSON when it has them."""
+    size = len(message["content"].encode())
+    parts = message.get("parts")
+    if parts is not None:
+        size += len(json.dumps(parts, ensure_ascii=False).encode())
+    return size
 
 
 class History:

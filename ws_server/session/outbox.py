@@ -8,7 +8,9 @@ producer (the model's turn) waits for a connection: frames are never dropped uns
 While one is attached, the oldest frames (already sent) make room for new ones.
 
 No sockets here: a ``Sink`` is whatever writes bytes (the connection adapter's writer),
-so the conversation core is tested with an in-memory one.
+so the conversation core is tested with an in-memory one. An ``Encoding`` says what the
+bytes are: the wire protocol's JSON frames, or the Server-Sent Events of an
+OpenAI-compatible request (``openai_compat/stream.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,37 @@ class Sink(Protocol):
         """A frame that ends a run (done, error): written at once, with any batch."""
 
 
+class Encoding(Protocol):
+    """How a session's frames are written as bytes."""
+
+    def chunk(self, seq: int, turn: int, content: str) -> bytes: ...
+
+    def done(self, seq: int, turn: int, reason: protocol.DoneReason) -> bytes: ...
+
+    def error(
+        self, seq: int, code: protocol.ErrorCode, message: str, turn: int | None
+    ) -> bytes: ...
+
+
+class WireEncoding:
+    """design.md's JSON frames, as WebSocket clients get them."""
+
+    @staticmethod
+    def chunk(seq: int, turn: int, content: str) -> bytes:
+        return protocol.encode_chunk(seq, turn, content).encode()
+
+    @staticmethod
+    def done(seq: int, turn: int, reason: protocol.DoneReason) -> bytes:
+        return protocol.encode_done(seq, turn, reason).encode()
+
+    @staticmethod
+    def error(seq: int, code: protocol.ErrorCode, message: str, turn: int | None) -> bytes:
+        return protocol.encode_error(code, message, turn, seq).encode()
+
+
+WIRE: Final = WireEncoding()
+
+
 class Outbox:
     """Numbers, buffers and delivers one session's frames."""
 
@@ -43,6 +76,7 @@ class Outbox:
         "_buffer",
         "_buffered",
         "_closing",
+        "_encoding",
         "_first",
         "_held",
         "_limit",
@@ -54,7 +88,10 @@ class Outbox:
         "seq",
     )
 
-    def __init__(self, replay_bytes: int = DEFAULT_REPLAY_BYTES, seq: int = 0) -> None:
+    def __init__(
+        self, replay_bytes: int = DEFAULT_REPLAY_BYTES, seq: int = 0, encoding: Encoding = WIRE
+    ) -> None:
+        self._encoding = encoding
         self.seq = seq  # the last seq stamped (a session taken over goes on from its store's)
         self.base = seq  # frames up to this seq were stamped elsewhere (another node)
         # Every frame stamped, as it is stamped (a journal's write-behind; see journal.py).
@@ -79,7 +116,7 @@ class Outbox:
     async def chunk(self, turn: int, content: str) -> int:
         """A piece the model yielded; the bytes of its frame (for /metrics)."""
         self.seq += 1
-        data = protocol.encode_chunk(self.seq, turn, content).encode()
+        data = self._encoding.chunk(self.seq, turn, content)
         sink = self._sink
         if self._limit:
             self._keep(data)
@@ -97,12 +134,12 @@ class Outbox:
     async def done(self, turn: int, reason: protocol.DoneReason) -> None:
         await self._room_first()
         self.seq += 1
-        await self._final(protocol.encode_done(self.seq, turn, reason).encode())
+        await self._final(self._encoding.done(self.seq, turn, reason))
 
     async def error(self, code: protocol.ErrorCode, message: str, turn: int | None = None) -> None:
         await self._room_first()
         self.seq += 1
-        await self._final(protocol.encode_error(code, message, turn, self.seq).encode())
+        await self._final(self._encoding.error(self.seq, code, message, turn))
 
     async def _room_first(self) -> None:
         """A frame that ends a turn is stamped only once it fits: a ``done`` in the buffer

@@ -1,0 +1,123 @@
+"""``POST /v1/chat/completions``: one short-lived session per request.
+
+The request's messages become the session's history and one turn runs on the version
+serving at that moment (``on_chat_start``, the turn, ``on_chat_end``), through the same
+conversation core as a WebSocket chat: so shared and isolated models, timeouts, errors and
+metrics behave the same. A client that disconnects stops the turn (the model's ``finally``
+runs). Keys and origins were checked by the route table; this adds the per-address request
+rate and counts each open request as a connection, as the chat endpoint does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+from websockets.http11 import Response
+
+from ws_server import protocol
+from ws_server.exceptions import ModelNotFound, ModelNotListed
+from ws_server.http.exchange import HttpRequest, ResponseStream, Streamed
+from ws_server.http.limits import ConnectionCounter, RequestRate
+from ws_server.http.routes import cors_headers
+from ws_server.http.security import AccessPolicy
+from ws_server.openai_compat import wire
+from ws_server.openai_compat.request import CompletionRequest, parse_request
+from ws_server.openai_compat.stream import CompletionStream
+from ws_server.registry.catalog import ModelVersion, Registry
+from ws_server.session.conversation import DISCONNECTED
+from ws_server.session.live import LiveSession
+from ws_server.session.outbox import Encoding
+
+log = logging.getLogger("anything_agent.openai")
+
+# Opens a session of ``version`` whose frames are encoded by ``encoding``, with that id.
+SessionOpener = Callable[[ModelVersion, Encoding, str], Awaitable[LiveSession]]
+
+
+class ChatCompletions:
+    """The route handler of ``POST /v1/chat/completions``."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        access: AccessPolicy,
+        open_session: SessionOpener,
+        *,
+        rate: RequestRate,
+        connections: ConnectionCounter,
+        keepalive: float,
+        max_reply_bytes: int,
+    ) -> None:
+        self.registry = registry
+        self.access = access
+        self.open_session = open_session
+        self.rate = rate
+        self.connections = connections
+        self.keepalive = keepalive
+        self.max_reply_bytes = max_reply_bytes
+        self._ending: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, request: HttpRequest, params: dict[str, str]) -> Streamed:
+        """Check the request (each refusal raises, answered in OpenAI's envelope), pin the
+        version that will answer it, and return the reply to run."""
+        self.rate.take(request.peer)
+        parsed = parse_request(request.body)
+        self.connections.check(request.peer)
+        try:
+            version = self.registry.acquire(parsed.model)
+        except ModelNotFound:
+            raise ModelNotListed(
+                f"the model {parsed.model!r} does not exist; GET /v1/models lists them"
+            ) from None
+        # Run by the connection at once, with no wait in between: the pinned version is
+        # released when the session it opens ends.
+        return Streamed(partial(self._reply, version, parsed, request))
+
+    async def _reply(
+        self,
+        version: ModelVersion,
+        parsed: CompletionRequest,
+        request: HttpRequest,
+        out: ResponseStream,
+    ) -> Response | None:
+        origin = self.access.cors_origin(request.headers)
+        completion = CompletionStream(
+            wire.Reply(version.name, version.revision),
+            prompt="\n".join(m["content"] for m in parsed.messages),
+            stream=out,
+            streaming=parsed.stream,
+            include_usage=parsed.include_usage,
+            headers=cors_headers(origin) if origin is not None else [],
+            max_bytes=self.max_reply_bytes,
+        )
+        self.connections.opened(request.peer)
+        session = await self.open_session(version, completion, completion.reply.id)
+        conversation = session.conversation
+        conversation.log(
+            logging.INFO,
+            "POST /v1/chat/completions from %s (%s)",
+            request.peer,
+            "streamed" if parsed.stream else "whole",
+        )
+        completion.keep_alive(self.keepalive)
+        try:
+            failure = await conversation.start(out.gone)
+            if failure is not None:
+                code, message = failure
+                return None if code == DISCONNECTED else completion.fail(code, message)
+            conversation.outbox.attach(completion)
+            await conversation.receive(protocol.ReplaceHistory(parsed.messages, parsed.params))
+            if conversation.turn_running:
+                await asyncio.wait({completion.finished, out.gone}, return_when="FIRST_COMPLETED")
+                if not completion.finished.done():
+                    return None  # the client left: ending the session stops the turn
+            return completion.answer()
+        finally:
+            completion.close()
+            self.connections.closed(request.peer)
+            ending = asyncio.ensure_future(session.end(DISCONNECTED))
+            self._ending.add(ending)
+            ending.add_done_callback(self._ending.discard)
