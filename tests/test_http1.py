@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import SHIPPED_MODELS, TEST_MODELS, ServerProcess, copy_models
+from conftest import SHIPPED_MODELS, ServerProcess, copy_models
 
 ECHO = json.dumps({"model": "echo", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
@@ -102,6 +102,9 @@ def test_a_wrong_method_is_405_with_allow(clients_server: ServerProcess) -> None
     assert response.json()["error"]["code"] == "method_not_allowed"
     response = httpx.get(clients_server.http_url + "/v1/models/reload")
     assert response.status_code == 405 and response.headers["allow"] == "POST"
+    response = httpx.put(clients_server.http_url + "/v1/chat/completions")
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert response.json()["error"]["type"] == "invalid_request_error"  # OpenAI's envelope
 
 
 def test_a_connection_that_never_sends_a_request_is_closed(
@@ -114,15 +117,18 @@ def test_a_connection_that_never_sends_a_request_is_closed(
         assert time.monotonic() - began < 3
 
 
-def test_shutdown_ends_a_streamed_reply_with_an_error_and_closes_idle_connections(
+def test_shutdown_ends_replies_with_an_error_and_closes_idle_connections(
     tmp_path: Path, start_server: Any
 ) -> None:
-    models = copy_models(tmp_path / "m", "slow")
+    models = copy_models(tmp_path / "m", "slow", "slow_start")
     (models / "slow" / "config.yaml").write_text("parameters:\n  pause: 30\n")
     copy_models(models, "echo", source=SHIPPED_MODELS)
     live = start_server(models, "--grace-period", "0.5")
     idle = httpx.Client(base_url=live.http_url, timeout=10)
     assert idle.post("/v1/chat/completions", content=ECHO).status_code == 200  # kept alive
+    starting = socket.create_connection(("127.0.0.1", live.port), timeout=10)
+    start_body = ECHO.replace(b'"echo"', b'"slow_start"')  # on_chat_start takes 30 s
+    starting.sendall(post_head(len(start_body)) + start_body)
     body = {"model": "slow", "messages": [{"role": "user", "content": "x"}], "stream": True}
     with httpx.stream("POST", live.http_url + "/v1/chat/completions", json=body) as response:
         lines = response.iter_lines()
@@ -132,7 +138,60 @@ def test_shutdown_ends_a_streamed_reply_with_an_error_and_closes_idle_connection
         rest = [line for line in lines if line]
     assert json.loads(rest[0].removeprefix("data: "))["error"]["code"] == "unavailable"
     assert rest[1:] == ["data: [DONE]"]
+    status, _, answer = read_response(starting)
+    assert status == 503 and json.loads(answer)["error"]["code"] == "unavailable"
+    starting.close()
     assert live.stop() == 0
     assert time.monotonic() - began < 5
     idle.close()
-    assert TEST_MODELS.is_dir()
+
+
+def test_plain_http_connections_count_against_the_per_address_limit(
+    tmp_path: Path, start_server: Any
+) -> None:
+    live = start_server(
+        copy_models(tmp_path / "m", "echo", source=SHIPPED_MODELS),
+        "--max-connections-per-address",
+        "2",
+    )
+    held = [connect(live) for _ in range(2)]
+    for sock in held:  # each keeps its connection after a request
+        sock.sendall(post_head(len(ECHO)) + ECHO)
+        assert read_response(sock)[0] == 200
+    with connect(live) as third:
+        third.sendall(post_head(len(ECHO)) + ECHO)
+        status, _, body = read_response(third)
+    assert status == 429 and json.loads(body)["error"]["code"] == "rate_limited"
+    held.pop().close()
+    time.sleep(0.2)
+    assert post_status(live) == 200
+    for sock in held:
+        sock.close()
+
+
+def post_status(server: ServerProcess) -> int:
+    with connect(server) as sock:
+        sock.sendall(post_head(len(ECHO)) + ECHO)
+        return read_response(sock)[0]
+
+
+def test_head_of_a_refused_request_has_no_body(clients_server: ServerProcess) -> None:
+    with connect(clients_server) as sock:
+        sock.sendall(b"HEAD /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: 5000000\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 ") and body == b""
+    assert "HTTP connection from" not in clients_server.log  # no traceback
+
+
+def test_too_much_pipelined_data_closes_the_connection_after_the_answer(
+    clients_server: ServerProcess,
+) -> None:
+    with connect(clients_server) as sock:
+        sock.sendall(post_head(len(ECHO)) + ECHO + b"x" * 200_000)
+        status, _, _ = read_response(sock)
+        assert status == 200
+        while sock.recv(65536):
+            pass  # and then the server closes it

@@ -250,6 +250,15 @@ def test_without_an_admin_key_reload_is_accepted_from_this_machine_only() -> Non
         keyed.check_admin(Headers(), "127.0.0.1")
 
 
+def test_cors_grants_only_an_allowed_origin_spelt_as_origins_are() -> None:
+    policy = AccessPolicy(ServerSettings(allowed_origins=("*",)))
+    assert policy.cors_origin(Headers({"Origin": "http://app.test"})) == "http://app.test"
+    assert policy.cors_origin(Headers({"Origin": "http://\xe9.test"})) is None
+    listed = AccessPolicy(ServerSettings(allowed_origins=("http://app.test",)))
+    assert listed.cors_origin(Headers({"Origin": "http://other.test"})) is None
+    assert AccessPolicy(ServerSettings()).cors_origin(Headers({"Origin": "http://a"})) is None
+
+
 async def test_a_reload_from_another_address_is_refused_with_403(tmp_path: Path) -> None:
     registry = Registry(tmp_path)
     api = HttpApi(registry, AccessPolicy(ServerSettings()))

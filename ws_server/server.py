@@ -77,7 +77,6 @@ class AnythingAgentServer:
             self.access,
             self._open_completion,
             rate=RequestRate(settings.max_messages_per_minute if limited else None),
-            connections=self.connections,
             keepalive=settings.sse_keepalive,
             max_reply_bytes=settings.max_history_bytes,
         )
@@ -97,6 +96,7 @@ class AnythingAgentServer:
             body_limit=settings.max_frame_size,
             head_timeout=settings.handshake_timeout,
             refuse=self._from_a_sandbox,
+            connections=self.connections,
         )
         metrics.STORE_UP.set_function(lambda: 1.0 if self.store.available else 0.0)
         metrics.REPLAY_BUFFER_BYTES.set_function(

@@ -17,7 +17,9 @@ from typing import Any, Final, cast
 
 from websockets.asyncio.server import ServerConnection
 
+from ws_server.exceptions import HandshakeRefused
 from ws_server.http.http1 import HttpConnection, Responder
+from ws_server.http.limits import ConnectionCounter
 
 # A request head longer than this is left to websockets to refuse (431).
 HEAD_LIMIT: Final = 16 * 1024
@@ -50,13 +52,19 @@ class FrontDoor(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
+        searched = max(len(buffer) - 3, 0)  # a head trickled in is not searched over and over
         buffer += data
-        end = buffer.find(b"\r\n\r\n")
+        end = buffer.find(b"\r\n\r\n", searched)
         if end < 0 and len(buffer) < HEAD_LIMIT:
             return
         head = bytes(buffer[: end if end >= 0 else HEAD_LIMIT]).lower()
         upgrade = head.startswith(b"get ") and b"\nupgrade:" in head and b"websocket" in head
-        self._hand_over(self._websocket if upgrade else self._entrance.http_connection())
+        if upgrade:
+            self._hand_over(self._websocket)
+        else:
+            peer = self._transport.get_extra_info("peername") if self._transport else None
+            address = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer or "")
+            self._hand_over(self._entrance.http_connection(address))
 
     def _hand_over(self, protocol: asyncio.Protocol) -> None:
         transport = self._transport
@@ -95,8 +103,10 @@ class Entrance:
         body_limit: int,
         head_timeout: float,
         refuse: Callable[[asyncio.Transport], bool],
+        connections: ConnectionCounter,
     ) -> None:
         self.respond = respond
+        self.connections = connections  # plain-HTTP connections count as WebSockets do
         self.body_limit = body_limit
         self.head_timeout = head_timeout
         self.refuse = refuse  # a peer to cut off at once (a networked sandbox)
@@ -108,18 +118,30 @@ class Entrance:
         """websockets' ``create_connection``: its connection, behind a front door."""
         return FrontDoor(ServerConnection(*args, **kwargs), self)
 
-    def http_connection(self) -> HttpConnection:
+    def http_connection(self, peer: str) -> HttpConnection:
+        """A plain-HTTP connection from ``peer``, counted against the connection limits
+        (over them, its first request is answered with the refusal)."""
+        refusal: HandshakeRefused | None = None
+        try:
+            self.connections.check(peer)
+        except HandshakeRefused as exc:
+            refusal = exc
         connection = HttpConnection(
             self.respond,
             body_limit=self.body_limit,
             head_timeout=self.head_timeout,
             on_close=self._closed,
+            refusal=refusal,
         )
-        self.http.add(connection)
+        if refusal is None:
+            self.connections.opened(peer)
+            self.http.add(connection)
         return connection
 
     def _closed(self, connection: HttpConnection) -> None:
-        self.http.discard(connection)
+        if connection in self.http:
+            self.http.discard(connection)
+            self.connections.closed(connection.peer)
         if not self.http:
             self._none_open.set()
 

@@ -12,7 +12,9 @@ SDK's pool expects, for ``KEEP_ALIVE`` seconds.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Final, cast
@@ -22,6 +24,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Response
 
 from ws_server import protocol
+from ws_server.exceptions import HandshakeRefused
 from ws_server.http.exchange import HttpRequest, Streamed
 
 log = logging.getLogger("anything_agent.http")
@@ -29,10 +32,12 @@ log = logging.getLogger("anything_agent.http")
 # Seconds an idle connection is kept for its client's next request (longer than the
 # OpenAI SDK's pool keeps one, so that the server is rarely the side that closes first).
 KEEP_ALIVE: Final = 15.0
-# Bytes a client may send beyond the request being answered (pipelined requests) before
-# reading pauses until the answer is out.
+# Bytes a client may send beyond the request being answered (pipelined requests); past
+# them, what follows is dropped and the connection closes after the answer (reading goes
+# on, so that a client leaving is still seen at once).
 PIPELINE_LIMIT: Final = 64 * 1024
 SERVER: Final = ("Server", "anything-agent")
+COMPLETIONS: Final = "/v1/chat/completions"  # its errors take OpenAI's envelope
 
 Responder = Callable[[HttpRequest], Awaitable[Response | Streamed | None]]
 
@@ -47,8 +52,10 @@ class HttpConnection(asyncio.Protocol):
         body_limit: int,
         head_timeout: float,
         on_close: Callable[[HttpConnection], None],
+        refusal: HandshakeRefused | None = None,
     ) -> None:
         self._respond = respond
+        self._refusal = refusal  # over a connection limit: its first request gets this
         self._body_limit = body_limit
         self._head_timeout = head_timeout
         self._on_close = on_close
@@ -61,6 +68,9 @@ class HttpConnection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._answering = False  # a request is read and its answer not yet sent
         self._unread = 0  # bytes received while answering
+        self._overflow = False  # more than PIPELINE_LIMIT of them: close after the answer
+        self._method = ""  # of the request being read or answered
+        self._target = ""
         self._started = False
         self._head = b""  # a response's head, written with the first of its body
         self.closing = False  # the server is stopping: no request after the current one
@@ -75,14 +85,16 @@ class HttpConnection(asyncio.Protocol):
         self._task = self._loop.create_task(self._serve())
 
     def data_received(self, data: bytes) -> None:
+        if self._answering:
+            self._unread += len(data)
+            if self._unread > PIPELINE_LIMIT:
+                self._overflow = True
+            if self._overflow:
+                return
         try:
             self._h11.receive_data(data)
         except RuntimeError:  # after the connection's end: nothing more is read
             return
-        if self._answering:
-            self._unread += len(data)
-            if self._unread > PIPELINE_LIMIT and self._transport is not None:
-                self._transport.pause_reading()
         self._wake()
 
     def eof_received(self) -> bool | None:
@@ -126,7 +138,8 @@ class HttpConnection(asyncio.Protocol):
     def start(self, status: int, headers: list[tuple[str, str]]) -> None:
         self._started = True
         reason = HTTPStatus(status).phrase.encode()
-        response = h11.Response(status_code=status, headers=[*headers, SERVER], reason=reason)
+        headers = [*headers, SERVER, ("Date", _http_date())]
+        response = h11.Response(status_code=status, headers=headers, reason=reason)
         if not self._gone.done():
             self._head = self._h11.send(response) or b""
 
@@ -174,9 +187,10 @@ class HttpConnection(asyncio.Protocol):
                 await self._answer(request)
                 if self._h11.our_state is not h11.DONE or self._h11.their_state is not h11.DONE:
                     break
+                if self._overflow:
+                    break
                 self._h11.start_next_cycle()
                 self._answering, self._unread, self._started = False, 0, False
-                self._transport.resume_reading()
         except Exception:
             log.exception("HTTP connection from %s failed", self.peer)
         finally:
@@ -199,8 +213,14 @@ class HttpConnection(asyncio.Protocol):
                         continue
                     if isinstance(event, h11.Request):
                         request = event
+                        self._method = event.method.decode("ascii", "replace")
+                        self._target = event.target.decode("latin-1")
                         # From the first byte of a request, it must be whole in time.
                         deadline.reschedule(self._loop.time() + self._head_timeout)
+                        if self._refusal is not None:
+                            refusal = self._refusal
+                            self._error(refusal.http_status, refusal.code, refusal.message)
+                            return None
                         if not self._admit_body(event):
                             return None
                     elif isinstance(event, h11.Data):
@@ -246,23 +266,29 @@ class HttpConnection(asyncio.Protocol):
         """Answer with an error and close: what follows on the connection can't be trusted."""
         if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        body = protocol.encode_api_error(code, message, status)
+        if self._target.partition("?")[0] == COMPLETIONS:
+            body = protocol.encode_api_error(code, message, status)
+        else:
+            body = protocol.encode_http_error(code, message)
         headers = [
             ("Content-Type", "application/json"),
             ("Content-Length", str(len(body))),
             ("Connection", "close"),
         ]
         self.start(status, headers)
-        self.send(body)
+        if self._method != "HEAD":
+            self.send(body)
         self._send(h11.EndOfMessage())
 
     async def _answer(self, request: HttpRequest) -> None:
         answer = await self._respond(request)
         if isinstance(answer, Streamed):
             answer = await answer.run(self)
-            if answer is None:  # streamed: end the body
+            if answer is None:  # streamed: end the body (or the client is gone)
                 if self._started:
                     self._send(h11.EndOfMessage())
+                elif not self._gone.done():  # nothing said: a fault of ours
+                    self._error(500, "internal", "the server could not answer")
                 return
         if answer is None:  # only WebSocket handshakes go on; this is no handshake
             answer = _no_upgrade()
@@ -273,6 +299,18 @@ class HttpConnection(asyncio.Protocol):
         if request.method != "HEAD":
             self.send(bytes(answer.body))
         self._send(h11.EndOfMessage())
+
+
+_date: tuple[int, str] = (0, "")
+
+
+def _http_date() -> str:
+    """The ``Date`` header's value, made once a second."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, email.utils.formatdate(now, usegmt=True))
+    return _date[1]
 
 
 def _request(request: h11.Request, body: bytes, peer: str) -> HttpRequest:

@@ -113,21 +113,17 @@ class HttpApi:
     async def _route(self, request: HttpRequest) -> Response | Streamed | None:
         path = path_of(request.path)
         method = "GET" if request.method == "HEAD" else request.method
-        api = False
+        matching = [(r, m) for r in self.routes if (m := r.pattern.match(path)) is not None]
+        # A path of its own (no parameter) wins over a pattern that would also take it:
+        # GET /v1/models/reload is 405, not a model named "reload".
+        exact = [(r, m) for r, m in matching if r.pattern.groups == 0]
+        matching = exact or matching
+        api = any(route.api for route, _ in matching)
         try:
-            allowed = []
-            taken = False  # a path of its own (no parameter) for other methods: 405 wins
-            for route in self.routes:
-                match = route.pattern.match(path)
-                if match is None:
-                    continue
+            allowed = [route.method for route, _ in matching]
+            for route, match in matching:
                 if route.method != method:
-                    allowed.append(route.method)
-                    taken = taken or route.pattern.groups == 0
                     continue
-                if taken:  # e.g. GET /v1/models/reload is no model named "reload"
-                    continue
-                api = route.api
                 self._admit(request, route)
                 params = {str(i): unquote(g) for i, g in enumerate(match.groups(), 1)}
                 if route.handler == self.open_chat:
@@ -161,6 +157,8 @@ class HttpApi:
         origins allowed, without a key (browsers never send one with a preflight)."""
         methods = ", ".join(dict.fromkeys([*allowed, "OPTIONS"]))
         answer = response(HTTPStatus.NO_CONTENT, b"", "text/plain")
+        del answer.headers["Content-Length"]  # a 204 has none
+        del answer.headers["Content-Type"]
         answer.headers["Allow"] = methods
         if "Origin" not in request.headers:
             return answer

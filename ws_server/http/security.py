@@ -223,6 +223,8 @@ class AccessPolicy:
         if len(origins) != 1 or not self._origins:
             return None
         origin = origins[0].strip()
+        if not origin.isascii() or not origin.isprintable():
+            return None  # no origin is spelt so; and it would go back in a header
         allowed = "*" in self._origins or origin.rstrip("/").lower() in self._origins
         return origin if allowed else None
 

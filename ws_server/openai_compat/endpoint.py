@@ -5,7 +5,7 @@ serving at that moment (``on_chat_start``, the turn, ``on_chat_end``), through t
 conversation core as a WebSocket chat: so shared and isolated models, timeouts, errors and
 metrics behave the same. A client that disconnects stops the turn (the model's ``finally``
 runs). Keys and origins were checked by the route table; this adds the per-address request
-rate and counts each open request as a connection, as the chat endpoint does.
+rate (its connection was counted against the connection limits when it opened).
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from websockets.http11 import Response
 from ws_server import protocol
 from ws_server.exceptions import ModelNotFound, ModelNotListed
 from ws_server.http.exchange import HttpRequest, ResponseStream, Streamed
-from ws_server.http.limits import ConnectionCounter, RequestRate
+from ws_server.http.limits import RequestRate
 from ws_server.http.routes import cors_headers
 from ws_server.http.security import AccessPolicy
 from ws_server.openai_compat import wire
 from ws_server.openai_compat.request import CompletionRequest, parse_request
-from ws_server.openai_compat.stream import CompletionStream
+from ws_server.openai_compat.stream import SHUTTING_DOWN, CompletionStream
 from ws_server.registry.catalog import ModelVersion, Registry
 from ws_server.session.conversation import DISCONNECTED
 from ws_server.session.live import LiveSession
@@ -47,7 +47,6 @@ class ChatCompletions:
         open_session: SessionOpener,
         *,
         rate: RequestRate,
-        connections: ConnectionCounter,
         keepalive: float,
         max_reply_bytes: int,
     ) -> None:
@@ -55,7 +54,6 @@ class ChatCompletions:
         self.access = access
         self.open_session = open_session
         self.rate = rate
-        self.connections = connections
         self.keepalive = keepalive
         self.max_reply_bytes = max_reply_bytes
         self._ending: set[asyncio.Task[None]] = set()
@@ -65,7 +63,6 @@ class ChatCompletions:
         version that will answer it, and return the reply to run."""
         self.rate.take(request.peer)
         parsed = parse_request(request.body)
-        self.connections.check(request.peer)
         try:
             version = self.registry.acquire(parsed.model)
         except ModelNotFound:
@@ -93,8 +90,28 @@ class ChatCompletions:
             headers=cors_headers(origin) if origin is not None else [],
             max_bytes=self.max_reply_bytes,
         )
-        self.connections.opened(request.peer)
-        session = await self.open_session(version, completion, completion.reply.id)
+        session: LiveSession | None = None
+        try:
+            session = await self.open_session(version, completion, completion.reply.id)
+            return await self._run(session, parsed, request, completion, out)
+        finally:
+            completion.close()
+            if session is None:
+                self.registry.release(version)
+            else:  # on_chat_end after the answer: the client need not wait for it
+                ending = asyncio.ensure_future(session.end(DISCONNECTED))
+                self._ending.add(ending)
+                ending.add_done_callback(self._ending.discard)
+
+    async def _run(
+        self,
+        session: LiveSession,
+        parsed: CompletionRequest,
+        request: HttpRequest,
+        completion: CompletionStream,
+        out: ResponseStream,
+    ) -> Response | None:
+        """Start the session, run its one turn, and say what the connection sends then."""
         conversation = session.conversation
         conversation.log(
             logging.INFO,
@@ -103,21 +120,22 @@ class ChatCompletions:
             "streamed" if parsed.stream else "whole",
         )
         completion.keep_alive(self.keepalive)
-        try:
-            failure = await conversation.start(out.gone)
-            if failure is not None:
-                code, message = failure
-                return None if code == DISCONNECTED else completion.fail(code, message)
-            conversation.outbox.attach(completion)
-            await conversation.receive(protocol.ReplaceHistory(parsed.messages, parsed.params))
-            if conversation.turn_running:
-                await asyncio.wait({completion.finished, out.gone}, return_when="FIRST_COMPLETED")
-                if not completion.finished.done():
-                    return None  # the client left: ending the session stops the turn
-            return completion.answer()
-        finally:
-            completion.close()
-            self.connections.closed(request.peer)
-            ending = asyncio.ensure_future(session.end(DISCONNECTED))
-            self._ending.add(ending)
-            ending.add_done_callback(self._ending.discard)
+        failure = await conversation.start(out.gone)
+        if failure is not None:
+            if out.gone.done():
+                return None
+            code, message = failure
+            if code == DISCONNECTED:  # not the client: the server is stopping
+                code, message = "unavailable", SHUTTING_DOWN
+            return completion.fail(code, message)
+        conversation.outbox.attach(completion)
+        await conversation.receive(protocol.ReplaceHistory(parsed.messages, parsed.params))
+        turn = conversation.running_turn
+        if turn is None:  # refused before it began (the server stopping, a huge message)
+            return completion.refused()
+        await asyncio.wait({completion.finished, out.gone, turn}, return_when="FIRST_COMPLETED")
+        if out.gone.done():
+            return None  # the client left: ending the session stops the turn
+        if not completion.finished.done():  # the turn ended without its done: a fault
+            return completion.fail("internal", "the reply ended unexpectedly")
+        return completion.answer()

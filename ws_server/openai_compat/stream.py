@@ -190,6 +190,14 @@ class CompletionStream:
     def close(self) -> None:
         self._stop_keepalive()
 
+    def refused(self) -> Response | None:
+        """The turn was refused before it began (its error is in): end a stream whose head
+        went out already with ``[DONE]``."""
+        if self._streaming and self._streamed:
+            self._batch.append(wire.DONE_EVENT)
+            self.flush()
+        return self.answer()
+
     def fail(self, code: str, message: str) -> Response | None:
         """The session could not start: the error as an event if the head is out (a
         ping went), else as the answer."""

@@ -124,6 +124,11 @@ class Conversation:
     def turn_running(self) -> bool:
         return self._turn_task is not None and not self._turn_task.done()
 
+    @property
+    def running_turn(self) -> asyncio.Task[None] | None:
+        """The running turn's task, to wait for its end (None when none runs)."""
+        return self._turn_task if self.turn_running else None
+
     def log(self, level: int, message: str, *args: object, exc_info: Any = False) -> None:
         log.log(
             level,
