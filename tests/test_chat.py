@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
 import pytest
-from conftest import ServerProcess, chat, read_events, read_turn, recv_frame, run_turn
+from conftest import ServerProcess, Turn, chat, read_events, read_turn, recv_frame, run_turn
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -370,3 +371,68 @@ async def test_content_parts_reach_the_model_as_text_with_the_parts_beside(
         text_only = [{"type": "text", "text": "just "}, {"type": "text", "text": "words"}]
         turn = await run_turn(ws, {"type": "message", "content": text_only})
         assert turn.text == "just words"  # text parts alone: a plain string, no parts kept
+
+
+# ---------------------------------------------------------------------- model events
+def events_of(turn: Turn) -> list[dict[str, Any]]:
+    return [f for f in turn.frames if f["type"] == "event"]
+
+
+async def test_events_come_in_order_with_the_chunks(server: ServerProcess) -> None:
+    async with chat(server, "eventful") as ws:
+        turn = await run_turn(ws, "steps")
+    kinds = [(f["type"], f.get("name") or f.get("content")) for f in turn.frames]
+    assert kinds == [
+        ("event", "status"),
+        ("chunk", "a"),
+        ("event", "step"),
+        ("event", "step"),
+        ("event", "step"),
+        ("event", "step"),
+        ("event", "custom"),
+        ("chunk", "b"),
+        ("done", None),
+    ]
+    status, plan, tool, tool_done, plan_done, custom = events_of(turn)
+    assert status["data"] == {"text": "thinking"} and status["turn"] == 1
+    assert plan["data"] == {
+        "id": plan["data"]["id"],
+        "parent_id": None,
+        "name": "plan",
+        "status": "running",
+        "input": {"goal": "answer"},
+        "output": None,
+    }
+    assert tool["data"]["parent_id"] == plan["data"]["id"] and tool["data"]["input"] == "2+2"
+    assert tool_done["data"]["status"] == "done" and tool_done["data"]["output"] == 4
+    assert plan_done["data"]["output"] == "<b>done</b>"
+    assert custom["data"] == {"value": 1, "name": "not the event's name"}
+
+
+async def test_bad_events_are_refused_at_the_call_and_the_turn_goes_on(
+    server: ServerProcess,
+) -> None:
+    async with chat(server, "eventful") as ws:
+        turn = await run_turn(ws, "mistakes")
+    assert turn.done["reason"] == "stop"
+    said = turn.text
+    assert "its data is not JSON" in said and "over 65536" in said
+    assert "is already closed" in said
+
+
+async def test_steps_left_open_or_failing_end_as_error(server: ServerProcess) -> None:
+    async with chat(server, "eventful") as ws:
+        left = await run_turn(ws, "open")
+        failed = await run_turn(ws, "raises")
+    closing = events_of(left)[-1]["data"]
+    assert closing["name"] == "left open" and closing["status"] == "error"
+    assert left.done["reason"] == "stop"
+    assert events_of(failed)[-1]["data"]["status"] == "error"
+    assert failed.done["reason"] == "error"
+
+
+async def test_a_plain_generators_events_keep_their_order(server: ServerProcess) -> None:
+    async with chat(server, "eventful") as ws:
+        turn = await run_turn(ws, "sync")
+    order = [f.get("content") or f["data"]["text"] for f in turn.frames if f["type"] != "done"]
+    assert order == ["working 0", "0", "working 1", "1", "working 2", "2"]

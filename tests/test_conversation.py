@@ -58,6 +58,10 @@ class Frames:
     async def write_now(self, data: bytes) -> None:
         await self.write(data)
 
+    def post(self, data: bytes) -> None:
+        self.frames.append(json.loads(data))
+        self.arrived.set()
+
     async def until(self, kind: str, timeout: float = 5) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:

@@ -43,7 +43,7 @@ def api_models(target: Path) -> Path:
             shutil.copytree(directory, target / directory.name)
     copy_models(
         target, "params_echo", "recorder", "slow", "sleepy", "faulty", "start_fails",
-        "broken_syntax",
+        "broken_syntax", "eventful",
     )  # fmt: skip
     for name in ("params_echo", "recorder"):
         isolated = target / f"{name}_isolated"
@@ -306,6 +306,30 @@ def test_turns_are_counted_with_the_openai_label(api: ServerProcess) -> None:
     assert 'anything_agent_turns_total{api="openai",model="echo",reason="stop"}' in text or (
         'anything_agent_turns_total{model="echo",reason="stop",api="openai"}' in text
     )
+
+
+def test_model_events_reach_openai_clients_as_reasoning_content(api: ServerProcess) -> None:
+    stream = sdk(api).chat.completions.create(
+        model="eventful", messages=[{"role": "user", "content": "steps"}], stream=True
+    )
+    deltas = [chunk.choices[0].delta for chunk in stream if chunk.choices]
+    reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+    assert reasoning.splitlines() == [
+        "thinking",
+        '[plan] {"goal":"answer"}',
+        '[tool] "2+2"',
+        "[tool] done: 4",
+        '[plan] done: "<b>done</b>"',
+        'custom: {"value":1,"name":"not the event\'s name"}',
+    ]
+    assert "".join(d.content or "" for d in deltas) == "ab"
+    assert deltas[0].role == "assistant" and all(d.role is None for d in deltas[1:])
+    whole = sdk(api).chat.completions.create(
+        model="eventful", messages=[{"role": "user", "content": "steps"}]
+    )
+    message = whole.choices[0].message
+    assert message.content == "ab"
+    assert (getattr(message, "reasoning_content", None) or "").startswith("thinking\n[plan]")
 
 
 # ---------------------------------------------------------------------- errors

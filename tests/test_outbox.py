@@ -21,6 +21,9 @@ class Recording:
     async def write_now(self, data: bytes) -> None:
         self.frames.append(data)
 
+    def post(self, data: bytes) -> None:
+        self.frames.append(data)
+
 
 def seqs(frames: list[bytes]) -> list[int]:
     return [json.loads(frame)["seq"] for frame in frames]
@@ -91,3 +94,26 @@ async def test_a_detached_producer_pauses_when_the_buffer_is_full_and_never_drop
     outbox.attach(sink)  # a resume: the producer carries on into the connection
     await asyncio.wait_for(producer, 5)
     assert seqs(sink.frames) == list(range(buffered + 1, 201))
+
+
+async def test_events_are_numbered_kept_and_replayed_like_chunks() -> None:
+    outbox, sink = Outbox(), Recording()
+    outbox.attach(sink)
+    await outbox.chunk(1, "a")
+    outbox.event(1, "status", {"text": "thinking"})
+    await outbox.chunk(1, "b")
+    await outbox.done(1, "stop")
+    assert seqs(sink.frames) == [1, 2, 3, 4]
+    replayed = outbox.frames_after(1)
+    assert replayed is not None and [json.loads(f)["type"] for f in replayed] == [
+        "event",
+        "chunk",
+        "done",
+    ]
+    assert json.loads(replayed[0]) == {
+        "type": "event",
+        "seq": 2,
+        "turn": 1,
+        "name": "status",
+        "data": {"text": "thinking"},
+    }

@@ -4,6 +4,6 @@ Model authors import ``AnythingBaseModel`` from here. This module must stay stan
 only (it is imported inside isolated workers), so the server itself lives in submodules.
 """
 
-from ws_server.sdk import AnythingBaseModel, Message, __version__
+from ws_server.sdk import AnythingBaseModel, EventError, Message, Step, __version__
 
-__all__ = ["AnythingBaseModel", "Message", "__version__"]
+__all__ = ["AnythingBaseModel", "EventError", "Message", "Step", "__version__"]

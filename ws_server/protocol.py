@@ -339,6 +339,14 @@ def encode_chunk(seq: int, turn: int, content: str) -> str:
     return f'{{"type":"chunk","seq":{seq:d},"turn":{turn:d},"content":{_dumps(content)}}}'
 
 
+def encode_event(seq: int, turn: int, name: str, data: dict[str, Any]) -> str:
+    """Something the model (or the server: ``queued``) reports besides text."""
+    return (
+        f'{{"type":"event","seq":{seq:d},"turn":{turn:d},"name":{_dumps(name)},'
+        f'"data":{_dumps(data)}}}'
+    )
+
+
 def encode_done(seq: int, turn: int, reason: DoneReason) -> str:
     """The turn is over."""
     return f'{{"type":"done","seq":{seq:d},"turn":{turn:d},"reason":"{reason}"}}'
@@ -449,6 +457,17 @@ class Chunk:
 
 
 @dataclass(frozen=True, slots=True)
+class Event:
+    """Something the model reported besides text in turn ``turn`` (``status``, ``step``,
+    ...), or the server did (``queued``): ``name`` and its ``data``."""
+
+    turn: int
+    name: str
+    data: dict[str, Any]
+    seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Done:
     """Turn ``turn`` is over, for ``reason``."""
 
@@ -468,7 +487,7 @@ class ErrorReport:
     seq: int | None = None
 
 
-ServerFrame = Ready | Resumed | Chunk | Done | ErrorReport
+ServerFrame = Ready | Resumed | Chunk | Event | Done | ErrorReport
 
 
 def parse_server_frame(data: str | bytes) -> ServerFrame:
@@ -491,6 +510,13 @@ def parse_server_frame(data: str | bytes) -> ServerFrame:
         if kind == "chunk":
             return Chunk(
                 _field(frame, "turn", int), _field(frame, "content", str), _field(frame, "seq", int)
+            )
+        if kind == "event":
+            return Event(
+                _field(frame, "turn", int),
+                _field(frame, "name", str),
+                _field(frame, "data", dict),
+                _field(frame, "seq", int),
             )
         if kind == "done":
             reason = _field(frame, "reason", str)

@@ -7,16 +7,115 @@ which has none of the server's dependencies.
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from types import TracebackType
 from typing import Any, ClassVar
 
 __version__ = "0.1.0"
 
-__all__ = ["AnythingBaseModel", "Message", "__version__", "context_snapshot"]
+__all__ = [
+    "AnythingBaseModel",
+    "EventError",
+    "Message",
+    "Step",
+    "__version__",
+    "context_snapshot",
+]
 
 CONTEXT_SNAPSHOT_LIMIT = 64 * 1024  # bytes of JSON kept of a session's context
+EVENT_LIMIT = 64 * 1024  # bytes of JSON an event's data may take
+STEP_STATUSES = ("running", "done", "error")
+
+EventSink = Callable[[str, dict[str, Any]], None]
+"""Where a turn's events go (the runner sets it for the turn): name, data."""
+
+
+class EventError(ValueError):
+    """An event the server cannot send: its data is not JSON, or over 64 KiB, or it was
+    emitted outside a turn, or a step was closed twice. The turn goes on."""
+
+
+def _as_json(value: Any) -> Any:
+    """A step's input or output as JSON: as it is when it is JSON, else its text."""
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError, RecursionError):
+        return str(value)
+
+
+class Step:
+    """One step of what a model does (a tool call, a search, a sub-task), reported as a
+    ``step`` event when it starts and when it ends. Use it as a context manager::
+
+        with self.step("search", input=query) as step:
+            step.output = search(query)
+
+    It ends ``done``, or ``error`` when the block raised. Steps opened inside it are its
+    children (``parent_id``)."""
+
+    def __init__(self, model: AnythingBaseModel, name: str, input: Any, parent: str | None):
+        self._model = model
+        self.id = f"step-{next(model._step_ids)}"
+        self.parent_id = parent
+        self.name = name
+        self.input = input
+        self.output: Any = None
+        self.status = "running"
+
+    def _report(self) -> None:
+        self._model.emit(
+            "step",
+            id=self.id,
+            parent_id=self.parent_id,
+            name=self.name,
+            status=self.status,
+            input=_as_json(self.input),
+            output=_as_json(self.output),
+        )
+
+    def open(self) -> Step:
+        self._model._open_steps.append(self)
+        self._report()
+        return self
+
+    def close(self, status: str = "done") -> None:
+        """End the step (``done`` or ``error``); a step ends once."""
+        if status not in ("done", "error"):
+            raise EventError(f"a step ends done or error, not {status!r}")
+        if self.status != "running":
+            raise EventError(f"step {self.name!r} ({self.id}) is already closed ({self.status})")
+        self.status = status
+        if self in self._model._open_steps:
+            self._model._open_steps.remove(self)
+        self._report()
+
+    def __enter__(self) -> Step:
+        return self.open()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        if self.status == "running":
+            self.close("error" if kind is not None else "done")
+
+    async def __aenter__(self) -> Step:
+        return self.open()
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.__exit__(kind, error, trace)
+
 
 Message = dict[str, Any]
 """One chat message: ``{"role": "user" | "assistant" | "system", "content": "..."}``.
@@ -77,6 +176,9 @@ class AnythingBaseModel:
     client sent none."""
 
     _anything_bound: ClassVar[bool] = False
+    _event_sink: EventSink | None = None  # set by the runner while a turn runs
+    _open_steps: list[Step]
+    _step_ids: itertools.count[int]
 
     def __init__(self) -> None:
         # Subclasses may define __init__(self) and call super().__init__(); the
@@ -89,6 +191,9 @@ class AnythingBaseModel:
             self.resources = None
         if not hasattr(self, "params"):
             self.params = {}
+        if not hasattr(self, "_open_steps"):
+            self._open_steps = []
+            self._step_ids = itertools.count(1)
 
     # ----------------------------------------------------------------- per version
     @classmethod
@@ -122,6 +227,49 @@ class AnythingBaseModel:
         """Forget everything stored in ``self.context`` for this session."""
         self.context.clear()
 
+    # ----------------------------------------------------------------- events
+    def emit(self, name: str, /, **data: Any) -> None:
+        """Report something besides text during a turn: the client gets an ``event``
+        frame named ``name`` with ``data`` (JSON, at most 64 KiB), in order with the
+        chunks yielded. ``EventError`` when it can't be sent; the turn goes on."""
+        sink = self._event_sink
+        if sink is None:
+            raise EventError("events can be sent only while on_chat_messages runs")
+        if not isinstance(name, str) or not name or len(name) > 64:
+            raise EventError("an event's name is a string of 1 to 64 characters")
+        try:
+            size = len(json.dumps(data, ensure_ascii=False).encode())
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise EventError(f"event {name!r}: its data is not JSON ({exc})") from None
+        if size > EVENT_LIMIT:
+            raise EventError(f"event {name!r}: its data takes {size} bytes, over {EVENT_LIMIT}")
+        sink(name, data)
+
+    def status(self, text: str) -> None:
+        """A one-line progress note ("searching the docs..."): a ``status`` event."""
+        self.emit("status", text=str(text))
+
+    def step(self, name: str, input: Any = None) -> Step:
+        """A step of the turn, to use with ``with`` (or ``async with``): reported running
+        when it starts, and done (or error) with its ``output`` when it ends."""
+        parent = self._open_steps[-1].id if self._open_steps else None
+        return Step(self, str(name), input, parent)
+
+    def _begin_turn(self, sink: EventSink | None) -> None:
+        """The runner: a turn starts, its events going to ``sink``."""
+        self._event_sink = sink
+        self._open_steps = []
+        self._step_ids = itertools.count(1)
+
+    def _end_turn(self) -> None:
+        """The runner: the turn is over; steps left open end as ``error``."""
+        for step in reversed(list(self._open_steps)):
+            try:
+                step.close("error")
+            except EventError:
+                pass
+        self._event_sink = None
+
     # ----------------------------------------------------------------- framework
     @classmethod
     def description(cls) -> str:
@@ -147,5 +295,7 @@ class AnythingBaseModel:
         instance.resources = resources
         instance.context = {}
         instance.params = {}
+        instance._open_steps = []
+        instance._step_ids = itertools.count(1)
         instance.__init__()  # type: ignore[misc]
         return instance

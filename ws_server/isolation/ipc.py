@@ -13,6 +13,7 @@ carries the session's context; params: the client's for that turn, or null),
 ``["cancel", sid]``, ``["pause", sid]``, ``["resume", sid]``, ``["ping", sid]``, ``["end", sid]``.
 Worker → server: ``["ready", description]``, ``["load_failed", message, detail]``,
 ``["started", sid, error]``, ``["chunk", sid, turn_id, text]``,
+``["event", sid, turn_id, name, data]`` (what the model emitted, in order with chunks),
 ``["turn_end", sid, turn_id, outcome, detail, context]`` (outcome ``stop``, ``cancelled``,
 ``error`` or ``resource_exhausted``), ``["pong", sid, None]``, ``["ended", sid, error]``.
 """

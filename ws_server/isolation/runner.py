@@ -30,7 +30,7 @@ from ws_server import metrics
 from ws_server.exceptions import ModelFailed, ModelLoadError, ResourceExhausted, WorkerCrashed
 from ws_server.isolation import containment, ipc, launcher
 from ws_server.redaction import redact
-from ws_server.sdk import Message
+from ws_server.sdk import EVENT_LIMIT, EventSink, Message
 
 log = logging.getLogger("anything_agent.isolated")
 
@@ -88,11 +88,22 @@ class _TurnEnd:
 
 
 @dataclass(frozen=True)
+class _Event:
+    """Something the model emitted, in its place among the turn's chunks."""
+
+    name: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class _Crash:
     """Queued to a session whose turn was running when its worker died."""
 
     reason: str
     memory: bool = False  # the kernel killed it for going past its memory limit
+
+
+_Item = str | _Event | _TurnEnd | _Crash  # what a running turn's queue holds
 
 
 class _ServerChannel(asyncio.Protocol):
@@ -470,7 +481,7 @@ class IsolatedSession:
         # The worker (generation) that runs this session's on_chat_start; None once it died.
         self._sent_start_to: int | None = None
         self._replies: dict[str, asyncio.Future[Any]] = {}
-        self._queue: asyncio.Queue[str | _TurnEnd | _Crash] | None = None
+        self._queue: asyncio.Queue[_Item] | None = None
         self._queued_bytes = 0
         self._paused = False
         self._overrun = False
@@ -480,7 +491,7 @@ class IsolatedSession:
 
     # ------------------------------------------------------------------ from the worker
     def receive(self, kind: str, args: list[Any]) -> None:
-        if kind in ("chunk", "turn_end") and args[0] != self._turn_id:
+        if kind in ("chunk", "event", "turn_end") and args[0] != self._turn_id:
             return  # from a turn already given up on (it was wedged, then replaced)
         if kind == "chunk":
             queue = self._queue
@@ -498,6 +509,10 @@ class IsolatedSession:
                     )
                     self._overrun = True  # what else it sends is dropped; its death ends
                     self.runner.kill_worker()  # the turn with model_crashed
+        elif kind == "event":
+            event = _checked_event(self.runner.name, args)
+            if event is not None and self._queue is not None and not self._overrun:
+                self._queue.put_nowait(event)
         elif kind == "turn_end":
             if len(args) > 3 and isinstance(args[3], dict):
                 self._context = args[3]
@@ -557,10 +572,11 @@ class IsolatedSession:
         messages: list[Message],
         snapshot: bool = False,
         params: dict[str, Any] | None = None,
+        events: EventSink | None = None,
     ) -> AsyncIterator[str]:
         if self._sent_start_to != await self.runner.ensure_running():
             await self.start()  # a new worker: on_chat_start runs again there
-        queue: asyncio.Queue[str | _TurnEnd | _Crash] = asyncio.Queue()
+        queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._queue, self._queued_bytes, self._paused = queue, 0, False
         self._overrun = False
         self._turn_id += 1
@@ -577,6 +593,10 @@ class IsolatedSession:
                         self.runner.send(["resume", self.sid])
                     yield item
                     continue
+                if isinstance(item, _Event):
+                    if events is not None:
+                        events(item.name, item.data)
+                    continue
                 finished = True
                 self._raise_for(item)
                 return
@@ -585,7 +605,7 @@ class IsolatedSession:
                 await self._cancel_in_worker(queue)
             self._queue = None
 
-    async def _cancel_in_worker(self, queue: asyncio.Queue[str | _TurnEnd | _Crash]) -> None:
+    async def _cancel_in_worker(self, queue: asyncio.Queue[_Item]) -> None:
         """Stopped early (cancel, timeout, client gone): close the generator in the worker
         and wait until its ``finally`` has run there; a wedged worker gets replaced."""
         self.runner.send(["cancel", self.sid])
@@ -650,3 +670,13 @@ def describe_exit(code: int, sandboxed: bool = False) -> str:
             name = "unknown"
         return f"killed by signal {-code} ({name})"
     return f"exit code {code}"
+
+
+def _checked_event(model: str, args: list[Any]) -> _Event | None:
+    """An ``event`` message from a worker, if it is one the SDK would have sent (a model
+    writing to the channel itself gets its malformed events dropped, and a log line)."""
+    if len(args) >= 3 and isinstance(args[1], str) and isinstance(args[2], dict):
+        if 0 < len(args[1]) <= 64 and len(json.dumps(args[2])) <= 4 * EVENT_LIMIT:
+            return _Event(args[1], args[2])
+    log.warning("model %s: dropped a malformed event from its worker", model)
+    return None

@@ -188,7 +188,11 @@ class Worker:
                 await asyncio.wait(pending)
             session.flowing.set()
             session.cancel_requested = False
-            stream = session.model.stream(messages, params=params)
+
+            def emitted(name: str, data: dict[str, Any]) -> None:
+                channel.send(["event", sid, turn_id, name, data])
+
+            stream = session.model.stream(messages, params=params, events=emitted)
             try:
                 sent = 0
                 async for chunk in stream:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from http import HTTPStatus
-from typing import Final
+from typing import Any, Final
 
 from websockets.datastructures import Headers
 from websockets.http11 import Response
@@ -62,6 +62,7 @@ class CompletionStream:
         self._events = wire.ChunkEvents(reply, include_usage)
         self._headers = headers  # beside the SSE ones (CORS)
         self._text: list[str] = []  # the reply, kept when it is answered whole or counted
+        self._reasoning: list[str] = []  # the model's events, for a reply answered whole
         self._kept = 0  # characters of it
         self._max = max_bytes  # kept at most (a whole reply past it ends with "length")
         self._quiet = 0  # chunks gathered without a write (a reply answered whole)
@@ -84,6 +85,15 @@ class CompletionStream:
             if self._kept >= self._max and not self._streaming:
                 self._finish_reason = "length"
         return self._events.content(content, first) if self._streaming else b""
+
+    def event(self, seq: int, turn: int, name: str, data: dict[str, Any]) -> bytes:
+        text = wire.event_text(name, data)
+        if not self._streaming:
+            self._reasoning.append(text)
+            return b""
+        first = not self._output
+        self._output = True
+        return self._events.reasoning(text, first)
 
     def error(self, seq: int, code: protocol.ErrorCode, message: str, turn: int | None) -> bytes:
         if code == "timeout":  # ends as finish_reason "length", with what came so far
@@ -144,6 +154,16 @@ class CompletionStream:
         else:
             return
         await self._out.drain()
+
+    def post(self, data: bytes) -> None:
+        """A model event's chunk: with the next batch, on the loop's next turn at latest."""
+        if not data or self._out.gone.done():
+            return
+        self._batch.append(data)
+        self._batched += len(data)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush_soon)
 
     async def write_now(self, data: bytes) -> None:
         """An event that ends a run (the last ones): out now, with any batch."""
@@ -219,7 +239,11 @@ class CompletionStream:
             code, message = self.failure
             return error_answer(code, message, self._headers)
         body = wire.completion(
-            self.reply, "".join(self._text), self._finish_reason, self._figures()
+            self.reply,
+            "".join(self._text),
+            self._finish_reason,
+            self._figures(),
+            "".join(self._reasoning),
         )
         return _response(200, body, self._headers)
 

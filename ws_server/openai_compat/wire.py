@@ -78,6 +78,14 @@ class ChunkEvents:
             f'"finish_reason":null}}]{self._tail}'
         ).encode()
 
+    def reasoning(self, text: str, first: bool) -> bytes:
+        """What the model reports besides its reply, as ``delta.reasoning_content``."""
+        role = '"role":"assistant",' if first else ""
+        return (
+            f'{self._delta}{role}"reasoning_content":{_dumps(text)}}},"logprobs":null,'
+            f'"finish_reason":null}}]{self._tail}'
+        ).encode()
+
     def finish(self, reason: str, first: bool) -> bytes:
         """The last chunk: an empty delta and why the reply ended (``stop``, ``length``)."""
         delta = '"role":"assistant"' if first else ""
@@ -91,19 +99,43 @@ class ChunkEvents:
         return f"data: {_dumps(body)}\n\n".encode()
 
 
+def event_text(name: str, data: dict[str, Any]) -> str:
+    """A model event as a line of reasoning text (what OpenAI clients show of it)."""
+    if name == "status":
+        return f"{data.get('text', '')}\n"
+    if name == "step":
+        label = data.get("name", "step")
+        if data.get("status") == "running":
+            shown = data.get("input")
+            return f"[{label}] {_dumps(shown) if shown is not None else ''}".rstrip() + "\n"
+        if data.get("status") == "error":
+            return f"[{label}] failed\n"
+        shown = data.get("output")
+        return f"[{label}] done{': ' + _dumps(shown) if shown is not None else ''}\n"
+    if name == "queued":
+        return f"queued (position {data.get('position')})\n"
+    return f"{name}: {_dumps(data)}\n"
+
+
 def error_event(code: str, message: str, status: int) -> bytes:
     """An error after the stream began: OpenAI's envelope as an event (the SDK raises it)."""
     return f"data: {_dumps(protocol.error_envelope(code, message, status))}\n\n".encode()
 
 
-def completion(reply: Reply, content: str, finish_reason: str, figures: dict[str, int]) -> bytes:
-    """A whole (non-streamed) reply: one ``chat.completion`` object."""
+def completion(
+    reply: Reply, content: str, finish_reason: str, figures: dict[str, int], reasoning: str = ""
+) -> bytes:
+    """A whole (non-streamed) reply: one ``chat.completion`` object (what the model
+    reported besides text, if anything, as ``message.reasoning_content``)."""
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if reasoning:
+        message["reasoning_content"] = reasoning
     body = {
         **reply.head("chat.completion"),
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": content, "refusal": None},
+                "message": message,
                 "logprobs": None,
                 "finish_reason": finish_reason,
             }

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from ws_server.sdk import Message
+from ws_server.sdk import EventSink, Message
 
 
 class ModelSession(Protocol):
@@ -17,7 +17,9 @@ class ModelSession(Protocol):
     A session that moves between nodes carries its context along: ``start`` restores a
     snapshot after ``on_chat_start``, and a turn streamed with ``snapshot=True`` leaves
     one for ``snapshot()`` to return once it has ended. ``params`` is the client's for
-    that turn: the model sees it as ``self.params`` (``{}`` for None).
+    that turn: the model sees it as ``self.params`` (``{}`` for None). What the model
+    emits during the turn (``self.emit``, ``status``, ``step``) is handed to ``events`` on
+    the event loop, in order with the chunks yielded.
     """
 
     async def start(self, context: dict[str, Any] | None = None) -> None: ...
@@ -27,6 +29,7 @@ class ModelSession(Protocol):
         messages: list[Message],
         snapshot: bool = False,
         params: dict[str, Any] | None = None,
+        events: EventSink | None = None,
     ) -> AsyncIterator[str]: ...
 
     def snapshot(self) -> dict[str, Any]: ...

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import inspect
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
-from ws_server.sdk import AnythingBaseModel, Message, context_snapshot
+from ws_server.sdk import AnythingBaseModel, EventSink, Message, context_snapshot
 
 # Blocking model code (sync generators and hooks) runs here, off the event loop.
 MODEL_THREADS: Final = concurrent.futures.ThreadPoolExecutor(
@@ -73,21 +74,25 @@ class SharedSession:
         messages: list[Message],
         snapshot: bool = False,
         params: dict[str, Any] | None = None,
+        events: EventSink | None = None,
     ) -> AsyncIterator[str]:
-        self.model.params = params if params is not None else {}  # this turn's, never the last's
-        method: Callable[..., Any] = self.model.on_chat_messages
-        if inspect.isasyncgenfunction(method):
-            chunks = method(messages)
-        elif inspect.isgeneratorfunction(method):
-            chunks = _iterate_in_thread(method(messages))
-        elif inspect.iscoroutinefunction(method):
-            chunks = _whole_reply(await method(messages))
-        else:
-            result = await asyncio.get_running_loop().run_in_executor(
-                MODEL_THREADS, method, messages
-            )
-            chunks = _whole_reply(result)
+        model = self.model
+        model.params = params if params is not None else {}  # this turn's, never the last's
+        model._begin_turn(_on_loop(events) if events is not None else _dropped)
+        chunks: Any = None  # the model's chunks: an async generator, however written
         try:
+            method: Callable[..., Any] = model.on_chat_messages
+            if inspect.isasyncgenfunction(method):
+                chunks = method(messages)
+            elif inspect.isgeneratorfunction(method):
+                chunks = _iterate_in_thread(method(messages))
+            elif inspect.iscoroutinefunction(method):
+                chunks = _whole_reply(await method(messages))
+            else:
+                result = await asyncio.get_running_loop().run_in_executor(
+                    MODEL_THREADS, method, messages
+                )
+                chunks = _whole_reply(result)
             async for chunk in chunks:
                 if not isinstance(chunk, str):
                     raise TypeError(
@@ -96,7 +101,28 @@ class SharedSession:
                 if chunk:
                     yield chunk
         finally:
-            await chunks.aclose()  # runs the model's finally blocks on cancel and timeout
+            if chunks is not None:  # runs the model's finally blocks on cancel and timeout
+                await chunks.aclose()
+            model._end_turn()  # steps left open end as error, before done
+
+
+def _on_loop(events: EventSink) -> EventSink:
+    """``events``, called on the event loop whichever thread the model emits from (a plain
+    generator runs in a pool thread): in order with the chunks, which cross the same way."""
+    loop = asyncio.get_running_loop()
+    owner = threading.get_ident()
+
+    def emitted(name: str, data: dict[str, Any]) -> None:
+        if threading.get_ident() == owner:
+            events(name, data)
+        else:
+            loop.call_soon_threadsafe(events, name, data)
+
+    return emitted
+
+
+def _dropped(name: str, data: dict[str, Any]) -> None:
+    """Events of a turn nobody listens to (a caller that passed no sink)."""
 
 
 async def call_hook(hook: Callable[[], Any]) -> None:

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -325,7 +326,7 @@ class Conversation:
         reason = "stop"
         outbox = self.outbox
         journal = self.journal
-        stream = self._model.stream(messages, journal is not None, params)
+        stream = self._model.stream(messages, journal is not None, params, self._events(turn))
         try:
             try:
                 async for piece in stream:
@@ -380,6 +381,15 @@ class Conversation:
         await self._finish(turn, reason)
         if journal is not None:
             journal.turn_ended(turn, self._model.snapshot())
+
+    def _events(self, turn: int) -> Callable[[str, dict[str, Any]], None]:
+        """Where turn ``turn``'s model events go: the outbox, while that turn runs."""
+
+        def emitted(name: str, data: dict[str, Any]) -> None:
+            if self.turn == turn and self._ended_turn < turn:
+                self.outbox.event(turn, name, data)
+
+        return emitted
 
     async def _finish(self, turn: int, reason: str) -> None:
         """The frames that end a turn stopped for ``reason``: an error first for a timeout

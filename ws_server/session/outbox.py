@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Awaitable, Callable
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from ws_server import protocol
 
@@ -37,11 +37,17 @@ class Sink(Protocol):
     async def write_now(self, data: bytes) -> None:
         """A frame that ends a run (done, error): written at once, with any batch."""
 
+    def post(self, data: bytes) -> None:
+        """A frame sent from code that cannot wait (a model's event): queued, written on
+        the loop's next turn with whatever follows."""
+
 
 class Encoding(Protocol):
     """How a session's frames are written as bytes."""
 
     def chunk(self, seq: int, turn: int, content: str) -> bytes: ...
+
+    def event(self, seq: int, turn: int, name: str, data: dict[str, Any]) -> bytes: ...
 
     def done(self, seq: int, turn: int, reason: protocol.DoneReason) -> bytes: ...
 
@@ -56,6 +62,10 @@ class WireEncoding:
     @staticmethod
     def chunk(seq: int, turn: int, content: str) -> bytes:
         return protocol.encode_chunk(seq, turn, content).encode()
+
+    @staticmethod
+    def event(seq: int, turn: int, name: str, data: dict[str, Any]) -> bytes:
+        return protocol.encode_event(seq, turn, name, data).encode()
 
     @staticmethod
     def done(seq: int, turn: int, reason: protocol.DoneReason) -> bytes:
@@ -130,6 +140,23 @@ class Outbox:
         else:
             await self._wait_for_room()
         return len(data)
+
+    def event(self, turn: int, name: str, data: dict[str, Any]) -> None:
+        """Something the model (or the server) reports besides text, in order with the
+        chunks: numbered, kept and sent like them, without waiting (a model's ``emit``
+        is a plain call). A detached session's buffer takes it past its bound if need
+        be; the next chunk waits for room."""
+        self.seq += 1
+        frame = self._encoding.event(self.seq, turn, name, data)
+        if self._limit:
+            self._keep(frame)
+            if self.mirror is not None:
+                self.mirror(self.seq, frame)
+                if self._held is not None:
+                    self._held.append(frame)
+                    return
+        if self._sink is not None:
+            self._sink.post(frame)
 
     async def done(self, turn: int, reason: protocol.DoneReason) -> None:
         await self._room_first()

@@ -77,6 +77,16 @@ class FrameWriter:
         self.flush()
         await self._drain()
 
+    def post(self, data: bytes) -> None:
+        """Send one frame without waiting (a model's event): with the next batch, on the
+        loop's next turn at the latest."""
+        if self._protocol.state is not State.OPEN:
+            return
+        self.enqueue(data)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush_soon)
+
     def enqueue(self, data: bytes) -> None:
         """Queue a frame without waiting (a resume's replay: nothing may come between)."""
         if self._protocol.state is State.OPEN:
