@@ -218,6 +218,18 @@ class RateLimited(AnythingAgentError):
     retry_after: float = 0.0  # seconds until the next frame would be taken
 
 
+class Overloaded(AnythingAgentError):
+    """A model version is running its ``concurrency.max_turns`` and its queue is full;
+    ``retry_after`` estimates the seconds until there is room."""
+
+    code = "overloaded"
+    http_status = 503
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class ServerUnavailable(AnythingAgentError):
     """The server is shutting down and starts no new turns."""
 

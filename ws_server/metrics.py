@@ -9,6 +9,7 @@ its end.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Iterator
 from typing import Final
 
 from prometheus_client import (
@@ -19,6 +20,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 LATENCY_BUCKETS: Final = (
     0.0001,
@@ -81,6 +83,12 @@ REPLAY_BUFFER_BYTES = Gauge(
 HANDSHAKE_REFUSALS = Counter(
     "anything_agent_handshake_refusals", "WebSocket handshakes refused", ["status"]
 )
+QUEUE_WAIT = Histogram(
+    "anything_agent_queue_wait_seconds",
+    "How long turns waited for a slot (concurrency.max_turns) before running",
+    ["model"],
+    buckets=DURATION_BUCKETS,
+)
 WORKER_RESTARTS = Counter(
     "anything_agent_worker_restarts", "Isolated workers restarted after a crash", ["model"]
 )
@@ -132,6 +140,41 @@ def for_model(model: str, api: str = "ws") -> ModelMetrics:
     if found is None:
         found = _models[model, api] = ModelMetrics(model, api)
     return found
+
+
+TurnCounts = Callable[[], Iterable[tuple[str, int, int]]]  # model, running, queued
+
+
+class _TurnsNow:
+    """``anything_agent_running_turns`` and ``anything_agent_queued_turns`` per model, read
+    from the registry when scraped (nothing to update per turn)."""
+
+    def __init__(self) -> None:
+        self.source: TurnCounts = lambda: ()
+
+    def collect(self) -> Iterator[Metric]:
+        running = GaugeMetricFamily(
+            "anything_agent_running_turns", "Turns running now, per model", labels=["model"]
+        )
+        queued = GaugeMetricFamily(
+            "anything_agent_queued_turns",
+            "Turns waiting for a slot (concurrency.max_turns), per model",
+            labels=["model"],
+        )
+        for model, busy, waiting in self.source():
+            running.add_metric([model], busy)
+            queued.add_metric([model], waiting)
+        yield running
+        yield queued
+
+
+_TURNS_NOW = _TurnsNow()
+REGISTRY.register(_TURNS_NOW)
+
+
+def count_turns(source: TurnCounts) -> None:
+    """Where the running and queued turns per model are read from (the server's registry)."""
+    _TURNS_NOW.source = source
 
 
 def mark_process(worker: int | None = None) -> None:

@@ -353,16 +353,23 @@ def encode_done(seq: int, turn: int, reason: DoneReason) -> str:
 
 
 def encode_error(
-    code: ErrorCode, message: str, turn: int | None = None, seq: int | None = None
+    code: ErrorCode,
+    message: str,
+    turn: int | None = None,
+    seq: int | None = None,
+    retry_after: int | None = None,
 ) -> str:
     """Something the client should know; the connection stays usable unless a close follows.
-    ``seq`` is None only before ``ready`` and for ``resume_expired``."""
+    ``seq`` is None only before ``ready`` and for ``resume_expired``; ``retry_after``
+    (seconds) comes with ``overloaded``."""
     frame: dict[str, Any] = {"type": "error"}
     if seq is not None:
         frame["seq"] = seq
     frame.update(code=code, message=message)
     if turn is not None:
         frame["turn"] = turn
+    if retry_after is not None:
+        frame["retry_after"] = retry_after
     return _dumps(frame)
 
 

@@ -55,6 +55,7 @@ class CompletionStream:
         self.reply = reply
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.failure: tuple[str, str] | None = None  # the error code and message, if any
+        self.retry_after: int | None = None  # with an overloaded model's failure
         self._prompt = prompt
         self._out = stream
         self._streaming = streaming
@@ -95,10 +96,18 @@ class CompletionStream:
         self._output = True
         return self._events.reasoning(text, first)
 
-    def error(self, seq: int, code: protocol.ErrorCode, message: str, turn: int | None) -> bytes:
+    def error(
+        self,
+        seq: int,
+        code: protocol.ErrorCode,
+        message: str,
+        turn: int | None,
+        retry_after: int | None = None,
+    ) -> bytes:
         if code == "timeout":  # ends as finish_reason "length", with what came so far
             return b""
         self.failure = (code, message)
+        self.retry_after = retry_after
         if self._streaming and self._streamed:
             return wire.error_event(code, message, wire.status_of(code))
         return b""
@@ -237,7 +246,10 @@ class CompletionStream:
             return None
         if self.failure is not None:
             code, message = self.failure
-            return error_answer(code, message, self._headers)
+            answer = error_answer(code, message, self._headers)
+            if self.retry_after is not None:
+                answer.headers["Retry-After"] = str(self.retry_after)
+            return answer
         body = wire.completion(
             self.reply,
             "".join(self._text),

@@ -35,6 +35,7 @@ from ws_server.registry.config import (
 )
 from ws_server.registry.loader import MAIN_FILE, load_model, unload_package
 from ws_server.registry.revision import compute_revision
+from ws_server.registry.slots import TurnSlots
 from ws_server.runners import Runner, SharedRunner
 
 log = logging.getLogger("anything_agent.registry")
@@ -57,6 +58,11 @@ class ModelVersion:
     loaded_at: float
     sessions: int = 0
     retired: bool = False
+    slots: TurnSlots = field(init=False)  # its turns running and queued (concurrency)
+
+    def __post_init__(self) -> None:
+        limits = self.config.concurrency
+        self.slots = TurnSlots(self.name, limits.max_turns, limits.max_queue)
 
     @property
     def version(self) -> str:
@@ -237,7 +243,30 @@ class Registry:
         return [info for name in names if (info := self.model_info(name)) is not None]
 
     def model_info(self, name: str) -> dict[str, Any] | None:
-        """One model's listing row, or ``None`` if there is no such model."""
+        """One model's listing row, or ``None`` if there is no such model; ``turns``
+        counts its turns running and queued in this process, every version's."""
+        row = self._model_row(name)
+        if row is not None:
+            entry = self._entries.get(name)
+            versions = list(self._draining.get(name, []))
+            if entry is not None and entry.serving is not None:
+                versions.append(entry.serving)
+            row["turns"] = {
+                "running": sum(v.slots.running for v in versions),
+                "queued": sum(v.slots.queued for v in versions),
+            }
+        return row
+
+    def turn_counts(self) -> list[tuple[str, int, int]]:
+        """Each model's turns running and queued in this process (for /metrics)."""
+        counts = []
+        for name in sorted(set(self._entries) | set(self._draining)):
+            row = self.model_info(name)
+            if row is not None:
+                counts.append((name, row["turns"]["running"], row["turns"]["queued"]))
+        return counts
+
+    def _model_row(self, name: str) -> dict[str, Any] | None:
         entry = self._entries.get(name)
         draining = self._draining.get(name, [])
         sessions = sum(v.sessions for v in draining)

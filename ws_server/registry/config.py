@@ -109,6 +109,18 @@ class ModelSettings(BaseModel):
     """Sessions open at once; more are refused at the handshake with 503. None: no limit."""
 
 
+class Concurrency(BaseModel):
+    """``concurrency``: the turns of one model version running at once in one server
+    process; more wait in a FIFO queue, and past that are refused (``overloaded``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_turns: int | None = Field(default=None, ge=1)
+    """Turns running at once. None: no limit."""
+    max_queue: int | None = Field(default=None, ge=0)
+    """Turns waiting at most once max_turns run. None: no limit."""
+
+
 class ModelConfig(BaseModel):
     """The whole config.yaml. Every key is optional; unknown keys are kept."""
 
@@ -120,6 +132,7 @@ class ModelConfig(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)
     settings: ModelSettings = Field(default_factory=ModelSettings)
     isolation: Isolation = Field(default_factory=lambda: Isolation(enabled=False))
+    concurrency: Concurrency = Field(default_factory=Concurrency)
 
     @field_validator("name")
     @classmethod

@@ -25,10 +25,12 @@ from ws_server.exceptions import (
     BadRequest,
     Busy,
     ModelFailed,
+    Overloaded,
     ServerUnavailable,
 )
 from ws_server.redaction import redact
 from ws_server.registry.catalog import ModelVersion
+from ws_server.registry.slots import Ticket
 from ws_server.runners import ModelSession
 from ws_server.sdk import Message
 from ws_server.session.history import History, message_bytes
@@ -229,8 +231,10 @@ class Conversation:
         if isinstance(frame, protocol.CancelTurn):
             await self.stop_turn("cancelled")
             return
+        slots = self.version.slots
         try:
             self._check(frame)
+            slots.admit()  # a full queue refuses it now: no turn number is spent
         except AnythingAgentError as exc:
             await self.refuse(exc)
             return
@@ -249,9 +253,11 @@ class Conversation:
             journal.turn_started(self.turn, self.outbox.seq)
         self._stop_reason = None
         self._turn_closing = False
+        ticket = slots.enter(self._queued(self.turn))
         self._turn_task = asyncio.get_running_loop().create_task(
-            self._run_turn(self.turn, self.history.messages(), frame.params)
+            self._run_turn(self.turn, self.history.messages(), frame.params, ticket)
         )
+        self._turn_task.add_done_callback(ticket.close)  # whatever becomes of the turn
         self._watched(self._turn_task)
 
     def _check(self, frame: protocol.UserMessage | protocol.ReplaceHistory) -> None:
@@ -271,7 +277,8 @@ class Conversation:
         """Tell the client a frame was refused (busy, bad_request, rate_limited, ...)."""
         level = logging.DEBUG if exc.code == "rate_limited" else logging.INFO  # floods
         self.log(level, "refused a frame: %s: %s", exc.code, exc.message)
-        await self.send_error(exc.code, exc.message)  # type: ignore[arg-type]
+        retry_after = exc.retry_after if isinstance(exc, Overloaded) else None
+        await self.send_error(exc.code, exc.message, retry_after=retry_after)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ turns
     async def stop_turn(self, reason: str) -> None:
@@ -311,11 +318,17 @@ class Conversation:
             task.cancel()
 
     async def _run_turn(
-        self, turn: int, messages: list[Message], params: dict[str, Any] | None = None
+        self,
+        turn: int,
+        messages: list[Message],
+        params: dict[str, Any] | None,
+        ticket: Ticket,
     ) -> None:
         assert self._model is not None
         task = asyncio.current_task()
         assert task is not None
+        if not ticket.granted and not await self._wait_for_slot(turn, ticket, task):
+            return
         timer = asyncio.get_running_loop().call_later(self.version.timeout, self._expire, task)
         started = time.perf_counter()
         parts: list[str] = []
@@ -341,6 +354,7 @@ class Conversation:
             finally:
                 self._turn_closing = True
                 await stream.aclose()  # type: ignore[attr-defined]
+                ticket.close()  # the model is done: the next queued turn may start
         except asyncio.CancelledError as exc:
             if self._stop_reason is not None:  # ours: cancel, timeout, disconnect, shutdown
                 reason = self._stop_reason
@@ -366,6 +380,7 @@ class Conversation:
                 journal.history_appended(answer)
         self.last_activity = time.monotonic()
         duration = time.perf_counter() - started
+        self.version.slots.finished(duration)
         done_reason = "error" if reason == INTERRUPTED else reason
         self._metrics.turn_ended(done_reason, chunks, sent, first_chunk, duration)
         self.log(
@@ -381,6 +396,35 @@ class Conversation:
         await self._finish(turn, reason)
         if journal is not None:
             journal.turn_ended(turn, self._model.snapshot())
+
+    async def _wait_for_slot(self, turn: int, ticket: Ticket, task: asyncio.Task[None]) -> bool:
+        """Wait in the model's queue (``concurrency``); False when the turn was stopped
+        while it waited (ended for the client here: ``done`` with the stop's reason)."""
+        assert ticket.ready is not None
+        try:
+            await ticket.ready
+            return True
+        except asyncio.CancelledError:
+            reason = self._stop_reason
+            if reason is None:
+                raise
+            while task.cancelling():
+                task.uncancel()
+            ticket.close()
+            if reason != DISCONNECTED:
+                await self._finish(turn, reason)
+                if self.journal is not None and self._model is not None:
+                    self.journal.turn_ended(turn, self._model.snapshot())
+            return False
+
+    def _queued(self, turn: int) -> Callable[[int], None]:
+        """What tells the client turn ``turn``'s place in the model's queue."""
+
+        def position(place: int) -> None:
+            if self.turn == turn and self._ended_turn < turn:
+                self.outbox.event(turn, "queued", {"position": place})
+
+        return position
 
     def _events(self, turn: int) -> Callable[[str, dict[str, Any]], None]:
         """Where turn ``turn``'s model events go: the outbox, while that turn runs."""
@@ -415,10 +459,14 @@ class Conversation:
         await self.send_error(code, message, turn)  # type: ignore[arg-type]
 
     async def send_error(
-        self, code: protocol.ErrorCode, message: str, turn: int | None = None
+        self,
+        code: protocol.ErrorCode,
+        message: str,
+        turn: int | None = None,
+        retry_after: int | None = None,
     ) -> None:
         metrics.ERRORS.labels(code=code).inc()
-        await self.outbox.error(code, message, turn)
+        await self.outbox.error(code, message, turn, retry_after)
 
     # ------------------------------------------------------------------ errors
     def log_failure(self, what: str, exc: BaseException) -> None:

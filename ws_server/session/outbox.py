@@ -52,7 +52,12 @@ class Encoding(Protocol):
     def done(self, seq: int, turn: int, reason: protocol.DoneReason) -> bytes: ...
 
     def error(
-        self, seq: int, code: protocol.ErrorCode, message: str, turn: int | None
+        self,
+        seq: int,
+        code: protocol.ErrorCode,
+        message: str,
+        turn: int | None,
+        retry_after: int | None = None,
     ) -> bytes: ...
 
 
@@ -72,8 +77,14 @@ class WireEncoding:
         return protocol.encode_done(seq, turn, reason).encode()
 
     @staticmethod
-    def error(seq: int, code: protocol.ErrorCode, message: str, turn: int | None) -> bytes:
-        return protocol.encode_error(code, message, turn, seq).encode()
+    def error(
+        seq: int,
+        code: protocol.ErrorCode,
+        message: str,
+        turn: int | None,
+        retry_after: int | None = None,
+    ) -> bytes:
+        return protocol.encode_error(code, message, turn, seq, retry_after).encode()
 
 
 WIRE: Final = WireEncoding()
@@ -163,10 +174,16 @@ class Outbox:
         self.seq += 1
         await self._final(self._encoding.done(self.seq, turn, reason))
 
-    async def error(self, code: protocol.ErrorCode, message: str, turn: int | None = None) -> None:
+    async def error(
+        self,
+        code: protocol.ErrorCode,
+        message: str,
+        turn: int | None = None,
+        retry_after: int | None = None,
+    ) -> None:
         await self._room_first()
         self.seq += 1
-        await self._final(self._encoding.error(self.seq, code, message, turn))
+        await self._final(self._encoding.error(self.seq, code, message, turn, retry_after))
 
     async def _room_first(self) -> None:
         """A frame that ends a turn is stamped only once it fits: a ``done`` in the buffer
