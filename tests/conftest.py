@@ -266,7 +266,7 @@ def client_models(target: Path) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     shutil.copytree(SHIPPED_MODELS / "echo", target / "echo")
     shutil.copytree(BROWSER_MODELS / "scripted", target / "scripted")
-    for name in ("sleepy", "start_fails", "broken_syntax", "params_echo"):
+    for name in ("sleepy", "start_fails", "broken_syntax", "params_echo", "agent_events"):
         shutil.copytree(TEST_MODELS / name, target / name)
     return target
 

@@ -17,6 +17,7 @@ import pytest
 from conftest import (
     RESUME_MODELS,
     SHIPPED_MODELS,
+    TEST_MODELS,
     ServerProcess,
     client_models,
     launch_server,
@@ -24,6 +25,7 @@ from conftest import (
 from websockets.asyncio.client import connect as ws_connect
 from websockets.typing import Subprotocol
 
+from ws_server import protocol
 from ws_server.client import ChatClient, ResumeNotice, chat_url, connect
 from ws_server.exceptions import (
     ChatRefused,
@@ -178,6 +180,111 @@ async def test_frames_can_be_observed_raw(clients_server: ServerProcess) -> None
         '{"type":"chunk","seq":1,"turn":1,"content":"hi"}',
         '{"type":"done","seq":2,"turn":1,"reason":"stop"}',
     ]
+
+
+# ---------------------------------------------------------------------- model events
+# What the agent_events model reports for a message: (name, step name, status, parent set).
+AGENT_EVENTS = [
+    ("status", None, None, False),
+    ("step", "search", "running", False),
+    ("step", "fetch", "running", True),
+    ("step", "fetch", "done", True),
+    ("step", "search", "done", False),
+    ("custom", None, None, False),
+]
+
+
+def event_summary(event: protocol.Event) -> tuple[str, Any, Any, bool]:
+    data = event.data
+    if event.name != "step":
+        return (event.name, None, None, False)
+    return (event.name, data["name"], data["status"], data["parent_id"] is not None)
+
+
+async def test_a_turns_events_are_kept_in_order_while_its_chunks_are_iterated(
+    clients_server: ServerProcess,
+) -> None:
+    async with connect(clients_server.ws_url, "agent_events") as chat:
+        turn = await chat.send("hello")
+        assert [chunk async for chunk in turn] == ["Answer: ", "hello", "done"]
+        assert [event_summary(e) for e in turn.events] == AGENT_EVENTS
+        status, search, fetch, fetched, searched, custom = turn.events
+        assert status.data == {"text": "thinking"} and custom.data == {"value": 1}
+        assert {e.turn for e in turn.events} == {1}
+        assert search.data["input"] == {"q": "hello"} and search.data["output"] is None
+        assert fetch.data["parent_id"] == search.data["id"] != fetch.data["id"]
+        assert fetched.data["id"] == fetch.data["id"]
+        assert fetched.data["output"] == "<b>not bold</b>"
+        assert (searched.data["id"], searched.data["output"]) == (search.data["id"], "found 2")
+        # events are not part of the reply, nor of the history
+        assert chat.history[-1] == {"role": "assistant", "content": "Answer: hellodone"}
+        second = await chat.send("again")
+        assert await second.reply() == "Answer: againdone"
+        assert [event_summary(e) for e in second.events] == AGENT_EVENTS
+        assert {e.turn for e in second.events} == {2}
+
+
+async def test_items_yield_chunks_and_events_in_the_order_they_arrived(
+    clients_server: ServerProcess,
+) -> None:
+    async with connect(clients_server.ws_url, "agent_events") as chat:
+        turn = await chat.send("hi")
+        items = [item async for item in turn.items()]
+        assert turn.reason == "stop"
+        shown = [item if isinstance(item, str) else event_summary(item) for item in items]
+        assert shown == [*AGENT_EVENTS[:5], "Answer: ", "hi", AGENT_EVENTS[5], "done"]
+        assert turn.events == [item for item in items if isinstance(item, protocol.Event)]
+        assert turn.chunks == ["Answer: ", "hi", "done"]
+        seqs = [item.seq for item in turn.events]
+        assert seqs == sorted(seqs) and seqs[0] == 1
+
+
+async def test_events_arrive_exactly_once_across_drops_anywhere_in_the_turn(
+    clients_server: ServerProcess,
+) -> None:
+    """A drop after each item in turn (the connection resumed each time): every event and
+    chunk still comes once, in order, whether the caller reads items or only chunks."""
+    notices: list[ResumeNotice] = []
+    async with connect(clients_server.ws_url, "agent_events", on_resume=notices.append) as chat:
+        for drop_after in range(9):
+            turn = await chat.send(f"m{drop_after}", params={"pause": 0.05})
+            items = []
+            async for item in turn.items():
+                items.append(item)
+                if len(items) == drop_after + 1:
+                    assert drop(chat)
+            texts = [item for item in items if isinstance(item, str)]
+            assert texts == ["Answer: ", f"m{drop_after}", "done"], drop_after
+            assert [event_summary(e) for e in turn.events] == AGENT_EVENTS, drop_after
+            assert len(items) == 9
+        turn = await chat.send("chunks only", params={"pause": 0.5})
+        asyncio.get_running_loop().call_later(0.25, drop, chat)  # while "search" runs
+        assert await turn.reply() == "Answer: chunks onlydone"
+        assert [event_summary(e) for e in turn.events] == AGENT_EVENTS
+    assert len(notices) == 10 and {n.outcome for n in notices} == {"resumed"}
+
+
+async def test_a_turn_waiting_for_a_slot_gets_queued_events_first(
+    start_server: Any, tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(TEST_MODELS / "agent_events", models / "agent_events")
+    (models / "agent_events" / "config.yaml").write_text("concurrency: {max_turns: 1}\n")
+    server = start_server(models)
+    async with (
+        connect(server.ws_url, "agent_events") as first,
+        connect(server.ws_url, "agent_events") as second,
+    ):
+        running = await first.send("first", params={"pause": 0.5})
+        async for item in running.items():
+            if isinstance(item, protocol.Event) and item.name == "step":
+                break  # it holds the one slot
+        waiting = await second.send("second")
+        assert await waiting.reply() == "Answer: seconddone"
+        assert waiting.events[0].name == "queued"
+        assert waiting.events[0].data == {"position": 1}
+        assert [event_summary(e) for e in waiting.events[1:]] == AGENT_EVENTS
+        assert await running.reply() == "Answer: firstdone"
 
 
 async def test_the_server_going_away_mid_turn_raises_connection_lost(

@@ -16,9 +16,12 @@ from pathlib import Path
 import pytest
 from conftest import LISTENING, ROOT, SHIPPED_MODELS, ServerProcess, http
 
+from ws_server.scaffold import TEMPLATES
+
 UV = Path(sys.executable).parent / "uv"
-# What building the distributions reads (pyproject.toml's packages, package data, readme).
-SOURCES = ("pyproject.toml", "README.md", "ws_server", "web_client")
+# What building the distributions reads (pyproject.toml's packages, package data, readme;
+# models/ for models/agent, which is also the `new --template agent` template).
+SOURCES = ("pyproject.toml", "README.md", "ws_server", "web_client", "models")
 
 
 def clean_env() -> dict[str, str]:
@@ -88,6 +91,17 @@ def test_the_wheel_ships_the_web_client(installed: Path) -> None:
     shipped = (installed.parent / "source" / "web_client").iterdir()
     expected = {f"ws_server/web_client/{p.name}" for p in shipped}
     assert expected <= set(names), sorted(expected - set(names))
+
+
+def test_the_wheel_ships_every_model_template(installed: Path, tmp_path: Path) -> None:
+    for name in TEMPLATES:
+        run(
+            installed / "bin" / "anything-agent",
+            *("new", f"my_{name}", "--template", name, "--models-dir", tmp_path),
+            cwd=tmp_path,  # not the checkout: the templates come from the wheel
+            env=clean_env(),
+        )
+        assert (tmp_path / f"my_{name}" / "tests" / f"test_my_{name}.py").is_file(), name
 
 
 def test_an_installed_wheel_serves_the_page_and_its_assets(installed: Path, tmp_path: Path) -> None:

@@ -23,7 +23,9 @@ from conftest import ServerProcess, launch_server
 # The resume tests' helpers: the numbers model and a TCP proxy whose connections a test cuts.
 from test_client import TcpProxy, numbers, resume_models
 
+from ws_server import protocol
 from ws_server.cli import param_entry
+from ws_server.client.terminal import EventLines
 
 CLI = Path(sys.executable).parent / "anything-agent"
 
@@ -97,6 +99,103 @@ def test_a_pipe_skips_blank_lines_and_takes_crlf_line_ends(clients_server: Serve
     assert result.returncode == 0, result.stderr
     chunks = [f["content"] for f in map(json.loads, result.stdout.splitlines()) if "content" in f]
     assert chunks == ["a", "You said 2 things: a | recall"]
+
+
+# ---------------------------------------------------------------------- model events
+AGENT_EVENT_LINES = [
+    "… thinking",
+    '▸ search: {"q":"hello"}',
+    "  ▸ fetch: https://example.invalid/x",
+    "  ✓ fetch → <b>not bold</b>",
+    "✓ search → found 2",
+    'custom: {"value":1}',
+]
+
+
+def test_events_go_to_stderr_one_line_each_and_stdout_keeps_the_reply(
+    clients_server: ServerProcess,
+) -> None:
+    result = chat_cli(clients_server, "agent_events", "-m", "hello")
+    assert (result.returncode, result.stdout) == (0, "Answer: hellodone\n")
+    assert result.stderr.splitlines() == AGENT_EVENT_LINES  # not a terminal: no colours
+
+
+def test_json_prints_event_frames_in_order_with_the_chunks(clients_server: ServerProcess) -> None:
+    result = chat_cli(clients_server, "agent_events", "--json", "-m", "hello")
+    assert (result.returncode, result.stderr) == (0, "")
+    frames = [json.loads(line) for line in result.stdout.splitlines()]
+    kinds = ["ready", *["event"] * 5, "chunk", "chunk", "event", "chunk", "done"]
+    assert [f["type"] for f in frames] == kinds
+    assert [f["seq"] for f in frames[1:]] == list(range(1, 11))
+    assert frames[1] == {
+        "type": "event",
+        "seq": 1,
+        "turn": 1,
+        "name": "status",
+        "data": {"text": "thinking"},
+    }
+    assert frames[4]["data"]["output"] == "<b>not bold</b>"
+    assert (frames[8]["name"], frames[8]["data"]) == ("custom", {"value": 1})
+
+
+def test_events_are_dimmed_when_stderr_is_a_terminal(clients_server: ServerProcess) -> None:
+    """stderr a terminal, stdout a pipe: the event lines are dim, the reply stays plain."""
+    controller, terminal = pty.openpty()
+    env = {key: value for key, value in os.environ.items() if key != "NO_COLOR"}
+    try:
+        result = subprocess.run(
+            [str(CLI), "chat", "agent_events", "-m", "x" * 300, "--url", clients_server.ws_url],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        os.close(terminal)
+        shown = b""
+        while select.select([controller], [], [], 0.5)[0]:
+            try:
+                shown += os.read(controller, 65536)
+            except OSError:
+                break
+    finally:
+        os.close(controller)
+    assert (result.returncode, result.stdout) == (0, f"Answer: {'x' * 300}done\n")
+    lines = shown.decode().splitlines()
+    assert lines[0] == "\x1b[2m… thinking\x1b[0m"
+    assert all(line.startswith("\x1b[2m") and line.endswith("\x1b[0m") for line in lines), lines
+    # a long input is cut to about 120 characters
+    assert lines[1] == "\x1b[2m▸ search: " + '{"q":"' + "x" * 113 + "…\x1b[0m"
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "line"),
+    [
+        ("status", {"text": "reading\nthe \x1b[2Jdocs"}, "… reading the docs"),
+        ("queued", {"position": 3}, "queued (position 3)"),
+        ("usage", {"tokens": 12, "cost": None}, 'usage: {"tokens":12,"cost":null}'),
+        ("note", {"text": "é" * 200}, 'note: {"text":"' + "é" * 110 + "…"),
+    ],
+    ids=["status_escapes", "queued", "custom", "long_custom"],
+)
+def test_an_event_is_one_safe_line(name: str, data: dict[str, Any], line: str) -> None:
+    assert EventLines().line(protocol.Event(1, name, data)) == line
+
+
+def test_steps_are_indented_by_depth_and_say_how_they_ended() -> None:
+    lines = EventLines()
+
+    def step(step_id: str, parent: str | None, status: str, output: Any = None) -> str:
+        data = {"id": step_id, "parent_id": parent, "name": step_id, "status": status}
+        return lines.line(protocol.Event(1, "step", {**data, "input": None, "output": output}))
+
+    assert step("plan", None, "running") == "▸ plan"
+    assert step("tool", "plan", "running") == "  ▸ tool"
+    assert step("deeper", "tool", "running") == "    ▸ deeper"
+    assert step("deeper", "tool", "error") == "    ✗ deeper"
+    assert step("tool", "plan", "done", {"rows": 2}) == '  ✓ tool → {"rows":2}'
+    assert step("plan", None, "error", "gave up") == "✗ plan → gave up"
 
 
 # ---------------------------------------------------------------------- --param
@@ -307,6 +406,21 @@ def test_model_output_cannot_drive_the_terminal(clients_server: ServerProcess) -
     assert "\x1b]0;" not in term.screen and "\x1b[2J" not in term.screen
     assert "\x07" not in term.screen
     term.wait_for("> ")  # keys typed before the prompt is up may be read differently
+    term.type("\x04")
+    assert term.exit_code() == 0
+
+
+def test_at_the_prompt_events_show_on_their_own_lines_around_the_reply(
+    clients_server: ServerProcess,
+) -> None:
+    term = Terminal("chat", "agent_events", "--url", clients_server.ws_url)
+    term.wait_for("> ")
+    term.type("hello\r")
+    term.wait_for("… thinking\r\n")
+    term.wait_for("  ✓ fetch → <b>not bold</b>\r\n✓ search → found 2\r\n")
+    # the custom event comes mid-line: it goes below the reply's line, which then goes on
+    term.wait_for('Answer: hello\r\ncustom: {"value":1}\r\ndone\r\n')
+    term.wait_for("> ")
     term.type("\x04")
     assert term.exit_code() == 0
 

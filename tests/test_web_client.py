@@ -20,12 +20,13 @@ from browser_support import Wire, finished_reply, replies, screenshot
 from conftest import (
     BROWSER_MODELS,
     SHIPPED_MODELS,
+    TEST_MODELS,
     ServerProcess,
     client_models,
     http,
     launch_server,
 )
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Locator, Page, expect
 from websockets.sync.client import connect as ws_connect
 from websockets.typing import Subprotocol
 
@@ -57,8 +58,8 @@ def test_page_lists_models_with_version_description_and_status(
     expect(echo).to_contain_text("Streams your last message back to you")
     scripted = page.locator('.model[data-model="scripted"]')
     expect(scripted).to_contain_text("v2.1")
-    # The first ready model is picked and connected.
-    expect(page.locator("#model-name")).to_have_text("echo")
+    # The first ready model (by name) is picked and connected.
+    expect(page.locator("#model-name")).to_have_text("agent_events")
     expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
 
 
@@ -79,7 +80,7 @@ def test_a_deep_link_to_a_failed_model_picks_a_ready_one(
     page: Page, clients_server: ServerProcess
 ) -> None:
     page.goto(f"{clients_server.http_url}/#broken_syntax")
-    expect(page.locator("#model-name")).to_have_text("echo")
+    expect(page.locator("#model-name")).to_have_text("agent_events")  # the first ready one
     expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
 
 
@@ -413,6 +414,144 @@ def test_invalid_parameters_are_named_inline_and_nothing_is_sent(
     expect(error).to_be_hidden()
     page.locator("#input").press("Enter")
     expect(finished_reply(page).locator(".body")).to_have_text('{"temperature": 0.2}')
+
+
+# ---------------------------------------------------------------------- model events
+def steps(reply: Locator) -> Locator:
+    return reply.locator("details.step")
+
+
+def step(reply: Locator, name: str) -> Locator:
+    return steps(reply).filter(has=reply.page.locator(f'> summary:has-text("{name}")'))
+
+
+def test_model_events_show_a_status_line_and_nested_collapsible_steps(
+    page: Page, clients_server: ServerProcess
+) -> None:
+    open_chat(page, clients_server, "agent_events")
+    set_params(page, '{"pause": 1.5}')  # the model waits in its "search" step
+    say(page, "hello")
+    reply = replies(page).first
+    # While the turn runs: the status under the reply, the steps above it, "search" running.
+    expect(reply.locator(".status-line")).to_have_text("thinking")
+    search, fetch = step(reply, "search"), step(reply, "fetch")
+    expect(search).to_have_attribute("data-status", "running")
+    expect(fetch).to_have_attribute("data-status", "done")
+    expect(reply).to_have_class(re.compile("streaming"))
+    screenshot(page, "model_events-running")
+    reply = finished_reply(page)
+    expect(reply).to_have_attribute("data-reason", "stop")
+    expect(reply.locator(".body")).to_have_text("Answer: hellodone")
+    expect(reply.locator(".status-line")).to_have_text("thinking")  # kept after the turn
+    expect(search).to_have_attribute("data-status", "done")
+    expect(steps(reply)).to_have_count(2)
+    # Nested by parent: "fetch" inside "search"; both collapsed until opened.
+    expect(reply.locator(".activity > details.step")).to_have_count(1)
+    expect(search.locator("details.step")).to_have_count(1)
+    expect(search.locator("> summary")).to_have_text("✓search")
+    expect(search.locator(".step-input pre").first).to_be_hidden()
+    search.locator("> summary").click()
+    expect(search.locator("> .step-detail > .step-input pre")).to_have_text('{\n  "q": "hello"\n}')
+    expect(search.locator("> .step-detail > .step-output pre")).to_have_text("found 2")
+    output = fetch.locator("> .step-detail > .step-output pre")
+    expect(output).to_be_hidden()
+    fetch.locator("> summary").click()
+    expect(fetch.locator("> .step-detail > .step-input pre")).to_have_text(
+        "https://example.invalid/x"
+    )
+    # What a model sends is text: its markup is shown, never made into elements.
+    expect(output).to_have_text("<b>not bold</b>")
+    assert reply.locator("b").count() == 0
+    expect(reply.locator(".event-note")).to_have_text('custom {"value":1}')
+    screenshot(page, "model_events-opened")
+    search.locator("> summary").click()  # collapses it, and what is inside it
+    expect(output).to_be_hidden()
+    # A second turn gets its own steps.
+    say(page, "again")
+    second = finished_reply(page)
+    expect(steps(second)).to_have_count(2)
+    expect(steps(replies(page).first)).to_have_count(2)
+
+
+def test_a_reload_mid_turn_shows_each_step_once_even_when_its_events_come_again(
+    page: Page, clients_server: ServerProcess
+) -> None:
+    """The page is reloaded while "search" runs, and told to resume from seq 0, so that the
+    server replays the events it already showed (and saved): each is shown once, and the
+    step's end, arriving live, updates the item the page restored."""
+    wire = Wire(page)
+    open_chat(page, clients_server, "agent_events")
+    set_params(page, '{"pause": 3}')
+    say(page, "hello")
+    reply = replies(page).first
+    expect(step(reply, "fetch")).to_have_attribute("data-status", "done")
+    expect(step(reply, "search")).to_have_attribute("data-status", "running")
+    page.evaluate(
+        """() => {
+            const set = Storage.prototype.setItem;
+            Storage.prototype.setItem = function (key, value) {
+                if (key === "anything-agent.chat.agent_events") {
+                    const state = JSON.parse(value);
+                    state.resume.after = 0;
+                    value = JSON.stringify(state);
+                }
+                return set.call(this, key, value);
+            };
+        }"""
+    )
+    page.reload()
+    reply = finished_reply(page)
+    [resumed] = wire.received("resumed")
+    assert resumed["after"] == 0 and resumed["replayed"] >= 4, str(wire)
+    expect(reply.locator(".body")).to_have_text("Answer: hellodone")
+    expect(steps(reply)).to_have_count(2)
+    expect(step(reply, "search")).to_have_attribute("data-status", "done")
+    expect(step(reply, "search").locator("details.step")).to_have_count(1)
+    expect(reply.locator(".status-line")).to_have_count(1)
+    expect(reply.locator(".status-line")).to_have_text("thinking")
+    expect(reply.locator(".event-note")).to_have_count(1)
+    saved = json.loads(page.evaluate("sessionStorage.getItem('anything-agent.chat.agent_events')"))
+    kept = [(item["type"], item["name"]) for item in saved["log"][1]["activity"]]
+    assert kept == [("step", "search"), ("step", "fetch"), ("note", "custom")]
+    # After the turn, a plain reload shows the same again, from what the page saved.
+    page.reload()
+    expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+    reply = finished_reply(page)
+    expect(steps(reply)).to_have_count(2)
+    expect(step(reply, "fetch")).to_have_attribute("data-status", "done")
+    expect(reply.locator(".event-note")).to_have_count(1)
+    expect(reply.locator(".status-line")).to_have_text("thinking")
+    step(reply, "search").locator("> summary").click()
+    step(reply, "fetch").locator("> summary").click()
+    expect(step(reply, "fetch").locator(".step-output pre")).to_have_text("<b>not bold</b>")
+    assert reply.locator("b").count() == 0
+
+
+def test_a_turn_waiting_for_a_slot_says_so_until_it_runs(
+    page: Page, start_server: Any, tmp_path: Path
+) -> None:
+    """agent_events with one turn at a time: a second tab's turn waits, "Queued" under its
+    reply, until the first one's is over; then its own status replaces it."""
+    models = tmp_path / "models"
+    shutil.copytree(TEST_MODELS / "agent_events", models / "agent_events")
+    (models / "agent_events" / "config.yaml").write_text("concurrency: {max_turns: 1}\n")
+    server = start_server(models)
+    other = page.context.new_page()
+    open_chat(other, server, "agent_events")
+    set_params(other, '{"pause": 2}')
+    say(other, "first")
+    expect(step(replies(other).first, "search")).to_have_attribute("data-status", "running")
+    open_chat(page, server, "agent_events")
+    say(page, "second")
+    waiting = replies(page).first
+    expect(waiting.locator(".status-line")).to_have_text("Queued (position 1)")
+    expect(steps(waiting)).to_have_count(0)
+    screenshot(page, "queued-waiting")
+    reply = finished_reply(page)
+    expect(reply.locator(".status-line")).to_have_text("thinking")
+    expect(reply.locator(".body")).to_have_text("Answer: seconddone")
+    expect(finished_reply(other).locator(".body")).to_have_text("Answer: firstdone")
+    other.close()
 
 
 # ---------------------------------------------------------------------- the connection

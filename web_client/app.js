@@ -7,7 +7,12 @@
 // reply goes on where it stopped. When the server no longer has the session (it restarted,
 // or the resume window passed), a new session starts knowing nothing, so the next turn
 // sends the whole history as a "messages" frame and the conversation carries on.
+//
+// What a model reports besides text (status, steps, its own events: see activity.js) is
+// kept with its reply and saved with it, so a reload shows it again; a resume's replay
+// never repeats it (recording is idempotent per step id and per seq).
 
+import { drawActivity, leaveQueue, recordEvent, restoreActivity, showEvent } from "./activity.js";
 import { ChatConnection, apiKey, authHeaders, setApiKey } from "./connection.js";
 import { renderPlain, renderReply } from "./render.js";
 
@@ -56,6 +61,7 @@ const app = {
   countdown: null,
   turnCount: 0,
   log: [], // what the conversation shows: [{kind: "user"|"assistant", text, ...}] (saved)
+  // (an assistant entry also keeps its events: activity, status, queued; see activity.js)
   turn: null, // {number, entry, element, body, userMessage, stopping, frame, started, resync}
   replay: null, // after a resume, until the frames missed are in: {until, running, turn}
   saveTimer: 0,
@@ -334,7 +340,15 @@ function onFrame(frame) {
     case "chunk":
       if (turn && frame.turn === turn.number && typeof frame.content === "string") {
         turn.entry.text += frame.content;
+        showEvent(turn.element, turn.entry, leaveQueue(turn.entry));
         scheduleRender();
+        saveSoon();
+      }
+      break;
+    case "event":
+      if (turn && frame.turn === turn.number && typeof frame.name === "string") {
+        showEvent(turn.element, turn.entry, recordEvent(turn.entry, frame));
+        stickToBottom();
         saveSoon();
       }
       break;
@@ -422,7 +436,9 @@ function sendMessage() {
   autosize();
   ui.empty.hidden = true;
   addMessage({ kind: "user", text });
-  const entry = { kind: "assistant", text: "", errors: [], tags: [] };
+  const entry = {
+    kind: "assistant", text: "", errors: [], tags: [], activity: [], status: "", queued: false,
+  };
   const element = addMessage(entry);
   element.classList.add("streaming");
   app.turn = {
@@ -467,6 +483,7 @@ function endTurn(reason) {
   app.turn = null;
   if (turn.frame) cancelAnimationFrame(turn.frame);
   renderReply(turn.body, entry.text);
+  showEvent(turn.element, entry, leaveQueue(entry)); // it never ran
   turn.element.classList.remove("streaming");
   entry.reason = reason;
   turn.element.dataset.reason = reason;
@@ -665,6 +682,8 @@ function restoreChat(saved) {
     if (entry.kind !== "assistant") continue;
     const body = element.querySelector(".body");
     renderReply(body, entry.text);
+    restoreActivity(entry);
+    drawActivity(element, entry);
     for (const error of entry.errors) inlineError(element, error);
     if (entry === open) {
       element.classList.add("streaming");

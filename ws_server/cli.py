@@ -1,4 +1,4 @@
-"""The ``anything-agent`` command: serve, chat, check, new, cluster."""
+"""The ``anything-agent`` command: serve, chat, check, new, test, cluster."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ from ws_server.deploy.local_cluster import ClusterError, LocalCluster
 from ws_server.exceptions import SettingsError
 from ws_server.logs import configure_logging
 from ws_server.registry.catalog import Registry
-from ws_server.scaffold import create_model
+from ws_server.scaffold import DEFAULT_TEMPLATE, TEMPLATES, create_model
 from ws_server.server import AnythingAgentServer, run_with_best_loop
 from ws_server.settings import add_serve_options, models_dir_from, settings_from
 from ws_server.supervisor import Supervisor, die_with_supervisor
@@ -85,8 +86,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--models-dir", type=Path, default=None, help="default ./models")
 
-    new = commands.add_parser("new", help="create a model directory that runs as generated")
-    new.add_argument("name", help="model name: lowercase letters, digits, underscores")
+    new = commands.add_parser(
+        "new",
+        help="create a model directory that runs as generated, with its own tests",
+        description="Create models/NAME from a template: main.py, config.yaml, data/ and "
+        "tests/test_NAME.py, which pass as generated (run them with: anything-agent test "
+        "models/NAME). --list says what each template is for.",
+    )
+    new.add_argument("name", nargs="?", help="model name: lowercase letters, digits, underscores")
+    new.add_argument(
+        "-t",
+        "--template",
+        default=DEFAULT_TEMPLATE,
+        choices=TEMPLATES,
+        metavar="TEMPLATE",
+        help=f"what to start from: {', '.join(TEMPLATES)} (default {DEFAULT_TEMPLATE})",
+    )
+    new.add_argument("--list", action="store_true", help="list the templates and exit")
     new.add_argument("--models-dir", type=Path, default=None, help="default ./models")
 
     cluster = commands.add_parser(
@@ -106,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument(
         "serve_options", nargs="*", metavar="-- SERVE_OPTION", help="passed to every node"
     )
+
+    test = commands.add_parser(
+        "test",
+        help="run a model's own tests (MODEL_DIR/tests) with pytest",
+        description="Run MODEL_DIR/tests with pytest from this environment, in MODEL_DIR, "
+        "so that ws_server.testing.ModelTester('.') finds the model; the exit code is "
+        "pytest's. Options for pytest go after --, e.g.: anything-agent test models/echo "
+        "-- -x -k hello",
+    )
+    test.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="the model's directory")
+    test.add_argument("pytest_args", nargs="*", metavar="-- PYTEST_ARG", help="passed to pytest")
     return parser
 
 
@@ -127,7 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "cluster":
             restore_ctrl_c()
             return cluster(args)
-        return new(models_dir_from(args), args.name)
+        if args.command == "test":
+            return run_tests(args.model_dir, args.pytest_args)
+        return new(args)
     except SettingsError as exc:
         print(f"anything-agent: error: {exc.message}", file=sys.stderr)
         return 2
@@ -220,12 +249,58 @@ def check(models_dir: Path) -> int:
     return 1 if any(r["status"] == "failed" or r["error"] for r in rows) else 0
 
 
-def new(models_dir: Path, name: str) -> int:
-    target = create_model(models_dir, name)
-    print(f"created {target}/ (main.py, config.yaml, data/)")
+def new(args: argparse.Namespace) -> int:
+    """``new NAME [--template T]``, or ``new --list``."""
+    if args.list:
+        width = max(len(name) for name in TEMPLATES)
+        for template in TEMPLATES.values():
+            print(f"{template.name:<{width}}  {template.summary}")
+        return 0
+    if args.name is None:
+        raise SettingsError("new needs the model's NAME (or --list, to see the templates)")
+    template = TEMPLATES[args.template]
+    target = create_model(models_dir_from(args), args.name, template.name)
+    files = sorted(
+        path.relative_to(target).as_posix() + ("/" if path.is_dir() else "")
+        for path in target.rglob("*")
+        if not path.name.startswith(".") and (path.is_file() or path.name == "data")
+    )
+    print(f"created {target}/ from the {template.name} template: {', '.join(files)}")
+    if template.next_step:
+        print(f"then:          {template.next_step}")
+    print(f"test it:       anything-agent test {target}")
     print("load it with:  curl -X POST http://127.0.0.1:8000/v1/models/reload")
-    print(f"chat with it:  wscat -c ws://127.0.0.1:8000/v1/chat/{name}")
+    print(f"chat with it:  anything-agent chat {args.name}")
     return 0
+
+
+def run_tests(model_dir: Path, pytest_args: list[str]) -> int:
+    """``test MODEL_DIR [-- PYTEST_ARGS]``: pytest's exit code, or 2 when there is nothing
+    to run it on or with. ``tests`` is passed unless the arguments name tests themselves
+    (``tests/test_x.py::test_y``)."""
+    if pytest_args[:1] == ["--"]:
+        pytest_args = pytest_args[1:]
+    problem = None
+    if not model_dir.is_dir():
+        problem = f"{model_dir} is not a directory (give a model's directory: models/NAME)"
+    elif not (model_dir / "tests").is_dir():
+        problem = (
+            f"{model_dir} has no tests/ directory: write tests/test_*.py there, using "
+            "ws_server.testing.ModelTester (`anything-agent new` makes a model with its tests)"
+        )
+    elif importlib.util.find_spec("pytest") is None:
+        problem = (
+            f"pytest is not installed in this environment ({sys.executable}); "
+            f"install it with: {sys.executable} -m pip install 'anything-agent[testing]'"
+        )
+    if problem is not None:
+        print(f"anything-agent: error: {problem}", file=sys.stderr)
+        return 2
+    named = any(
+        not arg.startswith("-") and (model_dir / arg.split("::")[0]).exists() for arg in pytest_args
+    )
+    command = [sys.executable, "-m", "pytest", *([] if named else ["tests"]), *pytest_args]
+    return subprocess.run(command, cwd=model_dir).returncode
 
 
 # Set by the cluster itself: one Redis, one port and one node id per node.

@@ -9,7 +9,8 @@ from __future__ import annotations
 import inspect
 import itertools
 import json
-from collections.abc import AsyncIterator, Callable
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar
@@ -28,6 +29,8 @@ __all__ = [
 CONTEXT_SNAPSHOT_LIMIT = 64 * 1024  # bytes of JSON kept of a session's context
 EVENT_LIMIT = 64 * 1024  # bytes of JSON an event's data may take
 STEP_STATUSES = ("running", "done", "error")
+
+_log = logging.getLogger("anything_agent.model")
 
 EventSink = Callable[[str, dict[str, Any]], None]
 """Where a turn's events go (the runner sets it for the turn): name, data."""
@@ -85,9 +88,11 @@ class Step:
     def close(self, status: str = "done") -> None:
         """End the step (``done`` or ``error``); a step ends once."""
         if status not in ("done", "error"):
-            raise EventError(f"a step ends done or error, not {status!r}")
+            raise self._model._refused(f"a step ends done or error, not {status!r}")
         if self.status != "running":
-            raise EventError(f"step {self.name!r} ({self.id}) is already closed ({self.status})")
+            raise self._model._refused(
+                f"step {self.name!r} ({self.id}) is already closed ({self.status})"
+            )
         self.status = status
         if self in self._model._open_steps:
             self._model._open_steps.remove(self)
@@ -211,7 +216,7 @@ class AnythingBaseModel:
     async def on_chat_start(self) -> None:
         """Called once when a chat session opens, before the first turn."""
 
-    def on_chat_messages(self, messages: list[Message]) -> AsyncIterator[str]:
+    def on_chat_messages(self, messages: list[Message]) -> AsyncIterator[str] | Iterator[str]:
         """Yield the reply to ``messages`` (the whole history, last one the user's).
 
         Implement it as an ``async`` generator yielding text chunks; each chunk reaches
@@ -234,16 +239,23 @@ class AnythingBaseModel:
         chunks yielded. ``EventError`` when it can't be sent; the turn goes on."""
         sink = self._event_sink
         if sink is None:
-            raise EventError("events can be sent only while on_chat_messages runs")
+            raise self._refused("events can be sent only while on_chat_messages runs")
         if not isinstance(name, str) or not name or len(name) > 64:
-            raise EventError("an event's name is a string of 1 to 64 characters")
+            raise self._refused("an event's name is a string of 1 to 64 characters")
         try:
             size = len(json.dumps(data, ensure_ascii=False).encode())
         except (TypeError, ValueError, RecursionError) as exc:
-            raise EventError(f"event {name!r}: its data is not JSON ({exc})") from None
+            raise self._refused(f"event {name!r}: its data is not JSON ({exc})") from None
         if size > EVENT_LIMIT:
-            raise EventError(f"event {name!r}: its data takes {size} bytes, over {EVENT_LIMIT}")
+            raise self._refused(f"event {name!r}: its data takes {size} bytes, over {EVENT_LIMIT}")
         sink(name, data)
+
+    def _refused(self, problem: str) -> EventError:
+        """The error for an event that can't be sent, logged with the model's name (the
+        model may catch it, and the turn goes on)."""
+        where = getattr(self, "model_dir", None)
+        _log.warning("model %s: %s", where.name if where else type(self).__name__, problem)
+        return EventError(problem)
 
     def status(self, text: str) -> None:
         """A one-line progress note ("searching the docs..."): a ``status`` event."""

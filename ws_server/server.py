@@ -32,6 +32,7 @@ from ws_server.isolation.environments import EnvironmentBuilder, default_cache_d
 from ws_server.loop_watch import LoopWatch
 from ws_server.openai_compat.endpoint import ChatCompletions
 from ws_server.registry.catalog import ModelVersion, Registry
+from ws_server.registry.watcher import ModelsWatcher
 from ws_server.session.connection import ChatConnection, ConnectionLimits
 from ws_server.session.conversation import Conversation, HistoryLimits
 from ws_server.session.handover import Handover
@@ -99,6 +100,7 @@ class AnythingAgentServer:
             connections=self.connections,
         )
         metrics.STORE_UP.set_function(lambda: 1.0 if self.store.available else 0.0)
+        metrics.count_turns(self.registry.turn_counts)
         metrics.REPLAY_BUFFER_BYTES.set_function(
             lambda: sum(s.conversation.outbox.buffered_bytes for s in self.store.local())
         )
@@ -106,6 +108,7 @@ class AnythingAgentServer:
         self._stopping = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self._loop_watch: LoopWatch | None = None
+        self._watcher: ModelsWatcher | None = None  # --reload-on-change
 
     def _make_store(self) -> SessionStore:
         settings = self.settings
@@ -168,6 +171,12 @@ class AnythingAgentServer:
             await self.redis.start()
             log.info("node %s: sessions, heartbeats and reloads shared in Redis", self.redis.node)
         await self._ws_server.start_serving()
+        if self.settings.reload_on_change:
+            # The registry's reload, not the API's path: no _reloaded_here, which tells the
+            # other processes (--workers) and nodes (--redis-url) to reload too. Each of them
+            # watches its own models directory, so each reloads itself, once per change.
+            self._watcher = ModelsWatcher(self.registry.models_dir, self.registry.reload)
+            await self._watcher.start()  # watching before 'listening' is logged
         self._log_protections()
         log.info(
             "%slistening on ws://%s:%d (models dir %s)",
@@ -264,6 +273,8 @@ class AnythingAgentServer:
         ``interrupted``, and each resumable session is released (written out, its
         holder cleared) before its connection closes, so that its client resumes on
         another node at once."""
+        if self._watcher is not None:  # first: no reload starts while the models close
+            await self._watcher.stop()
         assert self._ws_server is not None
         grace = self.settings.grace_period
         self._ws_server.close(close_connections=False)

@@ -30,6 +30,7 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     models_dir: Path = Path("models")
+    reload_on_change: bool = False  # watch models_dir, reload on change (registry/watcher.py)
     log_level: str = "info"
     debug: bool = False
     grace_period: float = 10.0
@@ -174,6 +175,7 @@ _SERVE_OPTIONS: Final = (
     _Option("--host", str, "address to listen on"),
     _Option("--port", _port, "port to listen on (0 picks a free one)"),
     _Option("--models-dir", Path, "directory of model directories", ("MODELS_DIR",)),
+    _Option("--reload-on-change", _boolean, "watch the models directory, reload on change"),
     _Option("--log-level", _log_level, "debug, info, warning or error"),
     _Option("--debug", _boolean, "add model exception types and messages to error frames"),
     _Option("--grace-period", _positive_float, "seconds running turns get at shutdown"),

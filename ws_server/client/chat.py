@@ -6,6 +6,9 @@
             print(chunk, end="", flush=True)
         print(chat.history)
 
+A turn's events (what the model reports besides text: ``status``, ``step``, ``queued``, …)
+are kept in ``turn.events``; ``turn.items()`` yields them between the chunks, in order.
+
 One ``ChatClient`` is one session on the server. Turns run one at a time, as on the
 server; ``cancel()`` may be called from another task while a turn is being iterated. The
 client mirrors the server's history rule (the user message when its turn starts, the
@@ -76,7 +79,7 @@ RESUMABLE_CLOSES: Final = frozenset(
     }
 )
 RESUME_EXPIRED: Final = "resume_expired"
-_SEQUENCED: Final = (protocol.Chunk, protocol.Done, protocol.ErrorReport)
+_SEQUENCED: Final = (protocol.Chunk, protocol.Event, protocol.Done, protocol.ErrorReport)
 
 
 def chat_url(base_url: str, model: str) -> str:
@@ -106,7 +109,8 @@ class ResumeNotice:
 
 
 class Turn:
-    """One turn: iterate it for the chunks as they arrive.
+    """One turn: iterate it for the chunks as they arrive, or ``items()`` for the chunks
+    and the events; either way ``events`` keeps the events.
 
     Iteration ends with the ``done`` frame; ``reason`` then says why. A turn that ended
     with ``error`` or ``timeout`` raises ``TurnFailed`` once its frames are all read, so the
@@ -119,6 +123,7 @@ class Turn:
         self.number = number
         self.reason: protocol.DoneReason | None = None
         self.chunks: list[str] = []
+        self.events: list[protocol.Event] = []
         self._error: protocol.ErrorReport | None = None
         # For a resume: the frame that started the turn (sent again if it never reached
         # the server), whether it was sent, and whether a cancel was asked for.
@@ -137,20 +142,29 @@ class Turn:
         return self.reason is not None
 
     def __aiter__(self) -> AsyncIterator[str]:
-        return self._chunks()
+        return self._read(with_events=False)
 
-    async def _chunks(self) -> AsyncIterator[str]:
+    def items(self) -> AsyncIterator[str | protocol.Event]:
+        """The chunks (``str``) and events (``protocol.Event``) in the order they arrive."""
+        return self._read(with_events=True)
+
+    async def _read(self, *, with_events: bool) -> AsyncIterator[Any]:
         while self.reason is None:
             frame = await self._client._receive(self)
             if isinstance(frame, protocol.Chunk) and frame.turn == self.number:
                 self.chunks.append(frame.content)
                 yield frame.content
+            elif isinstance(frame, protocol.Event) and frame.turn == self.number:
+                self.events.append(frame)
+                if with_events:
+                    yield frame
             elif isinstance(frame, protocol.Done) and frame.turn == self.number:
                 self._finish(frame.reason)
             elif isinstance(frame, protocol.ErrorReport) and frame.turn == self.number:
                 self._error = frame
             elif isinstance(frame, protocol.ErrorReport) and frame.turn is None:
-                if not self.chunks and self._error is None:  # the message was refused
+                # The message was refused (nothing of its turn came: it never began).
+                if not self.chunks and not self.events and self._error is None:
                     self._client._end_turn(self, started=False)
                     raise ServerError(frame.message, code=frame.code)
             else:

@@ -8,6 +8,10 @@ prints every frame exactly as received, one per line, for bots (after a resume, 
 server replayed are printed once: those already printed are skipped). ``--param KEY=VALUE``
 goes with every message of the run, as the model's ``self.params``.
 
+What the model reports besides text (``event`` frames: status notes, steps, queueing, its
+own events) goes to stderr, one dimmed line each, so stdout stays the reply alone; with
+``--json`` the frames are on stdout with the rest.
+
 A dropped connection is resumed (``--no-resume`` turns that off), with a one-line notice on
 stderr; a reply being streamed carries on where it stopped. When the server no longer has
 the session, it says so, and the next message goes to the new session together with the
@@ -17,6 +21,7 @@ conversation so far (``messages``), so the model still sees it.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -27,6 +32,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Literal, TextIO, TypeVar
 
+from ws_server import protocol
 from ws_server.client.chat import ChatClient, ResumeNotice, Turn
 from ws_server.exceptions import ClientError, ConnectionLost, TurnFailed
 
@@ -45,6 +51,10 @@ CONTROL_CHARACTERS = re.compile(
     r"|[@-Z\\-_])?"  # other two-character escapes, or a lone ESC
     r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]"  # any other control character but \t and \n
 )
+
+# An event's line shows at most this many characters of a value (input, output, data).
+EVENT_VALUE_LIMIT = 120
+STEP_MARKS = {"running": "▸", "done": "✓", "error": "✗"}
 
 Outcome = Literal["ok", "failed", "stopped"]
 EXIT_CODES: dict[Outcome, int] = {"ok": EXIT_OK, "failed": EXIT_FAILED, "stopped": EXIT_INTERRUPTED}
@@ -75,6 +85,53 @@ class _Style:
         if for_readline:  # invisible to readline's count of the prompt's width
             return f"\001\033[{code}m\002{text}\001\033[0m\002"
         return f"\033[{code}m{text}\033[0m"
+
+
+class EventLines:
+    """One turn's events as the lines the terminal shows for them: ``… text`` for a status,
+    a line when a step starts and one when it ends (indented by how deep it nests),
+    ``queued (position P)``, and ``name: {json}`` for anything else."""
+
+    def __init__(self) -> None:
+        self._depths: dict[str, int] = {}  # step id -> how deep it nests
+
+    def line(self, event: protocol.Event) -> str:
+        data = event.data
+        if event.name == "status":
+            return f"… {_one_line(data.get('text', ''))}"
+        if event.name == "queued":
+            return f"queued (position {_one_line(data.get('position', '?'))})"
+        if event.name == "step" and isinstance(data.get("id"), str):
+            return self._step(data)
+        return f"{_one_line(event.name)}: {_value(data)}"
+
+    def _step(self, data: dict[str, Any]) -> str:
+        step_id, parent = data["id"], data.get("parent_id")
+        if step_id not in self._depths:
+            self._depths[step_id] = self._depths[parent] + 1 if parent in self._depths else 0
+        indent = "  " * self._depths[step_id]
+        name, status = _one_line(data.get("name", "step")), data.get("status")
+        mark = STEP_MARKS.get(status if isinstance(status, str) else "", "·")
+        if status == "running":
+            shown = data.get("input")
+            return f"{indent}{mark} {name}" + ("" if shown is None else f": {_value(shown)}")
+        shown = data.get("output")
+        return f"{indent}{mark} {name}" + ("" if shown is None else f" → {_value(shown)}")
+
+
+def _value(value: Any) -> str:
+    """A value on one line: a string as it is, anything else as compact JSON; shortened."""
+    if not isinstance(value, str):
+        value = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    text = _one_line(value)
+    if len(text) > EVENT_VALUE_LIMIT:
+        text = text[: EVENT_VALUE_LIMIT - 1] + "…"
+    return text
+
+
+def _one_line(value: object) -> str:
+    """Text a model sent, safe on one terminal line: no escapes, no line breaks."""
+    return " ".join(CONTROL_CHARACTERS.sub("", str(value)).split())
 
 
 class _IoThread:
@@ -125,6 +182,7 @@ class TerminalChat:
         # The server started a new session after a failed resume: the next message carries
         # the conversation so far. Set on the I/O thread, read on the main one.
         self._carry_history = False
+        self._mid_line = False  # the reply's last line shown is unfinished
 
     def run(self) -> int:
         try:
@@ -218,16 +276,16 @@ class TerminalChat:
         try:
             self.io.run(self._stream(turn), on_interrupt=interrupt)
         except TurnFailed as exc:
-            self._end_line(turn)
+            self._end_line()
             self._fail(f"{exc.code}: {exc.message}")
             return "failed"
         except ConnectionLost as exc:
             if not client.is_open:
                 raise  # lost for good: the chat ends
-            self._end_line(turn)  # the session expired mid-reply: a new one goes on
+            self._end_line()  # the session expired mid-reply: a new one goes on
             self._fail(exc.message)
             return "failed"
-        self._end_line(turn)
+        self._end_line()
         if turn.reason == "cancelled":
             self._note("[stopped]")
             return "stopped"
@@ -259,15 +317,33 @@ class TerminalChat:
             self._note(f"connection lost; could not resume (gave up after {notice.attempts} tries)")
 
     async def _stream(self, turn: Turn) -> None:
-        async for chunk in turn:
-            if not self.options.json:
-                self.stdout.write(chunk if self.raw_output else CONTROL_CHARACTERS.sub("", chunk))
+        if self.options.json:  # every frame is printed as it comes (on_frame)
+            async for _ in turn:
+                pass
+            return
+        events = EventLines()
+        async for item in turn.items():
+            if isinstance(item, str):
+                text = item if self.raw_output else CONTROL_CHARACTERS.sub("", item)
+                self.stdout.write(text)
                 self.stdout.flush()
+                if text:
+                    self._mid_line = not text.endswith("\n")
+            else:
+                self._event_note(events.line(item))
 
-    def _end_line(self, turn: Turn) -> None:
-        if not self.options.json and turn.chunks and not turn.text.endswith("\n"):
+    def _event_note(self, text: str) -> None:
+        """An event's line on stderr; on a terminal, below the reply's unfinished line."""
+        if self._mid_line and self.stdout.isatty() and self.stderr.isatty():
+            self.stderr.write("\n")
+            self._mid_line = False
+        self._note(text)
+
+    def _end_line(self) -> None:
+        if not self.options.json and self._mid_line:
             self.stdout.write("\n")
             self.stdout.flush()
+        self._mid_line = False
 
     def _print_frame(self, raw: str) -> None:
         self.stdout.write(raw + "\n")

@@ -475,28 +475,19 @@ class Registry:
         python = await self.environments.python_for(
             candidate.name, candidate.directory, config.isolation
         )
-        resources = config.isolation.resources
-        spec = WorkerSpec(
-            name=candidate.name,
-            revision=candidate.revision,
-            model_dir=candidate.directory,
-            python=python,
-            config=candidate.raw_config,
-            memory_bytes=resources.memory_bytes(),
-            cpus=resources.cpu,
-            memory_text=resources.memory,
-            pids=resources.pids or containment.DEFAULT_PIDS,
-            network=config.isolation.network,
+        spec = worker_spec(
+            candidate.name,
+            candidate.revision,
+            candidate.directory,
+            python,
+            candidate.raw_config,
+            config,
             sandbox=self.sandbox,
             sandbox_share=self.sandbox_share,
         )
         name = candidate.name
         runner = IsolatedRunner(spec, lambda reason: self._runner_failed(name, runner, reason))
-        try:
-            await runner.start()
-        except BaseException:
-            await runner.close()
-            raise
+        await start_worker(runner)
         return runner, runner.description
 
     def _scan(self) -> dict[str, _Candidate]:
@@ -583,6 +574,44 @@ def _inspect_directory(directory: Path) -> _Candidate:
             "rename the directory or set `name` in config.yaml"
         )
     return _Candidate(name, directory, revision, config, raw, error, config.isolated)
+
+
+def worker_spec(
+    name: str,
+    revision: str,
+    directory: Path,
+    python: Path,
+    raw_config: dict[str, Any],
+    config: ModelConfig,
+    *,
+    sandbox: str = "auto",
+    sandbox_share: tuple[tuple[str, str], ...] = (),
+) -> WorkerSpec:
+    """How an isolated model's worker is started, from its config.yaml."""
+    resources = config.isolation.resources
+    return WorkerSpec(
+        name=name,
+        revision=revision,
+        model_dir=directory,
+        python=python,
+        config=raw_config,
+        memory_bytes=resources.memory_bytes(),
+        cpus=resources.cpu,
+        memory_text=resources.memory,
+        pids=resources.pids or containment.DEFAULT_PIDS,
+        network=config.isolation.network,
+        sandbox=sandbox,
+        sandbox_share=sandbox_share,
+    )
+
+
+async def start_worker(runner: IsolatedRunner) -> None:
+    """Start ``runner``'s worker with the model loaded in it (stopped again if it fails)."""
+    try:
+        await runner.start()
+    except BaseException:
+        await runner.close()
+        raise
 
 
 def _row(

@@ -204,12 +204,12 @@ def read_config(model_dir: Path) -> tuple[ModelConfig, dict[str, Any]]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{CONFIG_FILE}: cannot be read: {exc}") from None
-    raw = _load_yaml(text)
+    raw = load_yaml(text)
     resolve_secrets(raw)
     try:
         config = ModelConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ModelLoadError(f"{CONFIG_FILE}: {_describe(exc)}") from None
+        raise ModelLoadError(f"{CONFIG_FILE}: {describe_errors(exc)}") from None
     return config, raw
 
 
@@ -227,7 +227,7 @@ def asks_for_isolation(model_dir: Path) -> bool:
     return isolation is True
 
 
-def _load_yaml(text: str) -> dict[str, Any]:
+def load_yaml(text: str) -> dict[str, Any]:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         raw = yaml.safe_load(text)
@@ -254,7 +254,7 @@ def _load_yaml(text: str) -> dict[str, Any]:
     return raw
 
 
-def _describe(exc: ValidationError) -> str:
+def describe_errors(exc: ValidationError) -> str:
     """The first validation problem as ``key.path: message``."""
     problems = []
     for error in exc.errors():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 from pathlib import Path
@@ -12,6 +13,37 @@ REVISION_LENGTH: Final = 12
 # rather than read in full on every reload.
 FULL_HASH_LIMIT: Final = 16 * 1024 * 1024
 _SKIPPED_DIRS: Final = frozenset({"__pycache__", "venv", ".venv", "node_modules"})
+# A hand-made venv/ counts by its presence alone: this file, relative to the model.
+VENV_MARKER: Final = ("venv", "bin", "python")
+
+
+def skipped_dir(name: str) -> bool:
+    """Whether a directory of this name is left out of a model's revision."""
+    return name in _SKIPPED_DIRS or name.startswith(".")
+
+
+# Editors' swap, backup, lock and probe files (vim, emacs, JetBrains, macOS Finder): not the
+# model, so neither its revision nor a reload on change sees them.
+EDITOR_NOISE: Final = (
+    "*.swp",
+    "*.swo",
+    "*.swx",
+    "*~",
+    ".#*",
+    "#*#",
+    "4913",  # vim's probe: may it write in this directory?
+    "*.tmp",
+    ".DS_Store",
+    "*___jb_tmp___",
+    "*___jb_old___",
+)
+
+
+def skipped_file(name: str) -> bool:
+    """Whether a file of this name is left out of a model's revision."""
+    if name.startswith(".") or name.endswith((".pyc", ".pyo")):
+        return True
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in EDITOR_NOISE)
 
 
 def compute_revision(model_dir: Path) -> str:
@@ -19,7 +51,7 @@ def compute_revision(model_dir: Path) -> str:
     digest = hashlib.sha256()
     # venv/ itself is not hashed (it is large and changes as it is used), but adding or
     # removing a hand-made one changes how the model runs, so its presence counts.
-    if (model_dir / "venv" / "bin" / "python").exists():
+    if model_dir.joinpath(*VENV_MARKER).exists():
         digest.update(b"venv/\0")
     for path in sorted(_content_files(model_dir)):
         relative = path.relative_to(model_dir).as_posix()
@@ -37,11 +69,8 @@ def compute_revision(model_dir: Path) -> str:
 
 
 def _content_files(model_dir: Path) -> list[Path]:
-    files = []
+    files: list[Path] = []
     for root, dirs, names in os.walk(model_dir):
-        dirs[:] = [d for d in dirs if d not in _SKIPPED_DIRS and not d.startswith(".")]
-        for name in names:
-            if name.startswith(".") or name.endswith((".pyc", ".pyo")):
-                continue
-            files.append(Path(root) / name)
+        dirs[:] = [d for d in dirs if not skipped_dir(d)]
+        files.extend(Path(root) / name for name in names if not skipped_file(name))
     return files
