@@ -418,6 +418,12 @@ async def test_bad_events_are_refused_at_the_call_and_the_turn_goes_on(
     said = turn.text
     assert "its data is not JSON" in said and "over 65536" in said
     assert "is already closed" in said
+    assert "Out of range float values are not JSON compliant" in said  # NaN refused
+    assert '"queued" is the server' in said
+    assert said.count("over 65536") == 2  # the huge step's input too
+    after = [e["data"] for e in events_of(turn) if e["data"].get("name") == "after"]
+    assert after and all(e["parent_id"] is None for e in after)  # no ghost parent
+    assert all(e["name"] == "step" for e in events_of(turn))
 
 
 async def test_steps_left_open_or_failing_end_as_error(server: ServerProcess) -> None:
@@ -436,3 +442,22 @@ async def test_a_plain_generators_events_keep_their_order(server: ServerProcess)
         turn = await run_turn(ws, "sync")
     order = [f.get("content") or f["data"]["text"] for f in turn.frames if f["type"] != "done"]
     assert order == ["working 0", "0", "working 1", "1", "working 2", "2"]
+
+
+async def test_a_flood_of_events_is_refused_past_the_turns_budget(server: ServerProcess) -> None:
+    async with chat(server, "eventful") as ws:
+        turn = await run_turn(ws, "flood")
+    assert turn.text.startswith("69 sent;") and "over 4194304 bytes" in turn.text
+    assert len(events_of(turn)) == 69 and turn.done["reason"] == "stop"
+
+
+async def test_a_cancelled_turn_closes_its_open_steps_as_error(server: ServerProcess) -> None:
+    async with chat(server, "eventful") as ws:
+        await ws.send("hang")
+        assert (await recv_frame(ws))["data"]["status"] == "running"
+        assert (await recv_frame(ws))["content"] == "started"
+        await ws.send('{"type":"cancel"}')
+        closing = await recv_frame(ws)
+        done = await recv_frame(ws)
+    assert closing["type"] == "event" and closing["data"]["status"] == "error"
+    assert done["type"] == "done" and done["reason"] == "cancelled"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 from ws_server.session.outbox import Outbox
 
 
@@ -117,3 +119,14 @@ async def test_events_are_numbered_kept_and_replayed_like_chunks() -> None:
         "name": "status",
         "data": {"text": "thinking"},
     }
+
+
+async def test_an_event_that_cannot_be_encoded_spends_no_seq() -> None:
+    outbox, sink = Outbox(), Recording()
+    outbox.attach(sink)
+    await outbox.chunk(1, "a")
+    with pytest.raises(TypeError):
+        outbox.event(1, "bad", {"value": object()})
+    await outbox.chunk(1, "b")
+    assert seqs(sink.frames) == [1, 2]
+    assert outbox.frames_after(1) == sink.frames[1:]

@@ -38,7 +38,8 @@ export function recordEvent(entry, frame) {
   if (name === "step" && (typeof data.id === "string" || Number.isFinite(data.id))) {
     const id = String(data.id);
     const status = STEP_STATUSES.includes(data.status) ? data.status : "running";
-    let step = entry.activity.find((item) => item.type === "step" && item.id === id);
+    const index = indexOf(entry);
+    let step = index.get(`step ${id}`);
     if (step && step.status !== "running" && status === "running") return unqueued; // seen
     if (!step) {
       const parent = typeof data.parent_id === "string" || Number.isFinite(data.parent_id)
@@ -46,6 +47,7 @@ export function recordEvent(entry, frame) {
       const stepName = oneLine(String(data.name ?? "step"));
       step = { type: "step", id, parent, name: stepName, input: null, output: null };
       entry.activity.push(step);
+      index.set(`step ${id}`, step);
     }
     step.status = status;
     if (data.input != null) step.input = shown(data.input, VALUE_LIMIT);
@@ -53,11 +55,27 @@ export function recordEvent(entry, frame) {
     return { kind: "step", step, unqueued: Boolean(unqueued) };
   }
   const seq = Number.isSafeInteger(frame.seq) ? frame.seq : null;
-  const seen = (item) => item.type === "note" && item.seq === seq;
-  if (seq !== null && entry.activity.some(seen)) return unqueued;
+  if (seq !== null && indexOf(entry).has(`note ${seq}`)) return unqueued;
   const note = { type: "note", seq, name: oneLine(name), text: oneLine(shown(data, NOTE_LIMIT, 0)) };
   entry.activity.push(note);
+  if (seq !== null) indexOf(entry).set(`note ${seq}`, note);
   return { kind: "note", note, unqueued: Boolean(unqueued) };
+}
+
+// Each entry's steps by id and notes by seq, so that an event is found at once however
+// many came before (kept beside the entry: what is saved stays plain JSON).
+const indexes = new WeakMap();
+
+function indexOf(entry) {
+  let index = indexes.get(entry);
+  if (!index) {
+    index = new Map();
+    for (const item of entry.activity) {
+      index.set(item.type === "step" ? `step ${item.id}` : `note ${item.seq}`, item);
+    }
+    indexes.set(entry, index);
+  }
+  return index;
 }
 
 /** A turn that was waiting for a slot runs (or ended): its "Queued" line goes. What

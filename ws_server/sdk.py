@@ -28,6 +28,7 @@ __all__ = [
 
 CONTEXT_SNAPSHOT_LIMIT = 64 * 1024  # bytes of JSON kept of a session's context
 EVENT_LIMIT = 64 * 1024  # bytes of JSON an event's data may take
+TURN_EVENTS_LIMIT = 4 * 1024 * 1024  # bytes of events one turn may send (a flood is refused)
 STEP_STATUSES = ("running", "done", "error")
 
 _log = logging.getLogger("anything_agent.model")
@@ -81,8 +82,8 @@ class Step:
         )
 
     def open(self) -> Step:
+        self._report()  # first: a step that could not be reported is nobody's parent
         self._model._open_steps.append(self)
-        self._report()
         return self
 
     def close(self, status: str = "done") -> None:
@@ -184,6 +185,7 @@ class AnythingBaseModel:
     _event_sink: EventSink | None = None  # set by the runner while a turn runs
     _open_steps: list[Step]
     _step_ids: itertools.count[int]
+    _event_bytes: int = 0  # this turn's, so far
 
     def __init__(self) -> None:
         # Subclasses may define __init__(self) and call super().__init__(); the
@@ -242,13 +244,23 @@ class AnythingBaseModel:
             raise self._refused("events can be sent only while on_chat_messages runs")
         if not isinstance(name, str) or not name or len(name) > 64:
             raise self._refused("an event's name is a string of 1 to 64 characters")
+        if name == "queued":
+            raise self._refused('"queued" is the server\'s event (a turn waiting for a slot)')
         try:
-            size = len(json.dumps(data, ensure_ascii=False).encode())
+            text = json.dumps(data, ensure_ascii=False, allow_nan=False)
+            size = len(text.encode())
         except (TypeError, ValueError, RecursionError) as exc:
             raise self._refused(f"event {name!r}: its data is not JSON ({exc})") from None
         if size > EVENT_LIMIT:
             raise self._refused(f"event {name!r}: its data takes {size} bytes, over {EVENT_LIMIT}")
-        sink(name, data)
+        self._event_bytes += size
+        if self._event_bytes > TURN_EVENTS_LIMIT:
+            raise self._refused(
+                f"this turn's events take over {TURN_EVENTS_LIMIT} bytes: no more are sent"
+            )
+        # A copy, as checked: a model that changes its data after emit (a plain generator
+        # emits from its thread, sent on the loop later) can't change what goes out.
+        sink(name, json.loads(text))
 
     def _refused(self, problem: str) -> EventError:
         """The error for an event that can't be sent, logged with the model's name (the
@@ -272,6 +284,7 @@ class AnythingBaseModel:
         self._event_sink = sink
         self._open_steps = []
         self._step_ids = itertools.count(1)
+        self._event_bytes = 0
 
     def _end_turn(self) -> None:
         """The runner: the turn is over; steps left open end as ``error``."""

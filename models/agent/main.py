@@ -24,7 +24,8 @@ TIME_QUESTION = re.compile(
     r"\b(what time|the time|time is it|current time|what day|today's date|the date)\b",
     re.IGNORECASE,
 )
-ARITHMETIC = re.compile(r"^[\d\s.+\-*/%()^×÷]*\d[\d\s.+\-*/%()^×÷]*$")
+ARITHMETIC = re.compile(r"^[\d\s.+\-*/%()^×÷]+$")  # and a digit somewhere (checked apart)
+MAX_EXPRESSION = 200  # characters: a longer "expression" is no question for a calculator
 QUESTION_WORDS = re.compile(
     r"^\s*(?:please\s+)?(?:what(?:'s| is)|how much is|calculate|compute|work out|solve)\s+",
     re.IGNORECASE,
@@ -89,7 +90,12 @@ def choose_tool(question: str) -> tuple[str, str] | None:
     if TIME_QUESTION.search(question):
         return "clock", question
     expression = QUESTION_WORDS.sub("", question).strip().rstrip("?=!. ")
-    if ARITHMETIC.match(expression) and re.search(r"[-+*/%^×÷]", expression):
+    if (
+        len(expression) <= MAX_EXPRESSION
+        and ARITHMETIC.match(expression)
+        and re.search(r"\d", expression)
+        and re.search(r"[-+*/%^×÷]", expression)
+    ):
         return "calculator", expression
     return None
 

@@ -93,6 +93,7 @@ class _Event:
 
     name: str
     data: dict[str, Any]
+    size: int  # bytes of its data, counted with the chunks' for flow control
 
 
 @dataclass(frozen=True)
@@ -491,28 +492,18 @@ class IsolatedSession:
 
     # ------------------------------------------------------------------ from the worker
     def receive(self, kind: str, args: list[Any]) -> None:
-        if kind in ("chunk", "event", "turn_end") and args[0] != self._turn_id:
+        if kind in ("chunk", "event", "turn_end") and (not args or args[0] != self._turn_id):
             return  # from a turn already given up on (it was wedged, then replaced)
         if kind == "chunk":
             queue = self._queue
             if queue is not None and not self._overrun:
                 queue.put_nowait(args[1])
-                self._queued_bytes += len(args[1])
-                if not self._paused and self._queued_bytes > QUEUE_HIGH:
-                    self._paused = True
-                    self.runner.send(["pause", self.sid])
-                elif self._queued_bytes > QUEUE_HARD_LIMIT:
-                    log.error(
-                        "model %s: the worker ignored flow control (%d bytes queued); stopping it",
-                        self.runner.name,
-                        self._queued_bytes,
-                    )
-                    self._overrun = True  # what else it sends is dropped; its death ends
-                    self.runner.kill_worker()  # the turn with model_crashed
+                self._queued(len(args[1]))
         elif kind == "event":
             event = _checked_event(self.runner.name, args)
             if event is not None and self._queue is not None and not self._overrun:
                 self._queue.put_nowait(event)
+                self._queued(event.size)
         elif kind == "turn_end":
             if len(args) > 3 and isinstance(args[3], dict):
                 self._context = args[3]
@@ -522,6 +513,22 @@ class IsolatedSession:
             reply = self._replies.pop(kind, None)
             if reply is not None and not reply.done():
                 reply.set_result(args[0])
+
+    def _queued(self, size: int) -> None:
+        """``size`` more bytes wait for the session: past QUEUE_HIGH the worker is asked to
+        pause; past the hard limit it ignored that, and is stopped."""
+        self._queued_bytes += size
+        if not self._paused and self._queued_bytes > QUEUE_HIGH:
+            self._paused = True
+            self.runner.send(["pause", self.sid])
+        elif self._queued_bytes > QUEUE_HARD_LIMIT:
+            log.error(
+                "model %s: the worker ignored flow control (%d bytes queued); stopping it",
+                self.runner.name,
+                self._queued_bytes,
+            )
+            self._overrun = True  # what else it sends is dropped; its death ends
+            self.runner.kill_worker()  # the turn with model_crashed
 
     @property
     def turn_running(self) -> bool:
@@ -594,6 +601,7 @@ class IsolatedSession:
                     yield item
                     continue
                 if isinstance(item, _Event):
+                    self._queued_bytes -= item.size
                     if events is not None:
                         events(item.name, item.data)
                     continue
@@ -602,19 +610,23 @@ class IsolatedSession:
                 return
         finally:
             if not finished:
-                await self._cancel_in_worker(queue)
+                await self._cancel_in_worker(queue, events)
             self._queue = None
 
-    async def _cancel_in_worker(self, queue: asyncio.Queue[_Item]) -> None:
+    async def _cancel_in_worker(
+        self, queue: asyncio.Queue[_Item], events: EventSink | None
+    ) -> None:
         """Stopped early (cancel, timeout, client gone): close the generator in the worker
-        and wait until its ``finally`` has run there; a wedged worker gets replaced."""
+        and wait until its ``finally`` has run there (what it emits meanwhile, such as its
+        steps closing as ``error``, still goes out); a wedged worker gets replaced."""
         self.runner.send(["cancel", self.sid])
         if self._paused:
             self.runner.send(["resume", self.sid])
 
         async def turn_over() -> None:
-            while not isinstance(await queue.get(), (_TurnEnd, _Crash)):
-                pass
+            while not isinstance(item := await queue.get(), (_TurnEnd, _Crash)):
+                if isinstance(item, _Event) and events is not None:
+                    events(item.name, item.data)
 
         try:
             await asyncio.wait_for(turn_over(), CLEANUP_LIMIT)
@@ -676,7 +688,13 @@ def _checked_event(model: str, args: list[Any]) -> _Event | None:
     """An ``event`` message from a worker, if it is one the SDK would have sent (a model
     writing to the channel itself gets its malformed events dropped, and a log line)."""
     if len(args) >= 3 and isinstance(args[1], str) and isinstance(args[2], dict):
-        if 0 < len(args[1]) <= 64 and len(json.dumps(args[2])) <= 4 * EVENT_LIMIT:
-            return _Event(args[1], args[2])
+        name, data = args[1], args[2]
+        try:
+            name.encode()
+            size = len(json.dumps(data, ensure_ascii=False, allow_nan=False).encode())
+        except (TypeError, ValueError, RecursionError):  # lone surrogates, NaN, depth
+            size = EVENT_LIMIT + 1
+        if 0 < len(name) <= 64 and name != "queued" and size <= EVENT_LIMIT:
+            return _Event(name, data, size)
     log.warning("model %s: dropped a malformed event from its worker", model)
     return None

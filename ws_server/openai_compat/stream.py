@@ -90,7 +90,8 @@ class CompletionStream:
     def event(self, seq: int, turn: int, name: str, data: dict[str, Any]) -> bytes:
         text = wire.event_text(name, data)
         if not self._streaming:
-            self._reasoning.append(text)
+            if name != "queued":  # the server's, of no use once the reply is whole
+                self._reasoning.append(text)
             return b""
         first = not self._output
         self._output = True

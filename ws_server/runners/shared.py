@@ -101,9 +101,11 @@ class SharedSession:
                 if chunk:
                     yield chunk
         finally:
-            if chunks is not None:  # runs the model's finally blocks on cancel and timeout
-                await chunks.aclose()
-            model._end_turn()  # steps left open end as error, before done
+            try:
+                if chunks is not None:  # runs the model's finally blocks on cancel and timeout
+                    await chunks.aclose()
+            finally:
+                model._end_turn()  # steps left open end as error, before done
 
 
 def _on_loop(events: EventSink) -> EventSink:

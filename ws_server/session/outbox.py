@@ -157,8 +157,8 @@ class Outbox:
         chunks: numbered, kept and sent like them, without waiting (a model's ``emit``
         is a plain call). A detached session's buffer takes it past its bound if need
         be; the next chunk waits for room."""
+        frame = self._encoding.event(self.seq + 1, turn, name, data)  # may raise: no seq spent
         self.seq += 1
-        frame = self._encoding.event(self.seq, turn, name, data)
         if self._limit:
             self._keep(frame)
             if self.mirror is not None:

@@ -1,6 +1,7 @@
 """This model's tests: `anything-agent test MODEL_DIR` (or pytest) runs them in this
 process, without a server."""
 
+import time
 from pathlib import Path
 
 from ws_server.testing import ModelTester
@@ -59,3 +60,13 @@ def test_a_question_no_tool_answers_gets_help() -> None:
         "running",
         "done",
     ]
+
+
+def test_a_huge_question_is_answered_at_once() -> None:
+    # Checking whether it is arithmetic takes time linear in its length, and a long one is
+    # no question for the calculator: the event loop is never held.
+    with ModelTester(MODEL, config_overrides=FAST) as model:
+        began = time.monotonic()
+        turn = model.send("1" * 30_000 + "+")
+    assert time.monotonic() - began < 1.0
+    assert turn.reason == "stop" and "calculator" in turn.text

@@ -1,6 +1,7 @@
 """Reports what it does with events: status lines, nested steps, its own events, and the
 mistakes a model can make with them (answers what it was asked, by its first word)."""
 
+import asyncio
 import time
 
 from ws_server import AnythingBaseModel, EventError
@@ -41,7 +42,34 @@ class Eventful(AnythingBaseModel):
                 step.close()
             except EventError as exc:
                 problems.append(str(exc))
+            for bad in ({"value": float("nan")}, None):
+                try:
+                    if bad is None:
+                        self.emit("queued", position=1)
+                    else:
+                        self.emit("nan", **bad)
+                except EventError as exc:
+                    problems.append(str(exc))
+            try:
+                with self.step("huge", input="x" * 70_000):
+                    pass
+            except EventError as exc:
+                problems.append(str(exc))
+            with self.step("after") as after:
+                after.output = "parent is none"
             yield " | ".join(problems)
+        elif command == "flood":
+            sent = 0
+            try:
+                for _ in range(200):
+                    self.emit("blob", text="y" * 60_000)
+                    sent += 1
+            except EventError as exc:
+                yield f"{sent} sent; {exc}"
+        elif command == "hang":
+            with self.step("long"):
+                yield "started"
+                await asyncio.sleep(30)
         elif command == "open":
             self.step("left open", input=1).open()
             yield "leaving a step open"
