@@ -208,8 +208,8 @@ async def test_slots_grant_in_order_and_refuse_past_the_queue() -> None:
     slots = TurnSlots("m", max_turns=1, max_queue=2)
     told: dict[str, list[int]] = {"b": [], "c": []}
     first = slots.enter()
-    second = slots.enter(told["b"].append)
-    third = slots.enter(told["c"].append)
+    second = slots.enter(lambda turn, place: told["b"].append(place), 1)
+    third = slots.enter(lambda turn, place: told["c"].append(place), 1)
     assert first.granted and not second.granted and not third.granted
     with pytest.raises(Overloaded) as refused:
         slots.admit()

@@ -282,17 +282,20 @@ class AnythingBaseModel:
     def _begin_turn(self, sink: EventSink | None) -> None:
         """The runner: a turn starts, its events going to ``sink``."""
         self._event_sink = sink
-        self._open_steps = []
-        self._step_ids = itertools.count(1)
-        self._event_bytes = 0
+        if self._open_steps:  # (allocations per turn only when steps were used)
+            self._open_steps = []
+        if self._event_bytes:
+            self._step_ids = itertools.count(1)
+            self._event_bytes = 0
 
     def _end_turn(self) -> None:
         """The runner: the turn is over; steps left open end as ``error``."""
-        for step in reversed(list(self._open_steps)):
-            try:
-                step.close("error")
-            except EventError:
-                pass
+        if self._open_steps:
+            for step in reversed(list(self._open_steps)):
+                try:
+                    step.close("error")
+                except EventError:
+                    pass
         self._event_sink = None
 
     # ----------------------------------------------------------------- framework

@@ -16,18 +16,21 @@ from collections.abc import Callable
 from ws_server import metrics
 from ws_server.exceptions import Overloaded
 
-Position = Callable[[int], None]  # told a queued turn's position (1: next to run)
+Position = Callable[[int, int], None]  # told a queued turn (its number) its place (1: next)
 
 
 class Ticket:
     """One turn's place: running (``granted``), or waiting for ``ready``. ``close`` gives
     it back, whatever became of the turn (idempotent)."""
 
-    __slots__ = ("_closed", "_position", "_slots", "granted", "queued_at", "ready")
+    __slots__ = ("_closed", "_position", "_slots", "_turn", "granted", "queued_at", "ready")
 
-    def __init__(self, slots: TurnSlots, position: Position | None, granted: bool) -> None:
+    def __init__(
+        self, slots: TurnSlots, position: Position | None, turn: int, granted: bool
+    ) -> None:
         self._slots = slots
         self._position = position
+        self._turn = turn
         self._closed = False
         self.granted = granted
         self.ready: asyncio.Future[None] | None = None
@@ -35,7 +38,7 @@ class Ticket:
 
     def tell(self, position: int) -> None:
         if self._position is not None:
-            self._position(position)
+            self._position(self._turn, position)
 
     def close(self, _task: object = None) -> None:
         if not self._closed:
@@ -74,14 +77,14 @@ class TurnSlots:
                 retry_after,
             )
 
-    def enter(self, position: Position | None = None) -> Ticket:
-        """A ticket for a new turn: granted at once while a slot is free and nobody waits,
-        else queued (told its position)."""
+    def enter(self, position: Position | None = None, turn: int = 0) -> Ticket:
+        """A ticket for turn ``turn``: granted at once while a slot is free and nobody
+        waits, else queued (``position`` is told its place)."""
         limit = self.max_turns
         if limit is None or (self.running < limit and not self._waiting):
             self.running += 1
-            return Ticket(self, position, granted=True)
-        ticket = Ticket(self, position, granted=False)
+            return Ticket(self, position, turn, granted=True)
+        ticket = Ticket(self, position, turn, granted=False)
         ticket.ready = asyncio.get_running_loop().create_future()
         ticket.queued_at = time.monotonic()
         self._waiting.append(ticket)

@@ -15,7 +15,6 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -253,7 +252,7 @@ class Conversation:
             journal.turn_started(self.turn, self.outbox.seq)
         self._stop_reason = None
         self._turn_closing = False
-        ticket = slots.enter(self._queued(self.turn))
+        ticket = slots.enter(self._queued, self.turn)
         self._turn_task = asyncio.get_running_loop().create_task(
             self._run_turn(self.turn, self.history.messages(), frame.params, ticket)
         )
@@ -339,7 +338,7 @@ class Conversation:
         reason = "stop"
         outbox = self.outbox
         journal = self.journal
-        stream = self._model.stream(messages, journal is not None, params, self._events(turn))
+        stream = self._model.stream(messages, journal is not None, params, self._emitted)
         try:
             try:
                 async for piece in stream:
@@ -417,23 +416,16 @@ class Conversation:
                     self.journal.turn_ended(turn, self._model.snapshot())
             return False
 
-    def _queued(self, turn: int) -> Callable[[int], None]:
-        """What tells the client turn ``turn``'s place in the model's queue."""
+    def _queued(self, turn: int, place: int) -> None:
+        """Tell the client turn ``turn``'s place in the model's queue."""
+        if self.turn == turn and self._ended_turn < turn:
+            self.outbox.event(turn, "queued", {"position": place})
 
-        def position(place: int) -> None:
-            if self.turn == turn and self._ended_turn < turn:
-                self.outbox.event(turn, "queued", {"position": place})
-
-        return position
-
-    def _events(self, turn: int) -> Callable[[str, dict[str, Any]], None]:
-        """Where turn ``turn``'s model events go: the outbox, while that turn runs."""
-
-        def emitted(name: str, data: dict[str, Any]) -> None:
-            if self.turn == turn and self._ended_turn < turn:
-                self.outbox.event(turn, name, data)
-
-        return emitted
+    def _emitted(self, name: str, data: dict[str, Any]) -> None:
+        """A model event: to the outbox, as part of the turn running (none after its done)."""
+        turn = self.turn
+        if self._ended_turn < turn:
+            self.outbox.event(turn, name, data)
 
     async def _finish(self, turn: int, reason: str) -> None:
         """The frames that end a turn stopped for ``reason``: an error first for a timeout
