@@ -27,7 +27,8 @@ from conftest import (
     wait_until_built,
 )
 
-from ws_server.exceptions import Overloaded
+from ws_server.client import connect as client_connect
+from ws_server.exceptions import Overloaded, ServerError
 from ws_server.registry.slots import TurnSlots
 
 
@@ -235,3 +236,20 @@ class chats:
 
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.gather(*(c.__aexit__(None, None, None) for c in self.contexts))
+
+
+async def test_the_python_client_raises_overloaded_with_its_retry_after(
+    gated: ServerProcess,
+) -> None:
+    async with chats(gated, "gated_isolated", 2) as (holder, waiter):
+        await holder.send("hold 1")
+        await asyncio.sleep(0.2)
+        await waiter.send("waits 0")
+        assert (await recv_frame(waiter))["data"] == {"position": 1}
+        async with client_connect(gated.ws_url, "gated_isolated") as refused:
+            with pytest.raises(ServerError) as overloaded:
+                await refused.ask("one too many")
+            assert overloaded.value.code == "overloaded"
+            assert overloaded.value.retry_after is not None and overloaded.value.retry_after >= 1
+        assert (await read_until_done_or_error(waiter))[-1]["reason"] == "stop"
+        assert (await read_until_done_or_error(holder))[-1]["reason"] == "stop"

@@ -282,12 +282,16 @@ class ChatRefused(ClientError):
 
 
 class ServerError(ClientError):
-    """The server sent an ``error`` frame: ``code`` is a protocol error code."""
+    """The server sent an ``error`` frame: ``code`` is a protocol error code;
+    ``retry_after`` the seconds an ``overloaded`` model asks to wait before trying again."""
 
-    def __init__(self, message: str, *, code: str, turn: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: str, turn: int | None = None, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.turn = turn
+        self.retry_after = retry_after
 
 
 class TurnFailed(ServerError):

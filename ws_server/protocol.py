@@ -486,12 +486,14 @@ class Done:
 @dataclass(frozen=True, slots=True)
 class ErrorReport:
     """An ``error`` frame; ``turn`` is set when it belongs to a turn, ``seq`` unless it came
-    before ``ready`` or is ``resume_expired``."""
+    before ``ready`` or is ``resume_expired``; ``retry_after`` (seconds) with
+    ``overloaded``."""
 
     code: str
     message: str
     turn: int | None = None
     seq: int | None = None
+    retry_after: int | None = None
 
 
 ServerFrame = Ready | Resumed | Chunk | Event | Done | ErrorReport
@@ -532,7 +534,13 @@ def parse_server_frame(data: str | bytes) -> ServerFrame:
             return Done(_field(frame, "turn", int), reason, _field(frame, "seq", int))
         if kind == "error":
             turn, seq = _optional_int(frame, "turn"), _optional_int(frame, "seq")
-            return ErrorReport(_field(frame, "code", str), _field(frame, "message", str), turn, seq)
+            return ErrorReport(
+                _field(frame, "code", str),
+                _field(frame, "message", str),
+                turn,
+                seq,
+                _optional_int(frame, "retry_after"),
+            )
         if kind == "ready":
             token = frame.get("resume_token")
             window = frame.get("resume_window")
