@@ -461,3 +461,32 @@ async def test_a_cancelled_turn_closes_its_open_steps_as_error(server: ServerPro
         done = await recv_frame(ws)
     assert closing["type"] == "event" and closing["data"]["status"] == "error"
     assert done["type"] == "done" and done["reason"] == "cancelled"
+
+
+async def test_steps_run_at_once_are_siblings_each_with_its_own_children(
+    server: ServerProcess,
+) -> None:
+    async with chat(server, "eventful") as ws:
+        turn = await run_turn(ws, "parallel")
+    opened = {
+        e["data"]["name"]: e["data"] for e in events_of(turn) if e["data"]["status"] == "running"
+    }
+    assert opened["plan"]["parent_id"] is None
+    assert opened["a"]["parent_id"] == opened["b"]["parent_id"] == opened["plan"]["id"]
+    assert opened["a-inner"]["parent_id"] == opened["a"]["id"]
+    assert opened["b-inner"]["parent_id"] == opened["b"]["id"]
+
+
+async def test_a_plain_generators_steps_nest_across_its_yields(server: ServerProcess) -> None:
+    async with chat(server, "eventful") as ws:
+        first = await run_turn(ws, "syncsteps")
+        second = await run_turn(ws, "syncsteps")  # nothing carried over from the first
+    for turn in (first, second):
+        opened = {
+            e["data"]["name"]: e["data"]
+            for e in events_of(turn)
+            if e["data"]["status"] == "running"
+        }
+        assert opened["outer"]["parent_id"] is None
+        assert opened["inner"]["parent_id"] == opened["outer"]["id"]
+        assert turn.text == "xy"

@@ -6,6 +6,7 @@ which has none of the server's dependencies.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import itertools
 import json
@@ -32,6 +33,11 @@ TURN_EVENTS_LIMIT = 4 * 1024 * 1024  # bytes of events one turn may send (a floo
 STEP_STATUSES = ("running", "done", "error")
 
 _log = logging.getLogger("anything_agent.model")
+# The step the running code is inside of (per task, and per thread a plain generator's
+# steps run in): what a new step's parent is.
+_CURRENT_STEP: contextvars.ContextVar[Step | None] = contextvars.ContextVar(
+    "anything_agent_step", default=None
+)
 
 EventSink = Callable[[str, dict[str, Any]], None]
 """Where a turn's events go (the runner sets it for the turn): name, data."""
@@ -59,10 +65,12 @@ class Step:
             step.output = search(query)
 
     It ends ``done``, or ``error`` when the block raised. Steps opened inside it are its
-    children (``parent_id``)."""
+    children (``parent_id``): inside it as the code runs, so tools run at once with
+    ``asyncio.gather`` are siblings, each the parent of its own steps."""
 
     def __init__(self, model: AnythingBaseModel, name: str, input: Any, parent: str | None):
         self._model = model
+        self._token: contextvars.Token[Step | None] | None = None
         self.id = f"step-{next(model._step_ids)}"
         self.parent_id = parent
         self.name = name
@@ -84,6 +92,7 @@ class Step:
     def open(self) -> Step:
         self._report()  # first: a step that could not be reported is nobody's parent
         self._model._open_steps.append(self)
+        self._token = _CURRENT_STEP.set(self)
         return self
 
     def close(self, status: str = "done") -> None:
@@ -97,6 +106,12 @@ class Step:
         self.status = status
         if self in self._model._open_steps:
             self._model._open_steps.remove(self)
+        token, self._token = self._token, None
+        if token is not None:
+            try:
+                _CURRENT_STEP.reset(token)
+            except ValueError:  # closed from another task than the one it opened in
+                pass
         self._report()
 
     def __enter__(self) -> Step:
@@ -276,8 +291,9 @@ class AnythingBaseModel:
     def step(self, name: str, input: Any = None) -> Step:
         """A step of the turn, to use with ``with`` (or ``async with``): reported running
         when it starts, and done (or error) with its ``output`` when it ends."""
-        parent = self._open_steps[-1].id if self._open_steps else None
-        return Step(self, str(name), input, parent)
+        current = _CURRENT_STEP.get()
+        running = current is not None and current._model is self and current.status == "running"
+        return Step(self, str(name), input, current.id if running and current else None)
 
     def _begin_turn(self, sink: EventSink | None) -> None:
         """The runner: a turn starts, its events going to ``sink``."""

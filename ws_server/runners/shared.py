@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import inspect
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -169,10 +170,13 @@ async def _iterate_in_thread(generator: Iterator[Any]) -> AsyncIterator[Any]:
     next turn never overlap a step of this one.
     """
     loop = asyncio.get_running_loop()
+    # Every step of the generator runs in one context of its own (a pool thread's would
+    # carry over from whatever ran there before): the model's steps nest as written.
+    context = contextvars.copy_context()
     step: concurrent.futures.Future[Any] | None = None
     try:
         while True:
-            step = MODEL_THREADS.submit(next, generator, _END)
+            step = MODEL_THREADS.submit(context.run, _advance, generator)
             item = await asyncio.wrap_future(step, loop=loop)
             step = None
             if item is _END:
@@ -186,6 +190,11 @@ async def _iterate_in_thread(generator: Iterator[Any]) -> AsyncIterator[Any]:
                 concurrent.futures.wait([running])
             close = getattr(generator, "close", None)
             if close is not None:
-                close()
+                context.run(close)
 
         await asyncio.wrap_future(MODEL_THREADS.submit(finish), loop=loop)
+
+
+def _advance(generator: Iterator[Any]) -> Any:
+    """The generator's next item, or ``_END`` once it is done."""
+    return next(generator, _END)

@@ -16,6 +16,22 @@ class Eventful(AnythingBaseModel):
             for chunk in self._sync():
                 yield chunk
             return
+        if command == "syncsteps":
+            for chunk in self._sync_steps():
+                yield chunk
+            return
+        if command == "parallel":
+            with self.step("plan"):
+
+                async def tool(name):
+                    with self.step(name):
+                        await asyncio.sleep(0.01)
+                        with self.step(name + "-inner"):
+                            await asyncio.sleep(0.01)
+
+                await asyncio.gather(tool("a"), tool("b"))
+            yield "ok"
+            return
         if command == "steps":
             self.status("thinking")
             yield "a"
@@ -84,3 +100,11 @@ class Eventful(AnythingBaseModel):
             self.status(f"working {index}")
             time.sleep(0.01)
             yield str(index)
+
+    def _sync_steps(self):
+        # Steps held open across yields, each next() in whatever pool thread is free.
+        with self.step("outer"):
+            yield "x"
+            time.sleep(0.01)
+            with self.step("inner"):
+                yield "y"
