@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -504,18 +504,7 @@ async def profile_sse(
         "sse-stream-ws": lambda: stream("ws", 1),
         "sse-stream-sse": lambda: stream("sse", 1),
     }
-    for name, run in runs.items():
-        print(f"profiling {name}: AnythingAgent", file=sys.stderr, flush=True)
-        await server.settle()
-        raw = args.profile / f"{SSE_AGENT}-{name}.txt"
-        recording = profiling.Recording(server.process.pid, raw)
-        await asyncio.sleep(0.5)  # attached
-        try:
-            await run()
-        finally:
-            await asyncio.to_thread(recording.stop)
-        summary = profiling.summarize(raw)
-        raw.with_name(f"{SSE_AGENT}-{name}-summary.txt").write_text(summary + "\n")
+    await profiled(server, runs, args.profile, SSE_AGENT, "AnythingAgent")
 
 
 async def metric_gauges(port: int) -> dict[str, float]:
@@ -602,10 +591,22 @@ async def profile(entry: Entry, args: argparse.Namespace) -> None:
         )
     if "resume" in args.modes:
         runs["resume"] = lambda: loadgen.resume(url, args.resume_samples, args.size, offers)
+    await profiled(server, runs, args.profile, entry.spec.key, entry.spec.label)
+
+
+async def profiled(
+    server: procs.Server,
+    runs: Mapping[str, Callable[[], Awaitable[Any]]],
+    directory: Path,
+    key: str,
+    label: str,
+) -> None:
+    """Each of ``runs`` once under py-spy: its raw stacks and their summary in
+    ``directory``, named ``<key>-<run>``."""
     for name, run in runs.items():
-        print(f"profiling {name}: {entry.spec.label}", file=sys.stderr, flush=True)
+        print(f"profiling {name}: {label}", file=sys.stderr, flush=True)
         await server.settle()
-        raw = args.profile / f"{entry.spec.key}-{name}.txt"
+        raw = directory / f"{key}-{name}.txt"
         recording = profiling.Recording(server.process.pid, raw)
         await asyncio.sleep(0.5)  # attached
         try:
@@ -613,7 +614,7 @@ async def profile(entry: Entry, args: argparse.Namespace) -> None:
         finally:
             await asyncio.to_thread(recording.stop)
         summary = profiling.summarize(raw)
-        raw.with_name(f"{entry.spec.key}-{name}-summary.txt").write_text(summary + "\n")
+        raw.with_name(f"{key}-{name}-summary.txt").write_text(summary + "\n")
 
 
 def revision() -> str | None:

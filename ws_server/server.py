@@ -37,7 +37,7 @@ from ws_server.session.connection import ChatConnection, ConnectionLimits
 from ws_server.session.conversation import Conversation, HistoryLimits
 from ws_server.session.handover import Handover
 from ws_server.session.live import LiveSession, digest, new_token
-from ws_server.session.outbox import Encoding, Outbox
+from ws_server.session.outbox import WIRE, Encoding, Outbox
 from ws_server.settings import ServerSettings
 from ws_server.store.base import SessionRecord, SessionStore
 from ws_server.store.memory import MemoryStore
@@ -441,16 +441,8 @@ class AnythingAgentServer:
         self, version: ModelVersion, encoding: Encoding, session_id: str
     ) -> LiveSession:
         """A short-lived session for one ``POST /v1/chat/completions`` on ``version``."""
-        conversation = Conversation(
-            version,
-            Outbox(0, encoding=encoding),
-            limits=self.history_limits,
-            debug=self.settings.debug,
-            session_id=session_id,
-            api="openai",
-        )
-        session = LiveSession(
-            conversation, token_digest=None, key_digest="", window=0.0, on_end=self._ended
+        session = self._held_session(
+            version, None, "", 0.0, session_id, encoding=encoding, api="openai"
         )
         await self.store.add(session)
         metrics.SESSIONS.labels(model=version.name).inc()
@@ -464,15 +456,20 @@ class AnythingAgentServer:
         window: float,
         session_id: str | None = None,
         seq: int = 0,
+        *,
+        encoding: Encoding = WIRE,
+        api: str = "ws",
     ) -> LiveSession:
-        """A session held by this node: new (seq 0), or taken over from another."""
+        """A session held by this node: new (seq 0), or taken over from another; a chat's
+        (``api`` ``ws``), or an OpenAI-compatible request's, its frames in ``encoding``."""
         replay = self.settings.replay_buffer_bytes if token_digest is not None else 0
         conversation = Conversation(
             version,
-            Outbox(replay, seq),
+            Outbox(replay, seq, encoding),
             limits=self.history_limits,
             debug=self.settings.debug,
             session_id=session_id,
+            api=api,
         )
         return LiveSession(
             conversation,

@@ -92,7 +92,7 @@ from ws_server.exceptions import AnythingAgentError, ModelLoadError
 from ws_server.isolation.environments import EnvironmentBuilder, default_cache_dir
 from ws_server.isolation.runner import IsolatedRunner
 from ws_server.loop_watch import LoopWatch
-from ws_server.registry.catalog import ModelVersion, start_worker, worker_spec
+from ws_server.registry.catalog import ModelVersion, start_isolated
 from ws_server.registry.config import (
     CONFIG_FILE,
     NAME_PATTERN,
@@ -591,17 +591,21 @@ async def _start_worker(
     """The environment built (or reused) and a worker with the model loaded in it, as
     the registry starts an isolated model."""
     try:
-        python = await environments.python_for(name, directory, config.isolation)
+        return await start_isolated(
+            environments,
+            name,
+            revision,
+            directory,
+            raw,
+            config,
+            lambda runner, reason: log.error("model %s: %s", name, reason),
+        )
     except (ModelLoadError, asyncio.CancelledError):
         raise
     except Exception as exc:
         raise ModelLoadError(
-            f"isolation: building the environment failed: {type(exc).__name__}: {exc}"
+            f"isolation: starting the model in its environment failed: {type(exc).__name__}: {exc}"
         ) from None
-    spec = worker_spec(name, revision, directory, python, raw, config)
-    runner = IsolatedRunner(spec, lambda reason: log.error("model %s: %s", name, reason))
-    await start_worker(runner)
-    return runner
 
 
 def _version(

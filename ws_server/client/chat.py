@@ -166,9 +166,7 @@ class Turn:
                 # The message was refused (nothing of its turn came: it never began).
                 if not self.chunks and not self.events and self._error is None:
                     self._client._end_turn(self, started=False)
-                    raise ServerError(
-                        frame.message, code=frame.code, retry_after=frame.retry_after
-                    )
+                    raise ServerError(frame.message, code=frame.code, retry_after=frame.retry_after)
             else:
                 raise ProtocolViolation(f"unexpected frame during turn {self.number}: {frame}")
         if self.reason in ("error", "timeout"):

@@ -24,8 +24,9 @@ from websockets.datastructures import Headers
 from websockets.http11 import Response
 
 from ws_server import protocol
-from ws_server.exceptions import HandshakeRefused
+from ws_server.exceptions import HandshakeRefused, UpgradeRequired
 from ws_server.http.exchange import HttpRequest, Streamed
+from ws_server.http.routes import error_response
 
 log = logging.getLogger("anything_agent.http")
 
@@ -291,7 +292,9 @@ class HttpConnection(asyncio.Protocol):
                     self._error(500, "internal", "the server could not answer")
                 return
         if answer is None:  # only WebSocket handshakes go on; this is no handshake
-            answer = _no_upgrade()
+            answer = error_response(
+                UpgradeRequired("open a WebSocket on a connection of its own, not after a request")
+            )
         headers = [(k, v) for k, v in answer.headers.raw_items() if k.lower() != "server"]
         if self.closing:
             headers.append(("Connection", "close"))
@@ -320,18 +323,3 @@ def _request(request: h11.Request, body: bytes, peer: str) -> HttpRequest:
     return HttpRequest(
         request.method.decode("ascii"), request.target.decode("latin-1"), headers, body, peer
     )
-
-
-def _no_upgrade() -> Response:
-    body = protocol.encode_http_error(
-        "upgrade_required",
-        "this path is a WebSocket endpoint: connect with a WebSocket client",
-    )
-    headers = Headers(
-        [
-            ("Content-Type", "application/json"),
-            ("Content-Length", str(len(body))),
-            ("Upgrade", "websocket"),
-        ]
-    )
-    return Response(426, "Upgrade Required", headers, body)

@@ -72,17 +72,16 @@ class ChunkEvents:
 
     def content(self, text: str, first: bool) -> bytes:
         """A piece of the reply (the first one carries the role)."""
-        role = '"role":"assistant",' if first else ""
-        return (
-            f'{self._delta}{role}"content":{_dumps(text)}}},"logprobs":null,'
-            f'"finish_reason":null}}]{self._tail}'
-        ).encode()
+        return self._piece("content", text, first)
 
     def reasoning(self, text: str, first: bool) -> bytes:
         """What the model reports besides its reply, as ``delta.reasoning_content``."""
+        return self._piece("reasoning_content", text, first)
+
+    def _piece(self, field: str, text: str, first: bool) -> bytes:
         role = '"role":"assistant",' if first else ""
         return (
-            f'{self._delta}{role}"reasoning_content":{_dumps(text)}}},"logprobs":null,'
+            f'{self._delta}{role}"{field}":{_dumps(text)}}},"logprobs":null,'
             f'"finish_reason":null}}]{self._tail}'
         ).encode()
 

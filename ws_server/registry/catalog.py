@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -442,9 +443,20 @@ class Registry:
         config = candidate.config
         assert config is not None
         if config.isolated:
-            runner: Runner
-            runner, description = await self._start_isolated(candidate, config)
-            package = ""
+            name = candidate.name
+            worker = await start_isolated(
+                self.environments,
+                name,
+                candidate.revision,
+                candidate.directory,
+                candidate.raw_config,
+                config,
+                lambda failed, reason: self._runner_failed(name, failed, reason),
+                sandbox=self.sandbox,
+                sandbox_share=self.sandbox_share,
+            )
+            runner: Runner = worker
+            description, package = worker.description, ""
         else:
             loaded = await load_model(
                 candidate.directory,
@@ -467,28 +479,6 @@ class Registry:
             package=package,
             loaded_at=time.time(),
         )
-
-    async def _start_isolated(
-        self, candidate: _Candidate, config: ModelConfig
-    ) -> tuple[IsolatedRunner, str]:
-        """Build (or reuse) the environment and start a worker that has loaded the model."""
-        python = await self.environments.python_for(
-            candidate.name, candidate.directory, config.isolation
-        )
-        spec = worker_spec(
-            candidate.name,
-            candidate.revision,
-            candidate.directory,
-            python,
-            candidate.raw_config,
-            config,
-            sandbox=self.sandbox,
-            sandbox_share=self.sandbox_share,
-        )
-        name = candidate.name
-        runner = IsolatedRunner(spec, lambda reason: self._runner_failed(name, runner, reason))
-        await start_worker(runner)
-        return runner, runner.description
 
     def _scan(self) -> dict[str, _Candidate]:
         """Find model directories (blocking; run in a thread): each with a main.py."""
@@ -576,20 +566,24 @@ def _inspect_directory(directory: Path) -> _Candidate:
     return _Candidate(name, directory, revision, config, raw, error, config.isolated)
 
 
-def worker_spec(
+async def start_isolated(
+    environments: EnvironmentBuilder,
     name: str,
     revision: str,
     directory: Path,
-    python: Path,
     raw_config: dict[str, Any],
     config: ModelConfig,
+    on_failure: Callable[[IsolatedRunner, str], None],
     *,
     sandbox: str = "auto",
     sandbox_share: tuple[tuple[str, str], ...] = (),
-) -> WorkerSpec:
-    """How an isolated model's worker is started, from its config.yaml."""
+) -> IsolatedRunner:
+    """Build (or reuse) an isolated model's environment and start a worker that has loaded
+    it (stopped again if the start fails); ``on_failure`` hears of the worker failing
+    for good later."""
+    python = await environments.python_for(name, directory, config.isolation)
     resources = config.isolation.resources
-    return WorkerSpec(
+    spec = WorkerSpec(
         name=name,
         revision=revision,
         model_dir=directory,
@@ -603,15 +597,14 @@ def worker_spec(
         sandbox=sandbox,
         sandbox_share=sandbox_share,
     )
-
-
-async def start_worker(runner: IsolatedRunner) -> None:
-    """Start ``runner``'s worker with the model loaded in it (stopped again if it fails)."""
+    runner: IsolatedRunner
+    runner = IsolatedRunner(spec, lambda reason: on_failure(runner, reason))
     try:
         await runner.start()
     except BaseException:
         await runner.close()
         raise
+    return runner
 
 
 def _row(
