@@ -6,11 +6,14 @@ runs as an operator would start it: its defaults plus ``--no-limits`` (the rate 
 connection limits would throttle a load generator on 127.0.0.1); only where it listens and
 which models directory it serves are given.
 
-Three AnythingAgent rows differ from the others in what is measured rather than how: the
+Four AnythingAgent rows differ from the others in what is measured rather than how: the
 "resumable" row is the same server driven by clients that offer the ``resumable``
 subprotocol entry (so every frame is numbered and kept in a replay buffer), the "redis"
 row is that again with its sessions in a Redis the runner starts (``--redis-url``, given
-by the environment: a redis-server on a unix socket in the scratch directory), and the
+by the environment: a redis-server on a unix socket in the scratch directory), the "ray"
+row is the "isolated" one with its model placed as an actor on a private single-node Ray
+cluster the runner starts (``--ray-address``, given by the environment once the head is
+up: ``ws_server.deploy.ray_head.RayHead`` on loopback, in the scratch directory), and the
 "before" row is the server as it was at ``BEFORE`` (before sessions could outlive their
 connection), run from a copy of that commit's tree with the same virtualenv.
 
@@ -39,6 +42,7 @@ REFERENCE: Final = "websockets"  # every figure is a ratio to this server's, sam
 BEFORE: Final = "cd360c5"  # "Group ws_server by role": the server before resumable sessions
 SUBPROTOCOL: Final = "anything-agent.v1"
 RESUMABLE: Final = (SUBPROTOCOL, "resumable")  # what a client that can resume offers
+RAY_ADDRESS: Final = "ANYTHING_AGENT_RAY_ADDRESS"  # serve --ray-address, from the environment
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class ServerSpec:
     cwd: Path | None = None  # where it starts (a checkout's tree: `-m` imports from there)
     checkout: str | None = None  # a commit whose tree ``check_out`` lays out in ``cwd``
     redis: bool = False  # its sessions live in the runner's redis-server (see ``env``)
+    ray: bool = False  # its isolated model runs on the runner's Ray head (RAY_ADDRESS)
 
     @property
     def resumable(self) -> bool:
@@ -142,6 +147,13 @@ def lineup(scratch: Path, before: str = BEFORE) -> list[ServerSpec]:
             "AnythingAgent isolated",
             _anything_agent(scratch / "isolated-models"),
             builds_model=True,
+        ),
+        ServerSpec(
+            "ray",
+            "AnythingAgent isolated on Ray",
+            _anything_agent(scratch / "isolated-models"),
+            builds_model=True,
+            ray=True,
         ),
         ServerSpec("spawn", "spawn per request", _script("spawn_server.py"), spawns=True),
         ServerSpec(

@@ -1,8 +1,9 @@
 """What a bench run reports: tables of every figure with its ratio to a reference measured
 in the same run (bare websockets; for a resume, the same server's new connection, or the
 same node's; for a detached session, the replay buffer's bound), the resumable server
-against the one before resumable sessions, 3 nodes behind nginx against 1, the targets met
-or missed, the raw JSON, a PNG chart.
+against the one before resumable sessions, the isolated model placed on Ray against the
+same model in a local worker, 3 nodes behind nginx against 1, the targets met or missed,
+the raw JSON, a PNG chart.
 
 Input is the run's JSON payload (see ``bench/run.py``): ``servers`` maps a server's key to
 its ``label`` and one dict of figures per mode (``throughput``, ``latency_1``,
@@ -12,7 +13,9 @@ not be measured; ``cluster``, when measured, holds the throughput figures of eac
 path (``ws``, ``sse``: AnythingAgent's WebSocket chat and its OpenAI-compatible SSE;
 ``starlette_sse``) under ``latency`` (first chunk, one connection), ``throughput_1`` and
 ``throughput_n`` (streamed turns on 1 and on ``sse_connections`` connections), with the
-comparisons between them under ``compare``, or why it failed.
+comparisons between them under ``compare``, or why it failed; ``ray_placement``, when both
+the "isolated" and the "ray" rows were measured, the Ray row's figures over the local
+isolated row's (``ray_compare``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ REFERENCE: Final = "websockets"
 BEFORE: Final = "before"  # the server before resumable sessions (bench/lineup.py)
 MEMORY: Final = "resumable"  # resumable sessions in process memory: the Redis row's reference
 REDIS: Final = "redis"  # the same with its sessions in Redis
+ISOLATED: Final = "isolated"  # the bench model isolated in a local worker process
+RAY: Final = "ray"  # the same model isolated as an actor on a Ray cluster
 MISSING: Final = "-"
 
 
@@ -76,7 +81,7 @@ NODES_COLUMNS: Final = (
     Column("resume", "back_p99_us", "back p99", True, ("resume", "same_p99_us")),
 )
 CELL: Final = 13
-LABEL: Final = 26
+LABEL: Final = 30  # "AnythingAgent isolated on Ray" and a space
 
 
 def figure(payload: dict[str, Any], server: str, mode: str, field: str) -> float | None:
@@ -288,6 +293,79 @@ def comparisons(payload: dict[str, Any]) -> str:
     label = payload["servers"][BEFORE].get("label", BEFORE)
     lines = [f"Against {label}, the server before resumable sessions (×ratio to it, same run):"]
     return "\n".join([*lines, *_grid(payload, COLUMNS, groups, servers, reference=BEFORE)])
+
+
+# The Ray row against the local isolated row: (name in ray_compare, mode, field).
+RAY_FIGURES: Final = (
+    ("latency_1_p50", "latency_1", "p50_us"),
+    ("latency_1_p99", "latency_1", "p99_us"),
+    ("latency_crowd_p50", "latency_crowd", "p50_us"),
+    ("latency_crowd_p99", "latency_crowd", "p99_us"),
+    ("chunks_per_s", "throughput", "chunks_per_s"),
+)
+
+
+def ray_compare(payload: dict[str, Any]) -> dict[str, Any]:
+    """The isolated model on Ray against the same model in a local worker, same run: each
+    of ``RAY_FIGURES`` as ``<name>_ray``, ``<name>_local`` and ``<name>_ratio`` (Ray over
+    local: above 1 is slower for latency, faster for chunks/s); empty unless both rows
+    were measured."""
+    servers = payload["servers"]
+    if any(key not in servers or "error" in servers[key] for key in (ISOLATED, RAY)):
+        return {}
+    compare: dict[str, Any] = {"reference": ISOLATED, "placed": RAY}
+    for name, mode, field in RAY_FIGURES:
+        placed, local = figure(payload, RAY, mode, field), figure(payload, ISOLATED, mode, field)
+        compare[f"{name}_ray"] = placed
+        compare[f"{name}_local"] = local
+        compare[f"{name}_ratio"] = placed / local if placed is not None and local else None
+    return compare
+
+
+def ray(payload: dict[str, Any]) -> str:
+    """The Ray placement against the local isolated worker (``ray_compare``): the ratios
+    of first-chunk latency and chunks/s, with the figures they come from."""
+    compare = payload.get("ray_placement") or ray_compare(payload)
+    if not compare:
+        return ""
+
+    def times(name: str) -> str:
+        value = compare.get(f"{name}_ratio")
+        return MISSING if value is None else f"×{_ratio(value)}"
+
+    def both(name: str, unit: str) -> str:
+        placed, local = compare.get(f"{name}_ray"), compare.get(f"{name}_local")
+        if placed is None or local is None:
+            return ""
+        return f" ({_number(placed)}{unit} vs {_number(local)}{unit})"
+
+    settings = payload["settings"]
+
+    def latency(mode: str) -> str:
+        return (
+            f"first chunk p50 {times(f'{mode}_p50')}{both(f'{mode}_p50', ' µs')}, "
+            f"p99 {times(f'{mode}_p99')}{both(f'{mode}_p99', ' µs')}"
+        )
+
+    figures = []
+    if compare.get("latency_1_p50_ratio") is not None:
+        figures.append(latency("latency_1"))
+    if compare.get("chunks_per_s_ratio") is not None:
+        figures.append(f"chunks/s {times('chunks_per_s')}{both('chunks_per_s', '')}")
+    lines = []
+    if figures:
+        lines.append("Ray placement vs local isolated: " + ", ".join(figures))
+    if compare.get("latency_crowd_p50_ratio") is not None:
+        lines.append(f"  with {settings['crowd']} connections: {latency('latency_crowd')}")
+    if not lines:
+        return ""
+    lines.append(
+        "  (×Ray / local: the same isolated bench model as an actor on a single-node Ray "
+        "cluster on CPU 1 and in a local worker process, same run; first chunk: one-chunk "
+        f"turns back to back on 1 connection; chunks/s: {settings['connections']} "
+        "connections.)"
+    )
+    return "\n".join(lines)
 
 
 def cluster(payload: dict[str, Any]) -> str:
@@ -648,7 +726,7 @@ def chart(path: Path, payload: dict[str, Any]) -> None:
         "#444444"
         if k == REFERENCE
         else "#d95f02"
-        if k in ("shared", MEMORY, REDIS, "isolated")
+        if k in ("shared", MEMORY, REDIS, ISOLATED, RAY)
         else "#e6ab02"
         if k == BEFORE
         else "#7fa7c9"

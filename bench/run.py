@@ -13,18 +13,21 @@ server of its own per resumable row (started with ``--replay-buffer-bytes``); th
 with 1 and with ``--crowd`` connections, then the resume probe: each figure is the median of
 its rounds, and drift of the machine falls on all servers alike. A row whose sessions live
 in Redis gets a redis-server of the runner's (on CPU 1 too), and for the resume probe a
-second node sharing it; the cluster mode, last, starts nginx in front of 3 nodes and of 1
-(``LocalCluster``, every process of it on every CPU) and takes the throughput load through
-each, round by round. The sse mode, on servers of its own (AnythingAgent with
-``--no-limits`` and a minimal Starlette SSE server, both on CPU 1), times the first chunk of
-one-chunk turns on one connection through AnythingAgent's WebSocket chat, its
-``POST /v1/chat/completions`` with ``stream: true`` (a kept-alive HTTP/1.1 connection,
-bench/sse_client.py) and the Starlette server (``--sse-turns`` samples each, pooled over
-the rounds), then streams turns of ``--sse-chunks`` chunks through each with 1 and with
-``--sse-connections`` connections. Prints one table, the comparisons with the server
-before resumable sessions, the SSE comparison, and the targets; writes the raw figures as
-JSON and a PNG chart (default bench/results/bench-<time>.json and .png beside it; the
-chart leaves the sse mode out).
+second node sharing it; the row whose isolated model is placed on Ray gets a private
+single-node Ray head of the runner's (its processes and the model's actor on CPU 1 too:
+the same model as the local isolated row's). The cluster mode, last, starts nginx in front
+of 3 nodes and of 1 (``LocalCluster``, every process of it on every CPU) and takes the
+throughput load through each, round by round. The sse mode, on servers of its own
+(AnythingAgent with ``--no-limits`` and a minimal Starlette SSE server, both on CPU 1),
+times the first chunk of one-chunk turns on one connection through AnythingAgent's
+WebSocket chat, its ``POST /v1/chat/completions`` with ``stream: true`` (a kept-alive
+HTTP/1.1 connection, bench/sse_client.py) and the Starlette server (``--sse-turns`` samples
+each, pooled over the rounds), then streams turns of ``--sse-chunks`` chunks through each
+with 1 and with ``--sse-connections`` connections. Prints one table, the comparisons with
+the server before resumable sessions, the Ray placement against the local isolated worker,
+the SSE comparison, and the targets; writes the raw figures as JSON and a PNG chart
+(default bench/results/bench-<time>.json and .png beside it; the chart leaves the sse mode
+out).
 
     .venv/bin/python bench/run.py --modes sse     # the SSE mode alone: its servers only
 """
@@ -61,6 +64,7 @@ from lineup import (
     BEFORE,
     BENCH_MODEL,
     KEYS,
+    RAY_ADDRESS,
     REFERENCE,
     RESUMABLE,
     SSE_AGENT,
@@ -73,6 +77,7 @@ from lineup import (
 )
 
 from ws_server.deploy.local_cluster import LocalCluster, find_program
+from ws_server.deploy.ray_head import RayHead
 from ws_server.deploy.redis_server import RedisServer
 
 HERE = Path(__file__).resolve().parent
@@ -177,7 +182,16 @@ class Entry:
     result: dict[str, Any] = field(default_factory=dict)
     rounds: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     redis: RedisServer | None = None  # its sessions' store, when the spec says so
+    ray: RayHead | None = None  # the cluster its isolated model runs on, when it says so
     peer: procs.Server | None = None  # a second node on the same Redis (resume mode)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What its servers get added to the runner's environment: the spec's, and the
+        address of its Ray head once that runs."""
+        if self.ray is None:
+            return self.spec.env
+        return {**self.spec.env, **self.ray.client_env, RAY_ADDRESS: self.ray.address}
 
     @property
     def url(self) -> str:
@@ -211,8 +225,13 @@ def start_all(entries: list[Entry], scratch: Path) -> None:
                 entry.redis = RedisServer(binary, scratch.absolute())
                 with procs.running_on({procs.SERVER_CPU}):
                     entry.redis.start()
+            if spec.ray:  # on the server's CPU too: its processes and the model's actor
+                entry.ray = RayHead(scratch / "ray")
+                with procs.running_on({procs.SERVER_CPU}):
+                    entry.ray.start()
+                entry.result["ray_address"] = entry.ray.address
             entry.server = procs.start(
-                spec.command, scratch / "logs" / f"{spec.key}.log", env=spec.env, cwd=spec.cwd
+                spec.command, scratch / "logs" / f"{spec.key}.log", env=entry.env, cwd=spec.cwd
             )
             if entry.spec.builds_model:
                 wait_ready(entry.server.port, "bench")
@@ -292,7 +311,7 @@ async def measure_all(
         for entry in [e for e in entries if e.ok and e.spec.redis]:
             try:  # a second node on the same Redis, for resumes through another node
                 log = scratch / "logs" / f"{entry.spec.key}-peer.log"
-                entry.peer = procs.start(entry.spec.command, log, env=entry.spec.env)
+                entry.peer = procs.start(entry.spec.command, log, env=entry.env)
             except Exception as exc:
                 entry.fail(exc)
 
@@ -542,7 +561,7 @@ async def detached(entry: Entry, args: argparse.Namespace, scratch: Path) -> dic
         *("--replay-buffer-bytes", str(args.replay_buffer_bytes), "--resume-window", "3600"),
     )
     log = scratch / "logs" / f"{spec.key}-detached.log"
-    server = procs.start(command, log, env=spec.env, cwd=spec.cwd)
+    server = procs.start(command, log, env=entry.env, cwd=spec.cwd)
     try:
         await server.settle()
         figures = await loadgen.detached(
@@ -660,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = uvloop.run(measure_all(entries, args, scratch))
     finally:
         for entry in entries:
-            for server in (entry.peer, entry.server, entry.redis):  # Redis last
+            for server in (entry.peer, entry.server, entry.redis, entry.ray):  # Redis, Ray last
                 if server is not None:
                     server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -688,10 +707,14 @@ def main(argv: list[str] | None = None) -> int:
         "servers": servers,
     }
     payload.update(extra)  # "sse", "cluster": those run
+    placement = report.ray_compare(payload)
+    if placement:
+        payload["ray_placement"] = placement
     payload["targets"] = report.targets(payload)
     sections = (
         report.table(payload),
         report.comparisons(payload),
+        report.ray(payload),
         report.sse(payload),
         report.cluster(payload),
     )

@@ -37,6 +37,7 @@ from system_packages import (
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
+from ws_server.deploy.ray_head import RayHead
 from ws_server.isolation import cgroups
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,6 +93,7 @@ class ServerProcess:
     log_lines: list[str] = field(default_factory=list)
     signalled: bool = False
     mode: str = "shared"
+    placement: str | None = None  # isolated models': "local" or "ray"
 
     @property
     def ws_url(self) -> str:
@@ -229,28 +231,47 @@ def env_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 KEEP_CONFIG = {"broken_yaml", "broken_type", "Bad-Name"}
 
 
-@pytest.fixture(scope="session", params=["shared", "isolated"])
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
+    """One private single-node Ray cluster on loopback for the whole run (the ``ray`` extra
+    that the test command installs), stopped with every process it started."""
+    head = RayHead(tmp_path_factory.mktemp("ray"))
+    head.start()
+    try:
+        yield head
+    finally:
+        head.stop()
+
+
+@pytest.fixture(scope="session", params=["shared", "isolated", "ray"])
 def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, env_cache: Path
 ) -> Iterator[ServerProcess]:
     """One server over the shipped models plus every test model, broken ones included; the
-    chat and lifecycle tests run against it twice: every model shared, then every model
-    isolated in its own worker (the same behaviour is promised in both modes)."""
-    mode = request.param
-    models = tmp_path_factory.mktemp(f"models-{mode}")
+    chat and lifecycle tests run against it three times: every model shared, then every
+    model isolated in a local worker, then every model isolated as an actor on a Ray
+    cluster (the same behaviour is promised in every mode and placement)."""
+    placement = request.param
+    isolated = placement != "shared"
+    models = tmp_path_factory.mktemp(f"models-{placement}")
     for source in (SHIPPED_MODELS, TEST_MODELS):
         for directory in source.iterdir():
             if directory.is_dir() and not directory.name.startswith(("_", ".")):
                 shutil.copytree(directory, models / directory.name)
-                if mode == "isolated" and directory.name not in KEEP_CONFIG:
+                if isolated and directory.name not in KEEP_CONFIG:
                     config = models / directory.name / "config.yaml"
                     text = config.read_text() if config.exists() else ""
                     config.write_text(text + "\nisolation: true\n")
-    events = tmp_path_factory.mktemp(f"events-{mode}")
-    running = launch_server(
-        models, events, "--grace-period", "2", "--env-cache-dir", str(env_cache)
-    )
-    running.mode = mode
+    events = tmp_path_factory.mktemp(f"events-{placement}")
+    extra = ["--grace-period", "2", "--env-cache-dir", str(env_cache)]
+    env: dict[str, str] = {}
+    if placement == "ray":
+        head = request.getfixturevalue("ray_head")
+        extra += ["--ray-address", head.address]
+        env = head.client_env
+    running = launch_server(models, events, *extra, env=env)
+    running.mode = "isolated" if isolated else "shared"
+    running.placement = placement if isolated else None
     wait_until_built(running)
     yield running
     assert running.stop() == 0, running.log

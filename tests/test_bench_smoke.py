@@ -1,7 +1,8 @@
 """The benchmark still works end to end: every server, every mode, the table, the JSON and
 the PNG, with tiny figures (speed is not judged here; bench/run.py is the benchmark). The
-Redis row and the cluster mode run redis-server and nginx (installed by the run if missing);
-the sse mode alone needs neither."""
+Redis row and the cluster mode run redis-server and nginx (installed by the run if missing),
+the Ray row a private single-node Ray head (the ``ray`` extra); the sse mode alone needs
+none of them."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ SERVERS = {
     "resumable",
     "redis",
     "isolated",
+    "ray",
     "spawn",
     "nomodel-1",
     "nomodel",
@@ -124,6 +126,9 @@ def test_bench_runs_every_server_and_mode_and_writes_json_and_chart(
             assert figures[f"cpu_{part}_pct"] >= 0, (nodes, part, figures)
         assert figures["cpu_nodes_pct"] > 0, (nodes, figures)
     assert servers["before"]["commit"] == "cd360c5", servers["before"]
+    # The Ray row against the local isolated one: every ratio measured.
+    placement = payload["ray_placement"]
+    assert all(placement[k] is not None for k in placement if k.endswith("_ratio")), placement
     check_sse(payload)
     assert {t["met"] for t in payload["targets"]} <= {True, False}  # all measured
     assert chart.read_bytes().startswith(b"\x89PNG"), "the chart sits beside the JSON"
@@ -132,6 +137,7 @@ def test_bench_runs_every_server_and_mode_and_writes_json_and_chart(
     assert "AnythingAgent isolated" in table and "failed" not in table
     assert "resumed p50" in table and "Against AnythingAgent @cd360c5" in table
     assert "across p50" in table and "3 nodes" in table
+    assert "AnythingAgent isolated on Ray" in table and "Ray placement vs local isolated" in table
     assert "AnythingAgent SSE − WebSocket" in table
     assert "could not be measured" not in table
 

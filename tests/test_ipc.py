@@ -1,20 +1,66 @@
-"""The server-worker channel's framing: what a worker sends is either whole messages or
-a ``ChannelError`` (the worker is then replaced), never an escaping exception."""
+"""The server-worker channel: typed messages framed on a byte stream. What a worker sends
+is either whole, well-typed messages or a ``ChannelError`` (the worker is then replaced),
+never an escaping exception."""
 
 from __future__ import annotations
 
 import pytest
 
 from ws_server.isolation import ipc
+from ws_server.isolation.messages import (
+    Chunk,
+    Config,
+    Emitted,
+    End,
+    MessageError,
+    Ready,
+    Turn,
+    TurnEnd,
+    from_list,
+    to_list,
+)
 
 
-def test_messages_split_anywhere_come_out_whole_and_in_order() -> None:
-    data = ipc.encode(["chunk", "s", 1, "héllo"]) + ipc.encode(["turn_end", "s", 1, "stop", None])
+def test_messages_split_anywhere_come_out_whole_typed_and_in_order() -> None:
+    sent = [Chunk("s", 1, "héllo"), TurnEnd("s", 1, "stop", None, {"k": 1})]
+    data = b"".join(ipc.encode(message) for message in sent)
     decoder = ipc.FrameDecoder()
     got = []
     for index in range(len(data)):
         got += decoder.feed(data[index : index + 1])
-    assert got == [["chunk", "s", 1, "héllo"], ["turn_end", "s", 1, "stop", None]]
+    assert got == sent and [type(m) for m in got] == [Chunk, TurnEnd]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        Config({"secrets": {"k": "v"}}),
+        Turn("s", [{"role": "user", "content": "hi"}], 3, True, {"temperature": 0.1}),
+        Emitted("s", 2, "status", {"text": "thinking"}),
+        Ready(""),
+        End("s"),
+    ],
+)
+def test_every_kind_travels_as_a_kind_named_array_and_back(message: object) -> None:
+    wire = to_list(message)  # type: ignore[arg-type]
+    assert isinstance(wire[0], str) and from_list(wire) == message
+    assert type(from_list(wire)) is type(message)
+
+
+@pytest.mark.parametrize(
+    ("wire", "problem"),
+    [
+        (["chunk", "s", 1], "2 fields, not 3"),  # a field short
+        (["chunk", "s", "1", "text"], "turn_id"),  # a turn id that is text
+        (["chunk", "s", True, "text"], "turn_id"),  # a bool is not a turn id
+        (["turn_end", "s", 1, "stop", None, []], "context"),  # a context that is a list
+        (["takeover", "s"], "unknown message kind"),
+        ([7, "s"], "starting with its kind"),
+    ],
+)
+def test_a_malformed_message_is_refused_naming_what_is_wrong(wire: list, problem: str) -> None:
+    with pytest.raises(MessageError, match=problem):
+        from_list(wire)
 
 
 @pytest.mark.parametrize(
@@ -24,6 +70,7 @@ def test_messages_split_anywhere_come_out_whole_and_in_order() -> None:
         b"\xff\xfe",  # not UTF-8
         b"{}",  # not an array
         b"[]",  # empty
+        b'["chunk", "s"]',  # a message missing fields
     ],
 )
 def test_a_hostile_frame_is_a_channel_error(payload: bytes) -> None:

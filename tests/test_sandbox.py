@@ -38,7 +38,7 @@ from test_isolated import ISOLATED_MODELS, worker_pid
 
 from ws_server.exceptions import ModelLoadError
 from ws_server.isolation import cgroups, sandbox
-from ws_server.isolation.runner import describe_exit
+from ws_server.isolation.local_link import describe_exit
 
 pytestmark = pytest.mark.sandbox
 

@@ -54,6 +54,11 @@ class ModelLoadError(AnythingAgentError):
         self.detail = detail
 
 
+class ClusterUnreachable(ModelLoadError):
+    """The Ray cluster a model is placed on cannot be reached: the model is ``failed``,
+    and the next reload tries again even if the model did not change."""
+
+
 # --------------------------------------------------------------------- handshake
 class HandshakeRefused(AnythingAgentError):
     """A WebSocket handshake or HTTP request is answered with an error status; ``param``

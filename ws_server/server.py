@@ -29,6 +29,7 @@ from ws_server.http.security import (
 )
 from ws_server.isolation import cgroups, sandbox
 from ws_server.isolation.environments import EnvironmentBuilder, default_cache_dir
+from ws_server.isolation.ray_link import RayCluster
 from ws_server.loop_watch import LoopWatch
 from ws_server.openai_compat.endpoint import ChatCompletions
 from ws_server.registry.catalog import ModelVersion, Registry
@@ -59,6 +60,7 @@ class AnythingAgentServer:
             EnvironmentBuilder(settings.env_cache_dir or default_cache_dir()),
             sandbox=settings.sandbox,
             sandbox_share=settings.sandbox_share,
+            ray=self._ray_cluster(settings),
         )
         self.access = AccessPolicy(settings)  # reads the keys file: a bad one stops the start
         limited = not settings.no_limits
@@ -109,6 +111,14 @@ class AnythingAgentServer:
         self._background: set[asyncio.Task[None]] = set()
         self._loop_watch: LoopWatch | None = None
         self._watcher: ModelsWatcher | None = None  # --reload-on-change
+
+    @staticmethod
+    def _ray_cluster(settings: ServerSettings) -> RayCluster | None:
+        """With --ray-address, the cluster isolated models go to (connected on first use,
+        so a cluster that is down fails those models, not the server)."""
+        if settings.ray_address is None:
+            return None
+        return RayCluster(settings.ray_address, dict(settings.sandbox_share))
 
     def _make_store(self) -> SessionStore:
         settings = self.settings

@@ -60,6 +60,8 @@ class ServerSettings:
     redis_url: str | None = None  # a secret (it may hold a password): never logged
     node_id: str | None = None  # None: <hostname>-<pid>
     node_ttl: float = 3.0  # seconds a node's heartbeat lives; missed: its sessions move
+    # --- isolated models on a Ray cluster (see isolation/ray_link.py): its GCS address
+    ray_address: str | None = None
     # --- isolated models' sandbox (bubblewrap): auto uses it where it works
     sandbox: str = "auto"
     # Server variables naming directories every sandboxed worker shares read-write (a
@@ -150,6 +152,13 @@ def _secret(text: str) -> str:
     return text.strip()
 
 
+def _ray_address(text: str) -> str:
+    address = text.strip()
+    if not address or any(character.isspace() for character in address):
+        raise ValueError("a Ray cluster's address, like 10.0.0.5:6379 (ray start --head's)")
+    return address
+
+
 def _node_id(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", text):
         raise ValueError("a node id is 1-64 characters of A-Z a-z 0-9 _ . : -")
@@ -212,6 +221,11 @@ _SERVE_OPTIONS: Final = (
     _Option("--redis-url", _secret, "Redis for sessions, heartbeats, reloads (several nodes)"),
     _Option("--node-id", _node_id, "this node's name in Redis (default: <hostname>-<pid>)"),
     _Option("--node-ttl", _positive_float, "seconds a node's heartbeat lives in Redis"),
+    _Option(
+        "--ray-address",
+        _ray_address,
+        "a Ray cluster (HOST:PORT of its head) that runs isolated models as actors",
+    ),
     _Option("--sandbox", _sandbox, "bubblewrap for isolated models: auto, on or off"),
     _Option("--workers", _count, "server processes sharing the port (SO_REUSEPORT)"),
     _Option(

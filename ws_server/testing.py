@@ -90,9 +90,8 @@ from pydantic import ValidationError
 from ws_server import protocol
 from ws_server.exceptions import AnythingAgentError, ModelLoadError
 from ws_server.isolation.environments import EnvironmentBuilder, default_cache_dir
-from ws_server.isolation.runner import IsolatedRunner
 from ws_server.loop_watch import LoopWatch
-from ws_server.registry.catalog import ModelVersion, start_isolated
+from ws_server.registry.catalog import ModelVersion
 from ws_server.registry.config import (
     CONFIG_FILE,
     NAME_PATTERN,
@@ -103,9 +102,9 @@ from ws_server.registry.config import (
     read_config,
     resolve_secrets,
 )
-from ws_server.registry.loader import MAIN_FILE, load_model, unload_package
+from ws_server.registry.loader import MAIN_FILE, unload_package
+from ws_server.registry.placement import ModelFiles, Placements, StartedModel, start_shared
 from ws_server.registry.revision import compute_revision
-from ws_server.runners import Runner, SharedRunner
 from ws_server.sdk import Message
 from ws_server.session.conversation import Conversation
 from ws_server.session.outbox import Outbox
@@ -334,6 +333,7 @@ class ModelTester:
                     "rename the directory or set `name` in config.yaml"
                 )
             revision = await asyncio.to_thread(compute_revision, directory)
+            files = ModelFiles(name, revision, directory, raw, config)
             if self.isolated:
                 if not config.isolated:
                     raise ModelLoadError(
@@ -342,16 +342,13 @@ class ModelTester:
                     )
                 environments = EnvironmentBuilder(self.env_cache)
                 try:
-                    worker = await _start_worker(
-                        environments, name, directory, revision, config, raw
-                    )
+                    started = await _start_worker(Placements(environments), files)
                 except BaseException:
                     await environments.close()
                     raise
-                version = _version(name, directory, revision, config, worker, worker.description)
-                return version, environments
+                return _version(files, started), environments
             try:
-                loaded = await load_model(directory, name, revision, raw, isolated=False)
+                started = await start_shared(files)
             except ModelLoadError as exc:
                 if config.isolated:
                     exc.add_note(
@@ -360,11 +357,7 @@ class ModelTester:
                         "from requirements.txt."
                     )
                 raise
-            shared = SharedRunner(loaded.model_class, raw, directory, loaded.resources)
-            description = loaded.model_class.description()
-            return _version(
-                name, directory, revision, config, shared, description, loaded.package
-            ), None
+            return _version(files, started), None
         except ModelLoadError as exc:
             raise _naming(directory, exc) from None
 
@@ -580,25 +573,12 @@ def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> None:
             base[key] = copy.deepcopy(value)
 
 
-async def _start_worker(
-    environments: EnvironmentBuilder,
-    name: str,
-    directory: Path,
-    revision: str,
-    config: ModelConfig,
-    raw: dict[str, Any],
-) -> IsolatedRunner:
+async def _start_worker(placements: Placements, files: ModelFiles) -> StartedModel:
     """The environment built (or reused) and a worker with the model loaded in it, as
     the registry starts an isolated model."""
     try:
-        return await start_isolated(
-            environments,
-            name,
-            revision,
-            directory,
-            raw,
-            config,
-            lambda runner, reason: log.error("model %s: %s", name, reason),
+        return await placements.start(
+            files, lambda runner, reason: log.error("model %s: %s", files.name, reason)
         )
     except (ModelLoadError, asyncio.CancelledError):
         raise
@@ -608,23 +588,15 @@ async def _start_worker(
         ) from None
 
 
-def _version(
-    name: str,
-    directory: Path,
-    revision: str,
-    config: ModelConfig,
-    runner: Runner,
-    description: str,
-    package: str = "",
-) -> ModelVersion:
+def _version(files: ModelFiles, started: StartedModel) -> ModelVersion:
     return ModelVersion(
-        name=name,
-        directory=directory,
-        revision=revision,
-        config=config,
-        description=config.description or description,
-        runner=runner,
-        package=package,
+        name=files.name,
+        directory=files.directory,
+        revision=files.revision,
+        config=files.config,
+        description=files.config.description or started.description,
+        runner=started.runner,
+        package=started.package,
         loaded_at=time.time(),
     )
 

@@ -1,28 +1,19 @@
-"""The framed channel between the server and an isolated worker: pure encode/decode.
+"""The framed byte channel between the server and a local isolated worker: pure
+encode/decode of the typed messages in ``messages.py``.
 
-Each message is a JSON array whose first item names it, sent as a 4-byte big-endian
-length and the UTF-8 JSON. The channel is a socket pair handed to the worker as a file
-descriptor, never its stdout, so a model's ``print()`` cannot corrupt it. Standard
-library only: the worker imports this from inside the model's virtualenv.
-
-Server → worker: ``["config", "", config]`` (first, once: the model's config, secrets
-included, which must never be a command-line argument), ``["start", sid, context]``
-(context: a snapshot to restore after ``on_chat_start``, or null),
-``["turn", sid, messages, turn_id, snapshot, params]`` (snapshot: whether ``turn_end``
-carries the session's context; params: the client's for that turn, or null),
-``["cancel", sid]``, ``["pause", sid]``, ``["resume", sid]``, ``["ping", sid]``, ``["end", sid]``.
-Worker → server: ``["ready", description]``, ``["load_failed", message, detail]``,
-``["started", sid, error]``, ``["chunk", sid, turn_id, text]``,
-``["event", sid, turn_id, name, data]`` (what the model emitted, in order with chunks),
-``["turn_end", sid, turn_id, outcome, detail, context]`` (outcome ``stop``, ``cancelled``,
-``error`` or ``resource_exhausted``), ``["pong", sid, None]``, ``["ended", sid, error]``.
+Each message is a JSON array (``messages.to_list``) sent as a 4-byte big-endian length and
+the UTF-8 JSON. The channel is a socket pair handed to the worker as a file descriptor,
+never its stdout, so a model's ``print()`` cannot corrupt it. Standard library only: the
+worker imports this from inside the model's virtualenv.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from typing import Any, Final
+from typing import Final
+
+from ws_server.isolation.messages import Message, MessageError, from_list, to_list
 
 HEADER: Final = struct.Struct(">I")
 # One chunk (or config) at most; a worker sending more is stopped, so a model can't make
@@ -42,9 +33,9 @@ _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), default=str)
 _DECODER: Final = json.JSONDecoder()
 
 
-def encode(message: list[Any]) -> bytes:
+def encode(message: Message) -> bytes:
     """One message as a length-prefixed frame."""
-    payload = _ENCODER.encode(message).encode()
+    payload = _ENCODER.encode(to_list(message)).encode()
     return HEADER.pack(len(payload)) + payload
 
 
@@ -54,7 +45,7 @@ class FrameDecoder:
     def __init__(self) -> None:
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> list[list[Any]]:
+    def feed(self, data: bytes) -> list[Message]:
         """Add received bytes; return the messages they completed, in order."""
         buffer = self._buffer
         buffer += data
@@ -69,12 +60,13 @@ class FrameDecoder:
             if end > size:
                 break
             try:
-                message = _DECODER.decode(buffer[offset + 4 : end].decode())
+                value = _DECODER.decode(buffer[offset + 4 : end].decode())
             except (ValueError, RecursionError) as exc:  # UnicodeDecodeError included
                 raise ChannelError(f"invalid frame: {type(exc).__name__}") from None
-            if not isinstance(message, list) or not message:
-                raise ChannelError("a frame must be a non-empty JSON array")
-            messages.append(message)
+            try:
+                messages.append(from_list(value))
+            except MessageError as exc:
+                raise ChannelError(f"invalid message: {exc}") from None
             offset = end
         if offset:
             del buffer[:offset]

@@ -1,46 +1,50 @@
-"""Isolated mode: the model runs in a long-lived worker process started from its own
-virtualenv, with resource limits; sessions are multiplexed over one framed channel.
+"""Isolated mode: the model runs in a long-lived worker (a local process, or a Ray actor)
+with its own environment and limits; sessions are multiplexed over one worker link.
 
-The runner spawns the worker (``ws_server.isolation.worker``), routes channel messages to sessions,
-replaces a worker that dies (with backoff) and gives up after repeated crashes. Each
-session re-runs ``on_chat_start`` in a new worker before its next turn, with its history
-intact (the history lives in the server's session).
+The runner starts workers through its link factory (``link.py``), routes their messages to
+sessions, applies flow control, replaces a worker that dies (with backoff) and gives up
+after repeated crashes. Each session re-runs ``on_chat_start`` in a new worker before its
+next turn, with its history intact (the history lives in the server's session).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import itertools
 import json
 import logging
-import math
-import signal
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final
 
-import ws_server
 from ws_server import metrics
 from ws_server.exceptions import ModelFailed, ModelLoadError, ResourceExhausted, WorkerCrashed
-from ws_server.isolation import containment, ipc, launcher
-from ws_server.redaction import redact
+from ws_server.isolation.link import LinkEnd, LinkFactory, WorkerLink, WorkerSpec
+from ws_server.isolation.messages import (
+    Cancel,
+    Chunk,
+    Emitted,
+    End,
+    Ended,
+    LoadFailed,
+    Pause,
+    Ping,
+    Pong,
+    Ready,
+    Resume,
+    ServerMessage,
+    Start,
+    Started,
+    Turn,
+    TurnEnd,
+    WorkerMessage,
+)
 from ws_server.sdk import EVENT_LIMIT, EventSink, Message
 
 log = logging.getLogger("anything_agent.isolated")
 
-PACKAGE_DIR: Final = Path(ws_server.__file__).resolve().parent
-PACKAGE_PARENT: Final = PACKAGE_DIR.parent
-# The worker's interpreter gets only the standard library, its virtualenv and the
-# directory holding ``ws_server`` on its path: -s and -E keep user site-packages and
-# PYTHON* variables out, -u keeps its prints in order with the log. In the sandbox, that
-# directory holds nothing but ``ws_server``.
-_BOOT: Final = launcher.boot("ws_server.isolation.worker")
 CRASH_LIMIT: Final = 5
 CRASH_WINDOW: Final = 60.0
 LOAD_TIMEOUT: Final = 300.0
@@ -55,36 +59,9 @@ PING_TIMEOUT: Final = 2.0
 # session's generator, below LOW to resume. Memory stays bounded when a client reads slowly.
 QUEUE_HIGH: Final = 1024 * 1024
 QUEUE_LOW: Final = 256 * 1024
-LOG_LINE_LIMIT: Final = 8192
-LOG_LINE_BUFFER: Final = 1024 * 1024  # a line without an end is logged past this
 # A worker that keeps sending after "pause" ignores flow control (a hostile model writing
 # to the channel itself): past this much queued for one session, it is stopped.
 QUEUE_HARD_LIMIT: Final = 16 * 1024 * 1024
-_cpu_offset = itertools.count()
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """What a worker needs: which model, which interpreter, which limits."""
-
-    name: str
-    revision: str
-    model_dir: Path
-    python: Path
-    config: dict[str, Any]
-    memory_bytes: int | None = None
-    cpus: float | None = None  # isolation.resources.cpu: a CPU-time quota, in cores
-    memory_text: str | None = None
-    pids: int = containment.DEFAULT_PIDS  # processes in the worker's tree
-    network: bool = False  # isolation.network: may the sandboxed worker use the network
-    sandbox: str = "auto"  # ServerSettings.sandbox: auto, on or off
-    sandbox_share: tuple[tuple[str, str], ...] = ()  # ServerSettings.sandbox_share
-
-
-@dataclass(frozen=True)
-class _TurnEnd:
-    outcome: str
-    detail: str | None
 
 
 @dataclass(frozen=True)
@@ -104,58 +81,36 @@ class _Crash:
     memory: bool = False  # the kernel killed it for going past its memory limit
 
 
-_Item = str | _Event | _TurnEnd | _Crash  # what a running turn's queue holds
-
-
-class _ServerChannel(asyncio.Protocol):
-    def __init__(self, runner: IsolatedRunner, generation: int) -> None:
-        self.runner = runner
-        self.generation = generation
-        self.decoder = ipc.FrameDecoder()
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            messages = self.decoder.feed(data)
-        except ipc.ChannelError as exc:
-            log.error("model %s: worker sent garbage (%s); stopping it", self.runner.name, exc)
-            self.runner.kill_worker()
-            return
-        for message in messages:
-            self.runner.receive(message, self.generation)
-
-    def send(self, message: list[Any]) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(ipc.encode(message))
+_Item = str | _Event | TurnEnd | _Crash  # what a running turn's queue holds
+_ANSWERS: Final = (Started, Ended, Pong)  # replies a session waits for, by their type
 
 
 class IsolatedRunner:
-    """Runs one model version in a worker process; makes an ``IsolatedSession`` per chat."""
+    """Runs one model version in a worker, through links made by ``links``; makes an
+    ``IsolatedSession`` per chat."""
 
     mode = "isolated"
 
-    def __init__(self, spec: WorkerSpec, on_failed: Callable[[str], None]) -> None:
+    def __init__(
+        self, spec: WorkerSpec, links: LinkFactory, on_failed: Callable[[str], None]
+    ) -> None:
         self.spec = spec
         self.name = spec.name
+        self.links = links
+        self.placement: str | None = links.kind
         self.on_failed = on_failed
         self.generation = 0
         self.failed: str | None = None
         self.description = ""
         self.sessions: dict[str, IsolatedSession] = {}
-        self._process: asyncio.subprocess.Process | None = None
-        self._confinement: containment.Confinement | None = None
+        self._link: WorkerLink | None = None
         self.sandbox: dict[str, Any] | None = None  # the listing's "sandbox" field
-        self._channel: _ServerChannel | None = None
         self._ready: asyncio.Future[None] | None = None
         self._loading: int | None = None  # the generation loading its model right now
         self._exiting: int | None = None  # a generation that said it exits (memory limit)
         self._crashes: collections.deque[float] = collections.deque()
         self._closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._cpu_offset = next(_cpu_offset)  # spread workers' cores across the machine
 
     @property
     def alive(self) -> bool:
@@ -175,69 +130,19 @@ class IsolatedRunner:
     async def _spawn(self) -> None:
         self.generation += 1
         generation = self.generation
-        loop = asyncio.get_running_loop()
         if self._ready is None or self._ready.done():  # else requests already wait on it
             self._ready = self._new_ready()
         self._loading = generation
-        parent, child = socket.socketpair()
-        confinement: containment.Confinement | None = None
-        try:
-            confinement = await containment.confine(self._request(), [])
-            spec = {
-                "fd": child.fileno(),
-                "model_dir": str(self.spec.model_dir),
-                "name": self.spec.name,
-                "revision": self.spec.revision,
-                "memory_bytes": self.spec.memory_bytes,
-                "cpus": math.ceil(self.spec.cpus) if self.spec.cpus else None,
-                "cpu_offset": self._cpu_offset,
-                "sandboxed": confinement.sandboxed,
-            }
-            command = [
-                *confinement.command,
-                str(self.spec.python),
-                *("-s", "-E", "-u", "-c", _BOOT, str(PACKAGE_PARENT)),
-                json.dumps(spec, default=str),
-            ]
-            process = await asyncio.create_subprocess_exec(
-                *command,
-                # bwrap hands inherited descriptors on; it reads the seccomp filter's
-                pass_fds=(child.fileno(), *confinement.pass_fds),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                cwd=self.spec.model_dir,
-                env=confinement.environment,
-                start_new_session=True,  # a terminal's Ctrl-C reaches the server, not us
-            )
-        except (OSError, ValueError) as exc:
-            parent.close()
-            if confinement is not None:
-                confinement.ended(None)
-            raise ModelLoadError(f"isolation: cannot start {self.spec.python}: {exc}") from None
-        except BaseException:  # ModelLoadError, or cancelled while starting
-            parent.close()
-            if confinement is not None:
-                confinement.ended(None)
-            raise
-        finally:
-            child.close()
-        confinement.started()
-        self._process, self._confinement = process, confinement
-        self.sandbox = confinement.report
-        _, channel = await loop.create_unix_connection(
-            lambda: _ServerChannel(self, generation), sock=parent
+        link = self.links.link(
+            self.spec,
+            lambda message: self.receive(message, generation),
+            lambda end: self._link_ended(end, generation),
         )
-        self._channel = channel
-        # The config (secrets included) goes over the channel: an argument would be in
-        # every local user's `ps` and the sandbox's /proc/*/cmdline.
-        channel.send(["config", "", self.spec.config])
-        assert process.stdout is not None and process.stderr is not None
-        self._track(self._pump(process.stdout, "stdout", process.pid))
-        self._track(self._pump(process.stderr, "stderr", process.pid))
-        self._track(self._watch(process, generation, confinement))
+        self._link = link
+        await link.open()
+        self.sandbox = link.sandbox
         if self._closing:  # close() ran while we were starting it
-            self.kill_worker()
+            await link.close()
             return
         ready = self._ready
         try:
@@ -248,28 +153,12 @@ class IsolatedRunner:
                 f"main.py: the worker did not load within {LOAD_TIMEOUT:g} s"
             ) from None
         log.info(
-            "model %s: worker pid %d ready (generation %d, %s; limits: %s)",
+            "model %s: %s ready (generation %d, %s; limits: %s)",
             self.name,
-            containment.model_pid(process.pid),
+            link.label,
             generation,
-            "sandboxed" if confinement.sandboxed else "not sandboxed",
-            confinement.report["limits"],
-        )
-
-    def _request(self) -> containment.Request:
-        spec = self.spec
-        return containment.Request(
-            model=spec.name,
-            model_dir=spec.model_dir,
-            python=spec.python,
-            package_dir=PACKAGE_DIR,
-            memory_bytes=spec.memory_bytes,
-            memory_text=spec.memory_text,
-            cpus=spec.cpus,
-            pids=spec.pids,
-            network=spec.network,
-            sandbox_mode=spec.sandbox,
-            sandbox_share=spec.sandbox_share,
+            "sandboxed" if link.sandbox.get("bubblewrap") else "not sandboxed",
+            link.sandbox.get("limits"),
         )
 
     @staticmethod
@@ -284,53 +173,21 @@ class IsolatedRunner:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _pump(self, stream: asyncio.StreamReader, label: str, pid: int) -> None:
-        """The worker's stdout and stderr go to the server log, a line each, prefixed with
-        the model. Always drained, so a chatty model never blocks on a full pipe."""
-        pending = b""
-        while data := await stream.read(65536):
-            lines = (pending + data).split(b"\n")
-            pending = lines.pop()
-            if len(pending) > LOG_LINE_BUFFER:  # a huge line without an end: log it anyway
-                lines.append(pending)
-                pending = b""
-            for line in lines:
-                self._log_output(line, label, pid)
-        if pending:
-            self._log_output(pending, label, pid)
-
-    def _log_output(self, line: bytes, label: str, pid: int) -> None:
-        # Secrets are masked in the whole line before it is cut to length, so a cut never
-        # leaves half a secret unmasked (the log formatter masks whole ones again).
-        text = redact(line.decode(errors="replace")).rstrip()[:LOG_LINE_LIMIT]
-        log.info("model %s worker[%d] %s: %s", self.name, pid, label, text)
-
-    async def _watch(
-        self,
-        process: asyncio.subprocess.Process,
-        generation: int,
-        confinement: containment.Confinement,
-    ) -> None:
-        code = await process.wait()
-        memory = confinement.memory_breached()
-        # Its children end with it, and its cgroup goes (a few blocking system calls).
-        await asyncio.to_thread(confinement.ended, process.pid)
+    def _link_ended(self, end: LinkEnd, generation: int) -> None:
+        """A worker ended by itself or was killed (not by ``close``)."""
         if self._closing or generation != self.generation:
             return
-        reason = describe_exit(code, confinement.sandboxed)
-        if memory:
-            reason += f", past its memory limit ({self.spec.memory_text})"
         ready = self._ready
         if self._loading == generation and ready is not None and not ready.done():
             ready.set_exception(
-                ModelLoadError(f"main.py: the worker exited while loading the model ({reason})")
+                ModelLoadError(f"main.py: the worker exited while loading the model ({end.reason})")
             )
             return
         # A memory kill during a turn is that turn's breach; one with no turn running (the
         # model's own background work) counts as a crash: a model that keeps doing it is
         # backed off and, at the crash limit, failed rather than restarted for ever.
-        planned = self._exiting == generation or (memory and self._turn_running())
-        self._crashed(reason, counted=not planned, memory=memory)
+        planned = self._exiting == generation or (end.memory and self._turn_running())
+        self._crashed(end.reason, counted=not planned, memory=end.memory)
 
     def _crashed(self, reason: str, counted: bool = True, memory: bool = False) -> None:
         """A worker died: tell its sessions, then restart it (with backoff) or give up.
@@ -387,85 +244,72 @@ class IsolatedRunner:
         return any(session.turn_running for session in self.sessions.values())
 
     def _breached(self, since: int) -> bool:
-        confinement = self._confinement
-        return confinement is not None and confinement.memory_breached(since)
+        return self._link is not None and self._link.memory_breached(since)
 
     def oom_kills(self) -> int:
-        """Memory kills in the current worker's group so far (a turn's starting mark)."""
-        return self._confinement.oom_kills() if self._confinement is not None else 0
+        """Memory kills in the current worker so far (a turn's starting mark)."""
+        return self._link.oom_kills() if self._link is not None else 0
 
     def kill_worker(self) -> None:
-        """SIGKILL the current worker; requests wait for its replacement from now on."""
-        if self._process is not None and self._process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):  # exited, not yet reaped
-                self._process.kill()
+        """Kill the current worker; requests wait for its replacement from now on."""
+        if self._link is not None:
+            self._link.kill()
             if self._ready is not None and self._ready.done():
                 self._ready = self._new_ready()
 
     async def close(self) -> None:
-        """Stop the worker: close its channel, then SIGTERM, then SIGKILL."""
+        """Stop the worker (after the sessions on it have ended)."""
         self._closing = True
         for session in list(self.sessions.values()):
             session.worker_died("the worker is stopping")
-        process = self._process
-        if self._channel is not None and self._channel.transport is not None:
-            self._channel.transport.close()
-        if process is not None and process.returncode is None:
-            try:
-                await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):  # it exited meanwhile
-                    process.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
-                except TimeoutError:
-                    with contextlib.suppress(ProcessLookupError):
-                        process.kill()
-                    await process.wait()
-        if process is not None and self._confinement is not None:
-            await asyncio.to_thread(self._confinement.ended, process.pid)
+        if self._link is not None:
+            await self._link.close()
         for task in list(self._tasks):
             task.cancel()
         log.info("model %s: worker stopped", self.name)
 
-    # ------------------------------------------------------------------ channel
-    def send(self, message: list[Any]) -> None:
-        if self._channel is not None:
-            self._channel.send(message)
+    # ------------------------------------------------------------------ link
+    def send(self, message: ServerMessage) -> None:
+        if self._link is not None:
+            self._link.send(message)
 
-    def receive(self, message: list[Any], generation: int) -> None:
-        kind = message[0]
-        if kind == "ready":
-            self.description = message[1] or ""
+    def receive(self, message: WorkerMessage, generation: int) -> None:
+        """A message from the worker of ``generation``; those of a worker already replaced
+        are dropped."""
+        if generation != self.generation:
+            return
+        if isinstance(message, Ready):
+            self.description = message.description
             self._loading = None
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(None)
             return
-        if kind == "load_failed":
+        if isinstance(message, LoadFailed):
             if self._ready is not None and not self._ready.done():
-                self._ready.set_exception(ModelLoadError(message[1], detail=message[2]))
+                self._ready.set_exception(ModelLoadError(message.message, detail=message.detail))
             return
-        ending = self.sessions.get(message[1]) if kind == "turn_end" else None
-        if (
-            ending is not None
-            and message[3] != "resource_exhausted"
-            and self._breached(ending.oom_mark)
-        ):
-            # One of the worker's processes was killed for memory during this turn: the
-            # turn is a breach, and the worker is replaced (its state is not to be trusted).
-            # A kill before the turn began is not blamed on it.
-            message = [*message[:3], "resource_exhausted", "killed for memory by the kernel"]
-            self.kill_worker()
-        if kind == "turn_end" and message[3] == "resource_exhausted":
-            # The worker exits right after this message: from now on, requests wait for
-            # its replacement, and the exit is a planned one, not a crash.
-            if generation == self.generation and self._exiting != generation:
+        session = self.sessions.get(message.sid)
+        if isinstance(message, TurnEnd):
+            if (
+                session is not None
+                and message.outcome != "resource_exhausted"
+                and self._breached(session.oom_mark)
+            ):
+                # One of the worker's processes was killed for memory during this turn: the
+                # turn is a breach, and the worker is replaced (its state is not to be
+                # trusted). A kill before the turn began is not blamed on it.
+                message = message._replace(
+                    outcome="resource_exhausted", detail="killed for memory by the kernel"
+                )
+                self.kill_worker()
+            if message.outcome == "resource_exhausted" and self._exiting != generation:
+                # The worker exits right after this message: from now on, requests wait
+                # for its replacement, and the exit is a planned one, not a crash.
                 self._exiting = generation
                 if self._ready is not None and self._ready.done():
                     self._ready = self._new_ready()
-        session = self.sessions.get(message[1])
         if session is not None:
-            session.receive(kind, message[2:])
+            session.receive(message)
 
     def open_session(self) -> IsolatedSession:
         session = IsolatedSession(self, uuid.uuid4().hex)
@@ -481,7 +325,7 @@ class IsolatedSession:
         self.sid = sid
         # The worker (generation) that runs this session's on_chat_start; None once it died.
         self._sent_start_to: int | None = None
-        self._replies: dict[str, asyncio.Future[Any]] = {}
+        self._replies: dict[type, asyncio.Future[Any]] = {}  # by the answer's type
         self._queue: asyncio.Queue[_Item] | None = None
         self._queued_bytes = 0
         self._paused = False
@@ -491,28 +335,30 @@ class IsolatedSession:
         self._context: dict[str, Any] = {}  # the snapshot the last turn_end carried
 
     # ------------------------------------------------------------------ from the worker
-    def receive(self, kind: str, args: list[Any]) -> None:
-        if kind in ("chunk", "event", "turn_end") and (not args or args[0] != self._turn_id):
-            return  # from a turn already given up on (it was wedged, then replaced)
-        if kind == "chunk":
+    def receive(self, message: WorkerMessage) -> None:
+        if isinstance(message, Chunk):
             queue = self._queue
-            if queue is not None and not self._overrun:
-                queue.put_nowait(args[1])
-                self._queued(len(args[1]))
-        elif kind == "event":
-            event = _checked_event(self.runner.name, args)
+            if message.turn_id == self._turn_id and queue is not None and not self._overrun:
+                queue.put_nowait(message.text)
+                self._queued(len(message.text))
+        elif isinstance(message, Emitted):
+            if message.turn_id != self._turn_id:
+                return  # from a turn already given up on (it was wedged, then replaced)
+            event = _checked_event(self.runner.name, message)
             if event is not None and self._queue is not None and not self._overrun:
                 self._queue.put_nowait(event)
                 self._queued(event.size)
-        elif kind == "turn_end":
-            if len(args) > 3 and isinstance(args[3], dict):
-                self._context = args[3]
+        elif isinstance(message, TurnEnd):
+            if message.turn_id != self._turn_id:
+                return
+            if message.context is not None:
+                self._context = message.context
             if self._queue is not None:
-                self._queue.put_nowait(_TurnEnd(args[1], args[2]))
-        elif kind in ("started", "ended", "pong"):
-            reply = self._replies.pop(kind, None)
+                self._queue.put_nowait(message)
+        elif isinstance(message, _ANSWERS):
+            reply = self._replies.pop(type(message), None)
             if reply is not None and not reply.done():
-                reply.set_result(args[0])
+                reply.set_result(message)
 
     def _queued(self, size: int) -> None:
         """``size`` more bytes wait for the session: past QUEUE_HIGH the worker is asked to
@@ -520,7 +366,7 @@ class IsolatedSession:
         self._queued_bytes += size
         if not self._paused and self._queued_bytes > QUEUE_HIGH:
             self._paused = True
-            self.runner.send(["pause", self.sid])
+            self.runner.send(Pause(self.sid))
         elif self._queued_bytes > QUEUE_HARD_LIMIT:
             log.error(
                 "model %s: the worker ignored flow control (%d bytes queued); stopping it",
@@ -543,7 +389,8 @@ class IsolatedSession:
                 reply.set_exception(WorkerCrashed(reason))
         self._replies.clear()
 
-    async def _request(self, message: list[Any], answer: str) -> Any:
+    async def _request(self, message: ServerMessage, answer: type[Any]) -> Any:
+        """Send ``message`` and wait for the worker's answer of type ``answer``."""
         reply = asyncio.get_running_loop().create_future()
         self._replies[answer] = reply
         self.runner.send(message)
@@ -553,21 +400,21 @@ class IsolatedSession:
     async def start(self, context: dict[str, Any] | None = None) -> None:
         generation = await self.runner.ensure_running()
         self._sent_start_to = generation
-        error = await self._request(["start", self.sid, context], "started")
-        if error:
-            raise ModelFailed(f"on_chat_start raised in the worker:\n{error}")
+        started = await self._request(Start(self.sid, context), Started)
+        if started.error:
+            raise ModelFailed(f"on_chat_start raised in the worker:\n{started.error}")
 
     async def end(self) -> None:
         try:
             if self._sent_start_to == self.runner.generation and self.runner.serving:
                 try:
-                    error = await asyncio.wait_for(
-                        self._request(["end", self.sid], "ended"), STOP_TIMEOUT
+                    ended = await asyncio.wait_for(
+                        self._request(End(self.sid), Ended), STOP_TIMEOUT
                     )
                 except WorkerCrashed:
                     return  # its instance died with the worker: nothing left to end
-                if error:
-                    raise ModelFailed(f"on_chat_end raised in the worker:\n{error}")
+                if ended.error:
+                    raise ModelFailed(f"on_chat_end raised in the worker:\n{ended.error}")
         finally:
             self.runner.sessions.pop(self.sid, None)
 
@@ -588,7 +435,7 @@ class IsolatedSession:
         self._overrun = False
         self._turn_id += 1
         self.oom_mark = self.runner.oom_kills()
-        self.runner.send(["turn", self.sid, messages, self._turn_id, snapshot, params])
+        self.runner.send(Turn(self.sid, messages, self._turn_id, snapshot, params))
         finished = False
         try:
             while True:
@@ -597,7 +444,7 @@ class IsolatedSession:
                     self._queued_bytes -= len(item)
                     if self._paused and self._queued_bytes < QUEUE_LOW:
                         self._paused = False
-                        self.runner.send(["resume", self.sid])
+                        self.runner.send(Resume(self.sid))
                     yield item
                     continue
                 if isinstance(item, _Event):
@@ -619,12 +466,12 @@ class IsolatedSession:
         """Stopped early (cancel, timeout, client gone): close the generator in the worker
         and wait until its ``finally`` has run there (what it emits meanwhile, such as its
         steps closing as ``error``, still goes out); a wedged worker gets replaced."""
-        self.runner.send(["cancel", self.sid])
+        self.runner.send(Cancel(self.sid, self._turn_id))
         if self._paused:
-            self.runner.send(["resume", self.sid])
+            self.runner.send(Resume(self.sid))
 
         async def turn_over() -> None:
-            while not isinstance(item := await queue.get(), (_TurnEnd, _Crash)):
+            while not isinstance(item := await queue.get(), (TurnEnd, _Crash)):
                 if isinstance(item, _Event) and events is not None:
                     events(item.name, item.data)
 
@@ -643,12 +490,12 @@ class IsolatedSession:
 
     async def _worker_responds(self) -> bool:
         try:
-            await asyncio.wait_for(self._request(["ping", self.sid], "pong"), PING_TIMEOUT)
+            await asyncio.wait_for(self._request(Ping(self.sid), Pong), PING_TIMEOUT)
         except (TimeoutError, WorkerCrashed):
             return False
         return True
 
-    def _raise_for(self, end: _TurnEnd | _Crash) -> None:
+    def _raise_for(self, end: TurnEnd | _Crash) -> None:
         if isinstance(end, _Crash) and end.memory:
             raise ResourceExhausted(
                 f"the turn went past the model's memory limit ({self.runner.spec.memory_text}); "
@@ -668,33 +515,16 @@ class IsolatedSession:
             )
 
 
-def describe_exit(code: int, sandboxed: bool = False) -> str:
-    """``exit code 3`` or ``killed by signal 9 (SIGKILL)``.
-
-    bwrap exits with its command's status, and with 128 + N when a signal N killed it
-    (as shells do); a signal that killed bwrap itself shows as usual (``-N``)."""
-    if sandboxed and 128 < code < 128 + signal.NSIG:
-        code = 128 - code
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = "unknown"
-        return f"killed by signal {-code} ({name})"
-    return f"exit code {code}"
-
-
-def _checked_event(model: str, args: list[Any]) -> _Event | None:
-    """An ``event`` message from a worker, if it is one the SDK would have sent (a model
-    writing to the channel itself gets its malformed events dropped, and a log line)."""
-    if len(args) >= 3 and isinstance(args[1], str) and isinstance(args[2], dict):
-        name, data = args[1], args[2]
-        try:
-            name.encode()
-            size = len(json.dumps(data, ensure_ascii=False, allow_nan=False).encode())
-        except (TypeError, ValueError, RecursionError):  # lone surrogates, NaN, depth
-            size = EVENT_LIMIT + 1
-        if 0 < len(name) <= 64 and name != "queued" and size <= EVENT_LIMIT:
-            return _Event(name, data, size)
+def _checked_event(model: str, message: Emitted) -> _Event | None:
+    """An event from a worker, if it is one the SDK would have sent (a model writing to
+    the channel itself gets its malformed events dropped, and a log line)."""
+    name, data = message.name, message.data
+    try:
+        name.encode()
+        size = len(json.dumps(data, ensure_ascii=False, allow_nan=False).encode())
+    except (TypeError, ValueError, RecursionError):  # lone surrogates, NaN, depth
+        size = EVENT_LIMIT + 1
+    if 0 < len(name) <= 64 and name != "queued" and size <= EVENT_LIMIT:
+        return _Event(name, data, size)
     log.warning("model %s: dropped a malformed event from its worker", model)
     return None

@@ -1,9 +1,11 @@
-"""The isolated worker: runs one model version inside its own virtualenv.
+"""The isolated worker: runs one model version inside its own environment.
 
-Started by ``isolation/runner.py`` with the environment's interpreter. It loads the model
-exactly as shared mode does (``registry/loader.py``, then the same forgiving adapter of
-``runners/shared.py``), then serves any number of sessions multiplexed over the framed
-channel of ``ipc.py``. Standard library only: the server's dependencies are not here.
+It loads the model exactly as shared mode does (``registry/loader.py``, then the same
+forgiving adapter of ``runners/shared.py``), then serves any number of sessions, driven by
+the typed messages of ``messages.py``. What carries them is an ``Outlet``: the framed socket
+of a local worker process (``Channel`` here, started by ``local_link.py`` with the
+environment's interpreter) or a Ray actor's calls (``ray_actor.py``). Standard library
+only: the server's dependencies are not here.
 """
 
 from __future__ import annotations
@@ -17,10 +19,30 @@ import socket
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from ws_server.exceptions import ModelLoadError
 from ws_server.isolation import ipc
+from ws_server.isolation.messages import (
+    Cancel,
+    Chunk,
+    Config,
+    Emitted,
+    End,
+    Ended,
+    LoadFailed,
+    Pause,
+    Ping,
+    Pong,
+    Ready,
+    Resume,
+    ServerMessage,
+    Start,
+    Started,
+    Turn,
+    TurnEnd,
+    WorkerMessage,
+)
 from ws_server.runners.shared import SharedRunner, SharedSession
 
 # Outcome sent when a turn allocates past the worker's memory limit; the worker exits
@@ -30,8 +52,19 @@ EXIT_MEMORY = 70
 BATCH = 64 * 1024  # bytes of channel messages written in one go
 
 
+class Outlet(Protocol):
+    """Where the worker's messages go: ``send`` queues one, ``writable`` is clear while the
+    carrier wants the model held back, ``drain`` waits (briefly) until what was sent left."""
+
+    writable: asyncio.Event
+
+    def send(self, message: WorkerMessage) -> None: ...
+
+    async def drain(self) -> None: ...
+
+
 class Channel(asyncio.Protocol):
-    """The worker's end of the socket pair: decodes frames, applies write backpressure."""
+    """The local worker's end of the socket pair: decodes frames, applies write backpressure."""
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -49,7 +82,7 @@ class Channel(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         for message in self.decoder.feed(data):
-            self.worker.dispatch(message)
+            self.worker.dispatch(cast(ServerMessage, message))  # the server sends no others
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed.set()
@@ -60,7 +93,7 @@ class Channel(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.writable.set()
 
-    def send(self, message: list[Any]) -> None:
+    def send(self, message: WorkerMessage) -> None:
         """Queue a message for the server. One that finds nothing waiting is written at
         once; those that follow within the same turn of the loop are written together
         (one system call for many chunks), on the loop's next turn or at BATCH bytes."""
@@ -87,6 +120,15 @@ class Channel(asyncio.Protocol):
         self._batch.clear()
         self._batched = 0
 
+    async def drain(self) -> None:
+        """Give what was written up to a second to reach the server (before an exit)."""
+        self.flush()
+        transport = self.transport
+        for _ in range(100):
+            if transport is None or transport.get_write_buffer_size() == 0:
+                return
+            await asyncio.sleep(0.01)
+
 
 class WorkerSession:
     """One chat session's model instance inside the worker."""
@@ -95,6 +137,7 @@ class WorkerSession:
         self.model = model
         self.starting: asyncio.Task[None] | None = None
         self.turn: asyncio.Task[None] | None = None
+        self.turn_id = 0  # the latest turn's, which a Cancel must name
         self.turns: set[asyncio.Task[None]] = set()  # every unfinished turn task
         self.cancel_requested = False  # the server asked: not the model's own CancelledError
         self.flowing = asyncio.Event()  # cleared while the server's queue is full
@@ -102,11 +145,12 @@ class WorkerSession:
 
 
 class Worker:
-    """Routes channel messages to sessions and runs their hooks as tasks."""
+    """Routes the server's messages to sessions and runs their hooks as tasks; what they
+    produce goes to ``outlet``."""
 
-    def __init__(self) -> None:
+    def __init__(self, outlet: Outlet | None = None) -> None:
         self.runner: SharedRunner | None = None  # set once the model has loaded
-        self.channel = Channel(self)
+        self.outlet: Outlet = outlet if outlet is not None else Channel(self)
         self.sessions: dict[str, WorkerSession] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         # The model's config, secrets included: the server's first message, never argv.
@@ -118,41 +162,57 @@ class Worker:
         task.add_done_callback(self.tasks.discard)
         return task
 
-    def dispatch(self, message: list[Any]) -> None:
-        kind, sid = message[0], str(message[1])
+    async def load(self, model_dir: Path, name: str, revision: str) -> WorkerMessage:
+        """Load the model with the config received; ``Ready`` or ``LoadFailed``."""
+        from ws_server.registry.loader import load_model
+
+        config = self.config.result()
+        try:
+            loaded = await load_model(model_dir, name, revision, config, isolated=True)
+        except ModelLoadError as exc:
+            return LoadFailed(exc.message, exc.detail)
+        self.runner = SharedRunner(loaded.model_class, config, model_dir, loaded.resources)
+        return Ready(loaded.model_class.description())
+
+    def dispatch(self, message: ServerMessage) -> None:
+        if isinstance(message, Config):
+            if not self.config.done():
+                self.config.set_result(message.config)
+            return
+        sid = message.sid
         session = self.sessions.get(sid)
-        if kind == "start":
-            assert self.runner is not None  # the server starts sessions only after "ready"
+        if isinstance(message, Start):
+            assert self.runner is not None  # the server starts sessions only after Ready
             try:
                 session = WorkerSession(self.runner.open_session())
             except Exception as exc:
-                self.channel.send(["started", sid, _describe(exc)])
+                self.outlet.send(Started(sid, _describe(exc)))
                 return
             self.sessions[sid] = session
-            context = message[2] if len(message) > 2 else None
-            session.starting = self.spawn(self.start(sid, session, context))
-        elif kind == "turn" and session is not None:
-            earlier = set(session.turns)
-            snapshot = len(message) > 4 and bool(message[4])
-            params = message[5] if len(message) > 5 and isinstance(message[5], dict) else None
-            session.turn = self.spawn(
-                self.run_turn(sid, session, message[2], message[3], earlier, snapshot, params)
-            )
-            session.turns.add(session.turn)
-            session.turn.add_done_callback(session.turns.discard)
-        elif kind == "ping":
-            self.channel.send(["pong", sid, None])
-        elif kind == "cancel" and session is not None and session.turn is not None:
-            session.cancel_requested = True
-            session.turn.cancel()
-        elif kind == "pause" and session is not None:
-            session.flowing.clear()
-        elif kind == "resume" and session is not None:
-            session.flowing.set()
-        elif kind == "end":
+            session.starting = self.spawn(self.start(sid, session, message.context))
+        elif isinstance(message, Turn):
+            if session is not None:
+                session.turn_id = message.turn_id
+                earlier = set(session.turns)
+                session.turn = self.spawn(self.run_turn(sid, session, message, earlier))
+                session.turns.add(session.turn)
+                session.turn.add_done_callback(session.turns.discard)
+        elif isinstance(message, Ping):
+            self.outlet.send(Pong(sid))
+        elif isinstance(message, Cancel):
+            if session is not None and session.turn is not None:
+                if session.turn_id != message.turn_id:
+                    return  # a turn that is over (or, by mistake, one never sent)
+                session.cancel_requested = True
+                session.turn.cancel()
+        elif isinstance(message, Pause):
+            if session is not None:
+                session.flowing.clear()
+        elif isinstance(message, Resume):
+            if session is not None:
+                session.flowing.set()
+        elif isinstance(message, End):
             self.spawn(self.end(sid))
-        elif kind == "config" and not self.config.done():
-            self.config.set_result(message[2])
 
     async def start(
         self, sid: str, session: WorkerSession, context: dict[str, Any] | None = None
@@ -160,25 +220,23 @@ class Worker:
         try:
             await session.model.start(context)
         except MemoryError:
-            await self.out_of_memory(["started", sid, "MemoryError in on_chat_start"])
+            await self.out_of_memory(Started(sid, "MemoryError in on_chat_start"))
         except asyncio.CancelledError:
             return  # the session ended while starting; "end" reports
         except Exception as exc:  # reported to the server, which logs it
-            self.channel.send(["started", sid, _describe(exc)])
+            self.outlet.send(Started(sid, _describe(exc)))
             return
-        self.channel.send(["started", sid, None])
+        self.outlet.send(Started(sid, None))
 
     async def run_turn(
         self,
         sid: str,
         session: WorkerSession,
-        messages: list[Any],
-        turn_id: int,
+        turn: Turn,
         earlier: set[asyncio.Task[None]],
-        snapshot: bool = False,
-        params: dict[str, Any] | None = None,
     ) -> None:
-        channel = self.channel
+        outlet = self.outlet
+        turn_id = turn.turn_id
         outcome, detail = "stop", None
         try:
             pending = {t for t in earlier if not t.done()}
@@ -190,17 +248,18 @@ class Worker:
             session.cancel_requested = False
 
             def emitted(name: str, data: dict[str, Any]) -> None:
-                channel.send(["event", sid, turn_id, name, data])
+                outlet.send(Emitted(sid, turn_id, name, data))
 
-            stream = session.model.stream(messages, params=params, events=emitted)
+            stream = session.model.stream(turn.messages, params=turn.params, events=emitted)
             try:
                 sent = 0
+                writable, flowing = outlet.writable, session.flowing
                 async for chunk in stream:
-                    if not channel.writable.is_set():
-                        await channel.writable.wait()
-                    if not session.flowing.is_set():
-                        await session.flowing.wait()
-                    channel.send(["chunk", sid, turn_id, chunk])
+                    if not writable.is_set():
+                        await writable.wait()
+                    if not flowing.is_set():
+                        await flowing.wait()
+                    outlet.send(Chunk(sid, turn_id, chunk))
                     sent += 1
                     if sent % 64 == 0:  # let "pause" and "cancel" in, even if the model
                         await asyncio.sleep(0)  # never awaits between chunks
@@ -212,11 +271,11 @@ class Worker:
             else:  # raised by the model's own code
                 outcome, detail = "error", _describe(exc)
         except MemoryError:
-            await self.out_of_memory(["turn_end", sid, turn_id, RESOURCE_EXHAUSTED, "MemoryError"])
+            await self.out_of_memory(TurnEnd(sid, turn_id, RESOURCE_EXHAUSTED, "MemoryError", None))
         except Exception as exc:
             outcome, detail = "error", _describe(exc)
-        context = session.model.snapshot() if snapshot else None
-        channel.send(["turn_end", sid, turn_id, outcome, detail, context])
+        context = session.model.snapshot() if turn.snapshot else None
+        outlet.send(TurnEnd(sid, turn_id, outcome, detail, context))
 
     async def end(self, sid: str) -> None:
         session = self.sessions.pop(sid, None)
@@ -231,12 +290,12 @@ class Worker:
                 await session.model.end()
             except Exception as exc:
                 error = _describe(exc)
-        self.channel.send(["ended", sid, error])
+        self.outlet.send(Ended(sid, error))
 
-    async def out_of_memory(self, report: list[Any]) -> None:
-        """Tell the server, let the frame reach it, then exit so a fresh worker replaces us."""
-        self.channel.send(report)
-        await _drain(self.channel)
+    async def out_of_memory(self, report: WorkerMessage) -> None:
+        """Tell the server, let the message reach it, then exit so a fresh worker replaces us."""
+        self.outlet.send(report)
+        await self.outlet.drain()
         os._exit(EXIT_MEMORY)
 
 
@@ -247,30 +306,24 @@ def _describe(exc: BaseException) -> str:
 async def serve(spec: dict[str, Any]) -> None:
     """Apply the limits, load the model, say ready (or why not), then serve until the
     server closes the channel."""
-    from ws_server.registry.loader import load_model
-
     die_with_parent(sandboxed=bool(spec.get("sandboxed")))
     apply_limits(spec.get("memory_bytes"), spec.get("cpus"), spec.get("cpu_offset", 0))
     loop = asyncio.get_running_loop()
     worker = Worker()
+    channel = cast(Channel, worker.outlet)
     sock = socket.socket(fileno=int(spec["fd"]))
-    _, channel = await loop.create_unix_connection(lambda: worker.channel, sock=sock)
-    model_dir = Path(spec["model_dir"])
+    await loop.create_unix_connection(lambda: channel, sock=sock)
     closed: asyncio.Future[Any] = asyncio.ensure_future(channel.closed.wait())
     waiting: set[asyncio.Future[Any]] = {worker.config, closed}
     await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     closed.cancel()
     if not worker.config.done():  # the server went away before sending it: nothing to do
         return
-    config = worker.config.result()
-    try:
-        loaded = await load_model(model_dir, spec["name"], spec["revision"], config, isolated=True)
-    except ModelLoadError as exc:
-        channel.send(["load_failed", exc.message, exc.detail])
-        await _drain(channel)
+    loaded = await worker.load(Path(spec["model_dir"]), spec["name"], spec["revision"])
+    channel.send(loaded)
+    if isinstance(loaded, LoadFailed):
+        await channel.drain()
         return
-    worker.runner = SharedRunner(loaded.model_class, config, model_dir, loaded.resources)
-    channel.send(["ready", loaded.model_class.description()])
     await channel.closed.wait()
 
 
@@ -311,16 +364,6 @@ def die_with_parent(sandboxed: bool = False) -> None:
         return
     if os.getppid() != parent:  # our parent died before prctl took effect
         os._exit(1)
-
-
-async def _drain(channel: Channel) -> None:
-    """Give what was written up to a second to reach the server before the worker exits."""
-    channel.flush()
-    transport = channel.transport
-    for _ in range(100):
-        if transport is None or transport.get_write_buffer_size() == 0:
-            return
-        await asyncio.sleep(0.01)
 
 
 def main() -> None:

@@ -11,21 +11,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ws_server import metrics
 from ws_server.exceptions import (
+    ClusterUnreachable,
     ModelAtCapacity,
     ModelLoadError,
     ModelNotFound,
     ModelUnavailable,
 )
-from ws_server.isolation import containment
 from ws_server.isolation.environments import EnvironmentBuilder, default_cache_dir
-from ws_server.isolation.runner import IsolatedRunner, WorkerSpec
 from ws_server.redaction import redact
 from ws_server.registry.config import (
     NAME_PATTERN,
@@ -34,10 +32,14 @@ from ws_server.registry.config import (
     asks_for_isolation,
     read_config,
 )
-from ws_server.registry.loader import MAIN_FILE, load_model, unload_package
+from ws_server.registry.loader import MAIN_FILE, unload_package
+from ws_server.registry.placement import ModelFiles, Placements
 from ws_server.registry.revision import compute_revision
 from ws_server.registry.slots import TurnSlots
-from ws_server.runners import Runner, SharedRunner
+from ws_server.runners import Runner
+
+if TYPE_CHECKING:
+    from ws_server.isolation.ray_link import RayCluster
 
 log = logging.getLogger("anything_agent.registry")
 
@@ -73,6 +75,11 @@ class ModelVersion:
     @property
     def mode(self) -> str:
         return self.runner.mode
+
+    @property
+    def placement(self) -> str | None:
+        """``local`` or ``ray`` for an isolated model; None in shared mode."""
+        return self.runner.placement
 
     @property
     def timeout(self) -> float:
@@ -158,11 +165,13 @@ class Registry:
         *,
         sandbox: str = "auto",
         sandbox_share: tuple[tuple[str, str], ...] = (),
+        ray: RayCluster | None = None,
     ) -> None:
         self.models_dir = models_dir.resolve()
         self.environments = environments or EnvironmentBuilder(default_cache_dir())
-        self.sandbox = sandbox  # ServerSettings.sandbox, for isolated workers
-        self.sandbox_share = sandbox_share
+        self.placements = Placements(
+            self.environments, sandbox=sandbox, sandbox_share=sandbox_share, ray=ray
+        )
         self._entries: dict[str, ModelEntry] = {}
         self._draining: dict[str, list[ModelVersion]] = {}
         self._lock = asyncio.Lock()
@@ -288,7 +297,15 @@ class Registry:
             "revision": entry.revision,
             "description": config.description or "",
             "mode": "isolated" if entry.isolated else "shared",
+            "placement": self._intended_placement(config) if entry.isolated else None,
         }
+
+    def _intended_placement(self, config: ModelConfig) -> str | None:
+        try:
+            kind = self.placements.kind(config)
+        except ModelLoadError:
+            return config.isolation.placement
+        return None if kind == "shared" else kind
 
     async def wait_for_builds(self) -> None:
         """Until every background build has finished (``check`` waits for them)."""
@@ -392,6 +409,7 @@ class Registry:
         except ModelLoadError as exc:
             if self._entries.get(entry.name) is entry and entry.revision == candidate.revision:
                 self._record_failure(entry, candidate, exc)
+                entry.retry = isinstance(exc, ClusterUnreachable)  # not the model's fault
             return
         finally:
             if entry.build is asyncio.current_task():
@@ -442,41 +460,21 @@ class Registry:
     async def _load(self, candidate: _Candidate) -> ModelVersion:
         config = candidate.config
         assert config is not None
-        if config.isolated:
-            name = candidate.name
-            worker = await start_isolated(
-                self.environments,
-                name,
-                candidate.revision,
-                candidate.directory,
-                candidate.raw_config,
-                config,
-                lambda failed, reason: self._runner_failed(name, failed, reason),
-                sandbox=self.sandbox,
-                sandbox_share=self.sandbox_share,
-            )
-            runner: Runner = worker
-            description, package = worker.description, ""
-        else:
-            loaded = await load_model(
-                candidate.directory,
-                candidate.name,
-                candidate.revision,
-                candidate.raw_config,
-                isolated=False,
-            )
-            runner = SharedRunner(
-                loaded.model_class, candidate.raw_config, candidate.directory, loaded.resources
-            )
-            description, package = loaded.model_class.description(), loaded.package
+        name = candidate.name
+        files = ModelFiles(
+            name, candidate.revision, candidate.directory, candidate.raw_config, config
+        )
+        started = await self.placements.start(
+            files, lambda failed, reason: self._runner_failed(name, failed, reason)
+        )
         return ModelVersion(
-            name=candidate.name,
+            name=name,
             directory=candidate.directory,
             revision=candidate.revision,
             config=config,
-            description=config.description or description,
-            runner=runner,
-            package=package,
+            description=config.description or started.description,
+            runner=started.runner,
+            package=started.package,
             loaded_at=time.time(),
         )
 
@@ -544,9 +542,9 @@ class Registry:
         self._entries.clear()
         self._draining.clear()
         await asyncio.gather(*(v.runner.close() for v in versions), return_exceptions=True)
-        await self.environments.close()
         if self._disposals:
             await asyncio.gather(*self._disposals, return_exceptions=True)
+        await self.placements.close()
 
 
 def _inspect_directory(directory: Path) -> _Candidate:
@@ -564,47 +562,6 @@ def _inspect_directory(directory: Path) -> _Candidate:
             "rename the directory or set `name` in config.yaml"
         )
     return _Candidate(name, directory, revision, config, raw, error, config.isolated)
-
-
-async def start_isolated(
-    environments: EnvironmentBuilder,
-    name: str,
-    revision: str,
-    directory: Path,
-    raw_config: dict[str, Any],
-    config: ModelConfig,
-    on_failure: Callable[[IsolatedRunner, str], None],
-    *,
-    sandbox: str = "auto",
-    sandbox_share: tuple[tuple[str, str], ...] = (),
-) -> IsolatedRunner:
-    """Build (or reuse) an isolated model's environment and start a worker that has loaded
-    it (stopped again if the start fails); ``on_failure`` hears of the worker failing
-    for good later."""
-    python = await environments.python_for(name, directory, config.isolation)
-    resources = config.isolation.resources
-    spec = WorkerSpec(
-        name=name,
-        revision=revision,
-        model_dir=directory,
-        python=python,
-        config=raw_config,
-        memory_bytes=resources.memory_bytes(),
-        cpus=resources.cpu,
-        memory_text=resources.memory,
-        pids=resources.pids or containment.DEFAULT_PIDS,
-        network=config.isolation.network,
-        sandbox=sandbox,
-        sandbox_share=sandbox_share,
-    )
-    runner: IsolatedRunner
-    runner = IsolatedRunner(spec, lambda reason: on_failure(runner, reason))
-    try:
-        await runner.start()
-    except BaseException:
-        await runner.close()
-        raise
-    return runner
 
 
 def _row(
@@ -626,6 +583,7 @@ def _row(
         "revision": version.revision if version else None,
         "description": redact(version.description) if version else "",
         "mode": version.mode if version else None,
+        "placement": version.placement if version else None,
         "sandbox": version.runner.sandbox if version else None,
         "status": status,
         "error": redact(error) if error else None,

@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -75,6 +75,9 @@ class Isolation(BaseModel):
     python_version: str | None = None
     resources: Resources = Field(default_factory=Resources)
     network: bool = False
+    placement: Literal["local", "ray"] | None = None
+    """Where the worker runs: a local process, or a Ray actor (None: on Ray when the
+    server has ``--ray-address``, else local)."""
 
     @field_validator("python_version", mode="before")
     @classmethod

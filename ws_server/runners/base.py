@@ -41,6 +41,8 @@ class Runner(Protocol):
     """Runs one model version; makes a ``ModelSession`` per chat session."""
 
     mode: str
+    # Where an isolated model's worker runs: "local" or "ray" (None: shared mode).
+    placement: str | None
     # The listing's ``sandbox``: which protections hold for the model (None: shared mode,
     # where the model runs in the server's process, with none).
     sandbox: dict[str, Any] | None

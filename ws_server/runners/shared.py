@@ -29,6 +29,7 @@ class SharedRunner:
     """Creates a fresh model instance per session from one loaded version's class."""
 
     mode = "shared"
+    placement: str | None = None  # not isolated: it runs in the server process
     sandbox: dict[str, Any] | None = None  # no sandbox: it runs in the server
 
     def __init__(

@@ -22,7 +22,7 @@ class Hog(AnythingBaseModel):
         worker = next(o for o in gc.get_objects() if isinstance(o, Worker))
         sid, session = next((k, v) for k, v in worker.sessions.items() if v.model.model is self)
         turn_id = session.turn.get_coro().cr_frame.f_locals["turn_id"]
-        fd = worker.channel.transport.get_extra_info("socket").fileno()
+        fd = worker.outlet.transport.get_extra_info("socket").fileno()
         block = frame(["chunk", sid, turn_id, "x" * (1 << 20)])
         # Inline, blocking the worker's own loop, so no frame of the worker's interleaves
         # with these: each is a well-formed chunk, sent regardless of any "pause".
