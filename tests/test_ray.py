@@ -40,7 +40,7 @@ def ray_models(target: Path) -> Path:
     """The Ray test models, echo placed on Ray by default (isolated, no placement: the
     server's cluster), and echo pinned to a local worker."""
     target.mkdir(parents=True, exist_ok=True)
-    for name in ("streamer", "own_six"):
+    for name in ("streamer", "own_six", "missing_package"):
         shutil.copytree(RAY_MODELS / name, target / name)
     shutil.copytree(SHIPPED_MODELS / "echo", target / "echo")
     with open(target / "echo" / "config.yaml", "a") as config:
@@ -100,6 +100,15 @@ async def test_a_model_streams_from_the_environment_built_from_its_requirements(
     async with chat(ray_server, "own_six") as ws:
         turn = await run_turn(ws, "which six?")
     assert turn.chunks == ["six ", "1.16.0"] and six.__version__ != "1.16.0"
+
+
+def test_requirements_ray_cannot_install_fail_the_model_with_pips_words(
+    ray_server: ServerProcess,
+) -> None:
+    failed = row(ray_server, "missing_package")
+    assert (failed["status"], failed["placement"]) == ("failed", "ray")
+    assert failed["error"].startswith("requirements.txt: Ray could not build the model's")
+    assert "anything-agent-no-such-package-zzz" in failed["error"]
 
 
 async def test_echo_streams_chunk_by_chunk_from_its_actor(ray_server: ServerProcess) -> None:

@@ -98,6 +98,7 @@ class RayHead:
         environment = {
             **os.environ,
             **self.client_env,
+            "RUNTIME_ENV_RETRY_TIMES": "1",  # a broken requirements.txt fails once, not thrice
             **dict(zip(_PORT_VARIABLES, map(str, ports[len(_PORT_OPTIONS) :]), strict=True)),
         }
         with open(self.directory / "ray-start.log", "wb") as log:  # the child keeps its own

@@ -178,10 +178,13 @@ class IsolatedRunner:
         if self._closing or generation != self.generation:
             return
         ready = self._ready
-        if self._loading == generation and ready is not None and not ready.done():
-            ready.set_exception(
-                ModelLoadError(f"main.py: the worker exited while loading the model ({end.reason})")
-            )
+        if self._loading == generation:  # it never said Ready: its start fails, no crash
+            if ready is not None and not ready.done():
+                ready.set_exception(
+                    ModelLoadError(
+                        f"main.py: the worker exited while loading the model ({end.reason})"
+                    )
+                )
             return
         # A memory kill during a turn is that turn's breach; one with no turn running (the
         # model's own background work) counts as a crash: a model that keeps doing it is
