@@ -7,6 +7,7 @@ against Ray too, through the ``server`` fixture's ``ray`` placement.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -40,7 +41,7 @@ def ray_models(target: Path) -> Path:
     """The Ray test models, echo placed on Ray by default (isolated, no placement: the
     server's cluster), and echo pinned to a local worker."""
     target.mkdir(parents=True, exist_ok=True)
-    for name in ("streamer", "own_six", "missing_package"):
+    for name in ("streamer", "own_six", "missing_package", "resources_probe"):
         shutil.copytree(RAY_MODELS / name, target / name)
     shutil.copytree(SHIPPED_MODELS / "echo", target / "echo")
     with open(target / "echo" / "config.yaml", "a") as config:
@@ -117,6 +118,14 @@ async def test_echo_streams_chunk_by_chunk_from_its_actor(ray_server: ServerProc
         assert turn.chunks == ["one", " two", " three"] and turn.done["reason"] == "stop"
     async with chat(ray_server, "local_echo") as ws:
         assert (await run_turn(ws, "still local")).text == "still local"
+
+
+async def test_isolation_resources_become_the_actors_ray_resources(
+    ray_server: ServerProcess,
+) -> None:
+    async with chat(ray_server, "resources_probe") as ws:
+        assigned = json.loads((await run_turn(ws, "what do I have?")).text)
+    assert assigned == {"CPU": 0.5, "memory": 300 * 1024 * 1024}
 
 
 async def test_cancel_closes_the_generator_in_the_actor_so_its_finally_runs(
@@ -243,3 +252,46 @@ def test_a_python_version_the_cluster_cannot_give_is_a_clear_error(
     failed = row(server, "streamer")
     assert failed["status"] == "failed"
     assert f"isolation.python_version: {other} cannot be had on Ray" in failed["error"]
+
+
+async def test_a_cluster_that_never_answers_fails_its_models_within_30_s(
+    tmp_path: Path, start_server: Any
+) -> None:
+    """A listener that accepts connections and never speaks: ray.init would wait for minutes."""
+    models = tmp_path / "models"
+    shutil.copytree(RAY_MODELS / "streamer", models / "streamer")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        server = start_server(models, "--ray-address", address)
+        wait_until_built(server, timeout=60)
+        assert time.monotonic() - started < 35
+        failed = row(server, "streamer")
+    assert failed["status"] == "failed"
+    assert failed["error"].startswith(f"Ray: no answer from the cluster at {address} within 30 s")
+    assert server.stop() == 0  # the attempt still hanging in its thread holds nothing up
+
+
+async def test_the_actors_end_with_the_server_even_on_kill_9(
+    ray_head: RayHead, tmp_path: Path, start_server: Any
+) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(RAY_MODELS / "streamer", models / "streamer")
+    server = start_server(models, "--ray-address", ray_head.address, env=ray_head.client_env)
+    wait_until_built(server)
+    async with chat(server, "streamer") as ws:
+        pid = int((await run_turn(ws, "pid")).text)
+        server.process.kill()
+    assert await asyncio.to_thread(gone_within, pid, 15), "the actor outlived its server"
+
+
+def gone_within(pid: int, seconds: float) -> bool:
+    """Whether process ``pid`` has ended within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while Path(f"/proc/{pid}").exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True

@@ -500,14 +500,25 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-@pytest.mark.parametrize("mode", ["shared", "isolated"])
+@pytest.mark.parametrize("mode", ["shared", "isolated", "ray"])
 async def test_a_client_that_stops_reading_pauses_the_model_and_memory_stays_flat(
-    start_server: Any, tmp_path: Path, env_cache: Path, mode: str
+    start_server: Any,
+    tmp_path: Path,
+    env_cache: Path,
+    mode: str,
+    request: pytest.FixtureRequest,
 ) -> None:
+    """Shared, in a local worker, or as a Ray actor (whose turn stream Ray holds back once
+    the server stops pulling it), the model is paused, not buffered without bound."""
     models = models_dir(tmp_path / "models")
-    if mode == "isolated":
+    extra: list[str] = []
+    env: dict[str, str] = {}
+    if mode != "shared":
         (models / "flood" / "config.yaml").write_text("isolation: true\n")
-    server = start_server(models, "--env-cache-dir", str(env_cache))
+    if mode == "ray":
+        head = request.getfixturevalue("ray_head")
+        extra, env = ["--ray-address", head.address], head.client_env
+    server = start_server(models, "--env-cache-dir", str(env_cache), *extra, env=env)
     for _ in range(600):
         if http(server, "/v1/models/flood")[2]["status"] == "ready":
             break
