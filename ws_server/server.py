@@ -29,7 +29,7 @@ from ws_server.http.security import (
 )
 from ws_server.isolation import cgroups, sandbox
 from ws_server.isolation.environments import EnvironmentBuilder, default_cache_dir
-from ws_server.isolation.ray_link import RayCluster
+from ws_server.isolation.ray_cluster import RayCluster
 from ws_server.loop_watch import LoopWatch
 from ws_server.openai_compat.endpoint import ChatCompletions
 from ws_server.registry.catalog import ModelVersion, Registry

@@ -39,7 +39,7 @@ from ws_server.registry.slots import TurnSlots
 from ws_server.runners import Runner
 
 if TYPE_CHECKING:
-    from ws_server.isolation.ray_link import RayCluster
+    from ws_server.isolation.ray_cluster import RayCluster
 
 log = logging.getLogger("anything_agent.registry")
 

@@ -23,7 +23,7 @@ from ws_server.registry.loader import load_model
 from ws_server.runners import Runner, SharedRunner
 
 if TYPE_CHECKING:
-    from ws_server.isolation.ray_link import RayCluster
+    from ws_server.isolation.ray_cluster import RayCluster
 
 Kind = Literal["shared", "local", "ray"]
 OnFailure = Callable[[Runner, str], None]
