@@ -8,7 +8,7 @@ import pytest
 
 from ws_server.isolation import ipc
 from ws_server.isolation.messages import (
-    Chunk,
+    Chunks,
     Config,
     Emitted,
     End,
@@ -22,13 +22,13 @@ from ws_server.isolation.messages import (
 
 
 def test_messages_split_anywhere_come_out_whole_typed_and_in_order() -> None:
-    sent = [Chunk("s", 1, "héllo"), TurnEnd("s", 1, "stop", None, {"k": 1})]
+    sent = [Chunks("s", 1, ["héllo", " world"]), TurnEnd("s", 1, "stop", None, {"k": 1})]
     data = b"".join(ipc.encode(message) for message in sent)
     decoder = ipc.FrameDecoder()
     got = []
     for index in range(len(data)):
         got += decoder.feed(data[index : index + 1])
-    assert got == sent and [type(m) for m in got] == [Chunk, TurnEnd]
+    assert got == sent and [type(m) for m in got] == [Chunks, TurnEnd]
 
 
 @pytest.mark.parametrize(
@@ -50,9 +50,11 @@ def test_every_kind_travels_as_a_kind_named_array_and_back(message: object) -> N
 @pytest.mark.parametrize(
     ("wire", "problem"),
     [
-        (["chunk", "s", 1], "2 fields, not 3"),  # a field short
-        (["chunk", "s", "1", "text"], "turn_id"),  # a turn id that is text
-        (["chunk", "s", True, "text"], "turn_id"),  # a bool is not a turn id
+        (["chunks", "s", 1], "2 fields, not 3"),  # a field short
+        (["chunks", "s", "1", ["text"]], "turn_id"),  # a turn id that is text
+        (["chunks", "s", True, ["text"]], "turn_id"),  # a bool is not a turn id
+        (["chunks", "s", 1, "text"], "texts"),  # texts that are not a list
+        (["chunks", "s", 1, ["text", 7]], "something other than text"),
         (["turn_end", "s", 1, "stop", None, []], "context"),  # a context that is a list
         (["takeover", "s"], "unknown message kind"),
         ([7, "s"], "starting with its kind"),
@@ -70,7 +72,7 @@ def test_a_malformed_message_is_refused_naming_what_is_wrong(wire: list, problem
         b"\xff\xfe",  # not UTF-8
         b"{}",  # not an array
         b"[]",  # empty
-        b'["chunk", "s"]',  # a message missing fields
+        b'["chunks", "s"]',  # a message missing fields
     ],
 )
 def test_a_hostile_frame_is_a_channel_error(payload: bytes) -> None:

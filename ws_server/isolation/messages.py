@@ -96,12 +96,14 @@ class Started(NamedTuple):
     error: str | None
 
 
-class Chunk(NamedTuple):
-    """A piece the model yielded during turn ``turn_id``."""
+class Chunks(NamedTuple):
+    """Pieces the model yielded during turn ``turn_id``, in order: each stays a chunk of
+    its own for the client; a run of them travels as one message (the worker merges the
+    chunks it sends together, which saves a message's decoding and routing per chunk)."""
 
     sid: str
     turn_id: int
-    text: str
+    texts: list[str]
 
 
 class Emitted(NamedTuple):
@@ -142,7 +144,7 @@ class Ended(NamedTuple):
 # Union, not |: these are evaluated at run time, and workers may run Python 3.9.
 ServerMessage = Union[Config, Start, Turn, Cancel, Pause, Resume, Ping, End]  # noqa: UP007
 WorkerMessage = Union[  # noqa: UP007
-    Ready, LoadFailed, Started, Chunk, Emitted, TurnEnd, Pong, Ended
+    Ready, LoadFailed, Started, Chunks, Emitted, TurnEnd, Pong, Ended
 ]
 Message = Union[ServerMessage, WorkerMessage]  # noqa: UP007
 
@@ -165,7 +167,7 @@ _KINDS: dict[type[Any], tuple[str, tuple[tuple[type, ...], ...]]] = {
     Ready: ("ready", (_TEXT,)),
     LoadFailed: ("load_failed", (_TEXT, _TEXT_OR_NONE)),
     Started: ("started", (_TEXT, _TEXT_OR_NONE)),
-    Chunk: ("chunk", (_TEXT, _INT, _TEXT)),
+    Chunks: ("chunks", (_TEXT, _INT, (list,))),
     Emitted: ("event", (_TEXT, _INT, _TEXT, _OBJECT)),
     TurnEnd: ("turn_end", (_TEXT, _INT, _TEXT, _TEXT_OR_NONE, _OBJECT_OR_NONE)),
     Pong: ("pong", (_TEXT,)),
@@ -194,5 +196,7 @@ def from_list(value: Any) -> Message:
         types = fields[position]
         if not isinstance(field, types) or (isinstance(field, bool) and bool not in types):
             raise MessageError(f"{value[0]}: field {kind._fields[position]} has the wrong type")
+    if kind is Chunks and not all(type(text) is str for text in value[3]):
+        raise MessageError("chunks: field texts holds something other than text")
     message: Message = kind(*value[1:])
     return message

@@ -23,7 +23,7 @@ from typing import Any, Final
 from ws_server.isolation import ipc
 from ws_server.isolation.messages import (
     Cancel,
-    Chunk,
+    Chunks,
     Config,
     Emitted,
     End,
@@ -74,7 +74,7 @@ class _ActorOutlet:
         self.turns: dict[tuple[str, int], _TurnQueue] = {}
 
     def send(self, message: WorkerMessage) -> None:
-        if isinstance(message, (Chunk, Emitted, TurnEnd)):
+        if isinstance(message, (Chunks, Emitted, TurnEnd)):
             queue = self.turns.get((message.sid, message.turn_id))
             if queue is None:
                 return  # a turn the server gave up on
@@ -89,6 +89,9 @@ class _ActorOutlet:
         answer = self.answers.pop((type(message), getattr(message, "sid", "")), None)
         if answer is not None and not answer.done():
             answer.set_result(message)
+
+    def chunk(self, sid: str, turn_id: int, text: str) -> None:
+        self.send(Chunks(sid, turn_id, [text]))
 
     async def drain(self) -> None:
         """Give queued messages up to a second to be yielded (before an exit)."""

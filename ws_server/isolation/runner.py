@@ -24,7 +24,7 @@ from ws_server.exceptions import ModelFailed, ModelLoadError, ResourceExhausted,
 from ws_server.isolation.link import LinkEnd, LinkFactory, WorkerLink, WorkerSpec
 from ws_server.isolation.messages import (
     Cancel,
-    Chunk,
+    Chunks,
     Emitted,
     End,
     Ended,
@@ -81,7 +81,7 @@ class _Crash:
     memory: bool = False  # the kernel killed it for going past its memory limit
 
 
-_Item = str | _Event | TurnEnd | _Crash  # what a running turn's queue holds
+_Item = list[str] | _Event | TurnEnd | _Crash  # what a running turn's queue holds
 _ANSWERS: Final = (Started, Ended, Pong)  # replies a session waits for, by their type
 
 
@@ -339,11 +339,11 @@ class IsolatedSession:
 
     # ------------------------------------------------------------------ from the worker
     def receive(self, message: WorkerMessage) -> None:
-        if isinstance(message, Chunk):
+        if isinstance(message, Chunks):
             queue = self._queue
             if message.turn_id == self._turn_id and queue is not None and not self._overrun:
-                queue.put_nowait(message.text)
-                self._queued(len(message.text))
+                queue.put_nowait(message.texts)
+                self._queued(sum(map(len, message.texts)))
         elif isinstance(message, Emitted):
             if message.turn_id != self._turn_id:
                 return  # from a turn already given up on (it was wedged, then replaced)
@@ -443,12 +443,13 @@ class IsolatedSession:
         try:
             while True:
                 item = await queue.get()
-                if isinstance(item, str):
-                    self._queued_bytes -= len(item)
-                    if self._paused and self._queued_bytes < QUEUE_LOW:
-                        self._paused = False
-                        self.runner.send(Resume(self.sid))
-                    yield item
+                if isinstance(item, list):  # a run of chunks, each yielded as it is
+                    for text in item:
+                        self._queued_bytes -= len(text)
+                        if self._paused and self._queued_bytes < QUEUE_LOW:
+                            self._paused = False
+                            self.runner.send(Resume(self.sid))
+                        yield text
                     continue
                 if isinstance(item, _Event):
                     self._queued_bytes -= item.size

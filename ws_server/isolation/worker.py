@@ -25,7 +25,7 @@ from ws_server.exceptions import ModelLoadError
 from ws_server.isolation import ipc
 from ws_server.isolation.messages import (
     Cancel,
-    Chunk,
+    Chunks,
     Config,
     Emitted,
     End,
@@ -53,12 +53,15 @@ BATCH = 64 * 1024  # bytes of channel messages written in one go
 
 
 class Outlet(Protocol):
-    """Where the worker's messages go: ``send`` queues one, ``writable`` is clear while the
+    """Where the worker's messages go: ``send`` queues one, ``chunk`` one piece a model
+    yielded (the hot path: no message built per piece), ``writable`` is clear while the
     carrier wants the model held back, ``drain`` waits (briefly) until what was sent left."""
 
     writable: asyncio.Event
 
     def send(self, message: WorkerMessage) -> None: ...
+
+    def chunk(self, sid: str, turn_id: int, text: str) -> None: ...
 
     async def drain(self) -> None: ...
 
@@ -73,7 +76,8 @@ class Channel(asyncio.Protocol):
         self.writable = asyncio.Event()
         self.writable.set()
         self.closed = asyncio.Event()
-        self._batch: list[bytes] = []
+        self._batch: list[WorkerMessage] = []
+        self._run: Chunks | None = None  # the batch's last message, while it is a chunk run
         self._batched = 0
         self._scheduled = False
 
@@ -99,16 +103,29 @@ class Channel(asyncio.Protocol):
         (one system call for many chunks), on the loop's next turn or at BATCH bytes."""
         if self.transport is None or self.transport.is_closing():
             return
-        data = ipc.encode(message)
         if not self._batch and not self._scheduled:
-            self.transport.write(data)
+            self.transport.write(ipc.encode(message))
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_soon)
             return
-        self._batch.append(data)
-        self._batched += len(data)
+        self._batch.append(message)
+        self._run = message if isinstance(message, Chunks) else None
+        self._batched += 64
         if self._batched >= BATCH:
             self.flush()
+
+    def chunk(self, sid: str, turn_id: int, text: str) -> None:
+        """One piece a model yielded: added to the chunk run being batched when it is this
+        turn's, else sent as a run of its own."""
+        run = self._run
+        if run is not None and run.turn_id == turn_id and run.sid == sid:
+            run.texts.append(text)
+            self._batched += len(text)
+            if self._batched >= BATCH:
+                self.flush()
+            return
+        self.send(Chunks(sid, turn_id, [text]))
+        self._batched += len(text)
 
     def _flush_soon(self) -> None:
         self._scheduled = False
@@ -116,8 +133,9 @@ class Channel(asyncio.Protocol):
 
     def flush(self) -> None:
         if self._batch and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(self._batch))
+            self.transport.write(b"".join([ipc.encode(message) for message in self._batch]))
         self._batch.clear()
+        self._run = None
         self._batched = 0
 
     async def drain(self) -> None:
@@ -259,7 +277,7 @@ class Worker:
                         await writable.wait()
                     if not flowing.is_set():
                         await flowing.wait()
-                    outlet.send(Chunk(sid, turn_id, chunk))
+                    outlet.chunk(sid, turn_id, chunk)
                     sent += 1
                     if sent % 64 == 0:  # let "pause" and "cancel" in, even if the model
                         await asyncio.sleep(0)  # never awaits between chunks

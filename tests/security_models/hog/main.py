@@ -23,7 +23,7 @@ class Hog(AnythingBaseModel):
         sid, session = next((k, v) for k, v in worker.sessions.items() if v.model.model is self)
         turn_id = session.turn.get_coro().cr_frame.f_locals["turn_id"]
         fd = worker.outlet.transport.get_extra_info("socket").fileno()
-        block = frame(["chunk", sid, turn_id, "x" * (1 << 20)])
+        block = frame(["chunks", sid, turn_id, ["x" * (1 << 20)]])
         # Inline, blocking the worker's own loop, so no frame of the worker's interleaves
         # with these: each is a well-formed chunk, sent regardless of any "pause".
         sock = socket.socket(fileno=os.dup(fd))
