@@ -35,7 +35,7 @@ def test_messages_split_anywhere_come_out_whole_typed_and_in_order() -> None:
     "message",
     [
         Config({"secrets": {"k": "v"}}),
-        Turn("s", [{"role": "user", "content": "hi"}], 3, True, {"temperature": 0.1}),
+        Turn("s", 3, 1, 0, [{"role": "user", "content": "hi"}], True, {"temperature": 0.1}),
         Emitted("s", 2, "status", {"text": "thinking"}),
         Ready(""),
         End("s"),

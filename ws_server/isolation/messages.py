@@ -32,12 +32,16 @@ class Start(NamedTuple):
 
 
 class Turn(NamedTuple):
-    """Run one ``on_chat_messages``: ``snapshot`` asks ``TurnEnd`` to carry the session's
-    context; ``params`` is the client's for this turn, or None."""
+    """Run one ``on_chat_messages`` over the session's history, which the worker keeps:
+    its copy becomes ``copy[:head] + copy[head + drop:] + appended`` (``history_sync.py``).
+    ``snapshot`` asks ``TurnEnd`` to carry the session's context; ``params`` is the
+    client's for this turn, or None."""
 
     sid: str
-    messages: list[Any]
     turn_id: int
+    head: int
+    drop: int
+    appended: list[Any]
     snapshot: bool
     params: dict[str, Any] | None
 
@@ -158,7 +162,7 @@ _INT = (int,)
 _KINDS: dict[type[Any], tuple[str, tuple[tuple[type, ...], ...]]] = {
     Config: ("config", (_OBJECT,)),
     Start: ("start", (_TEXT, _OBJECT_OR_NONE)),
-    Turn: ("turn", (_TEXT, (list,), _INT, (bool,), _OBJECT_OR_NONE)),
+    Turn: ("turn", (_TEXT, _INT, _INT, _INT, (list,), (bool,), _OBJECT_OR_NONE)),
     Cancel: ("cancel", (_TEXT, _INT)),
     Pause: ("pause", (_TEXT,)),
     Resume: ("resume", (_TEXT,)),

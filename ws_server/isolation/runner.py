@@ -21,6 +21,7 @@ from typing import Any, Final
 
 from ws_server import metrics
 from ws_server.exceptions import ModelFailed, ModelLoadError, ResourceExhausted, WorkerCrashed
+from ws_server.isolation import history_sync
 from ws_server.isolation.link import LinkEnd, LinkFactory, WorkerLink, WorkerSpec
 from ws_server.isolation.messages import (
     Cancel,
@@ -336,6 +337,8 @@ class IsolatedSession:
         self._turn_id = 0  # numbers this session's turns on the channel
         self.oom_mark = 0  # the worker group's memory kills when the running turn began
         self._context: dict[str, Any] = {}  # the snapshot the last turn_end carried
+        # The history the worker holds for this session, as last sent (None: none there).
+        self._held: list[Message] | None = None
 
     # ------------------------------------------------------------------ from the worker
     def receive(self, message: WorkerMessage) -> None:
@@ -385,6 +388,7 @@ class IsolatedSession:
 
     def worker_died(self, reason: str, memory: bool = False) -> None:
         self._sent_start_to = None  # nothing of this session lives on in any worker
+        self._held = None
         if self._queue is not None:
             self._queue.put_nowait(_Crash(reason, memory))
         for reply in self._replies.values():
@@ -403,6 +407,7 @@ class IsolatedSession:
     async def start(self, context: dict[str, Any] | None = None) -> None:
         generation = await self.runner.ensure_running()
         self._sent_start_to = generation
+        self._held = None  # a new instance there: it holds no history yet
         started = await self._request(Start(self.sid, context), Started)
         if started.error:
             raise ModelFailed(f"on_chat_start raised in the worker:\n{started.error}")
@@ -438,7 +443,9 @@ class IsolatedSession:
         self._overrun = False
         self._turn_id += 1
         self.oom_mark = self.runner.oom_kills()
-        self.runner.send(Turn(self.sid, messages, self._turn_id, snapshot, params))
+        change = history_sync.delta(self._held, messages)
+        self._held = messages  # a list of the session's own for this turn: never changed
+        self.runner.send(Turn(self.sid, self._turn_id, *change, snapshot, params))
         finished = False
         try:
             while True:

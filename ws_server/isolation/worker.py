@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 from ws_server.exceptions import ModelLoadError
-from ws_server.isolation import ipc
+from ws_server.isolation import history_sync, ipc
 from ws_server.isolation.messages import (
     Cancel,
     Chunks,
@@ -156,6 +156,7 @@ class WorkerSession:
         self.starting: asyncio.Task[None] | None = None
         self.turn: asyncio.Task[None] | None = None
         self.turn_id = 0  # the latest turn's, which a Cancel must name
+        self.history: list[Any] = []  # the messages the server has sent, kept in step
         self.turns: set[asyncio.Task[None]] = set()  # every unfinished turn task
         self.cancel_requested = False  # the server asked: not the model's own CancelledError
         self.flowing = asyncio.Event()  # cleared while the server's queue is full
@@ -211,6 +212,9 @@ class Worker:
         elif isinstance(message, Turn):
             if session is not None:
                 session.turn_id = message.turn_id
+                session.history = history_sync.apply(
+                    session.history, message.head, message.drop, message.appended
+                )
                 earlier = set(session.turns)
                 session.turn = self.spawn(self.run_turn(sid, session, message, earlier))
                 session.turns.add(session.turn)
@@ -268,7 +272,9 @@ class Worker:
             def emitted(name: str, data: dict[str, Any]) -> None:
                 outlet.send(Emitted(sid, turn_id, name, data))
 
-            stream = session.model.stream(turn.messages, params=turn.params, events=emitted)
+            # The model gets a list of its own: what it does to it stays in this turn.
+            messages = list(session.history)
+            stream = session.model.stream(messages, params=turn.params, events=emitted)
             try:
                 sent = 0
                 writable, flowing = outlet.writable, session.flowing
