@@ -6,6 +6,12 @@ runs as an operator would start it: its defaults plus ``--no-limits`` (the rate 
 connection limits would throttle a load generator on 127.0.0.1); only where it listens and
 which models directory it serves are given.
 
+The "workers2" row is the shared row's server with ``--workers 2``: a supervisor (no event
+loop, no model) and two server processes listening on one port (``SO_REUSEPORT``; the
+supervisor reserves the port, so ``--port 0`` works and every process logs the same one).
+Like every server it is started on one CPU, and its children inherit that: the row shows
+what a second process costs on one core, not what a second core would give.
+
 Four AnythingAgent rows differ from the others in what is measured rather than how: the
 "resumable" row is the same server driven by clients that offer the ``resumable``
 subprotocol entry (so every frame is numbered and kept in a replay buffer), the "redis"
@@ -60,6 +66,7 @@ class ServerSpec:
     checkout: str | None = None  # a commit whose tree ``check_out`` lays out in ``cwd``
     redis: bool = False  # its sessions live in the runner's redis-server (see ``env``)
     ray: bool = False  # its isolated model runs on the runner's Ray head (RAY_ADDRESS)
+    processes: int = 1  # processes that log "listening" (serve --workers N): start waits for all
 
     @property
     def resumable(self) -> bool:
@@ -128,6 +135,12 @@ def lineup(scratch: Path, before: str = BEFORE) -> list[ServerSpec]:
             checkout=before,
         ),
         ServerSpec("shared", "AnythingAgent shared", _anything_agent(BENCH_MODEL.parent)),
+        ServerSpec(
+            "workers2",
+            "AnythingAgent shared, --workers 2",
+            (*_anything_agent(BENCH_MODEL.parent), "--workers", "2"),
+            processes=2,
+        ),
         ServerSpec(
             "resumable",
             "AnythingAgent resumable",

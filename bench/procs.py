@@ -79,7 +79,8 @@ class Server:
 
     @property
     def pids(self) -> list[int]:
-        """The server and every process below it (an isolated worker, a spawned runner)."""
+        """The server and every process below it (an isolated worker, a spawned runner, the
+        server processes of a ``--workers`` supervisor)."""
         found, todo = [], [self.process.pid]
         while todo:
             pid = todo.pop()
@@ -157,12 +158,18 @@ def start(
     timeout: float = 120.0,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    listeners: int = 1,
 ) -> Server:
     """Start a server on ``SERVER_CPU`` and return it once its log says where it listens.
 
     It gets a process group of its own (so a Ctrl-C at the terminal reaches only the
     runner, which stops it) and inherits the runner's RLIMIT_NOFILE; ``env`` adds to (or
     overrides) the runner's environment, ``cwd`` is where it starts (default: here).
+    Whatever it starts inherits its CPU and its group: a ``serve --workers N`` supervisor's
+    server processes run on ``SERVER_CPU`` too, count in ``rss_kib``, ``cpu_ticks`` and
+    ``write_calls`` (its whole tree), and go with it in ``stop``. ``listeners`` is how many
+    of its processes log "listening on" (N: each on the port the supervisor reserved):
+    it is returned once all have, so no load starts while one process alone accepts.
     """
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as sink:
@@ -179,17 +186,24 @@ def start(
     server = Server(process, 0, log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        match = LISTENING.search(log.read_text(errors="replace"))
-        if match:
-            server.port = int(match.group(1))
+        ports = LISTENING.findall(log.read_text(errors="replace"))
+        if len(ports) >= listeners:
+            if len(set(ports)) > 1:
+                server.stop()
+                found = sorted(set(ports))
+                raise RuntimeError(f"{' '.join(command)}: its processes listen on ports {found}")
+            server.port = int(ports[0])
             return server
         if process.poll() is not None:
+            server.stop()  # whatever it started before it exited goes with it
             raise RuntimeError(
                 f"{command[-1]} exited with {process.returncode}:\n{server.log_tail()}"
             )
         time.sleep(0.02)
     server.stop()
-    raise RuntimeError(f"{' '.join(command)} did not listen within {timeout:g} s")
+    raise RuntimeError(
+        f"{' '.join(command)}: {listeners} process(es) did not listen within {timeout:g} s"
+    )
 
 
 def redis_used_kib(socket: Path) -> float:

@@ -1,9 +1,9 @@
 """What a bench run reports: tables of every figure with its ratio to a reference measured
 in the same run (bare websockets; for a resume, the same server's new connection, or the
 same node's; for a detached session, the replay buffer's bound), the resumable server
-against the one before resumable sessions, the isolated model placed on Ray against the
-same model in a local worker, 3 nodes behind nginx against 1, the targets met or missed,
-the raw JSON, a PNG chart.
+against the one before resumable sessions, the server with ``--workers 2`` against one
+process, the isolated model placed on Ray against the same model in a local worker, 3 nodes
+behind nginx against 1, the targets met or missed, the raw JSON, a PNG chart.
 
 Input is the run's JSON payload (see ``bench/run.py``): ``servers`` maps a server's key to
 its ``label`` and one dict of figures per mode (``throughput``, ``latency_1``,
@@ -29,6 +29,8 @@ REFERENCE: Final = "websockets"
 BEFORE: Final = "before"  # the server before resumable sessions (bench/lineup.py)
 MEMORY: Final = "resumable"  # resumable sessions in process memory: the Redis row's reference
 REDIS: Final = "redis"  # the same with its sessions in Redis
+SHARED: Final = "shared"  # the bench model in the server process, one process
+WORKERS: Final = "workers2"  # the same server with --workers 2 (a supervisor, two processes)
 ISOLATED: Final = "isolated"  # the bench model isolated in a local worker process
 RAY: Final = "ray"  # the same model isolated as an actor on a Ray cluster
 MISSING: Final = "-"
@@ -81,7 +83,7 @@ NODES_COLUMNS: Final = (
     Column("resume", "back_p99_us", "back p99", True, ("resume", "same_p99_us")),
 )
 CELL: Final = 13
-LABEL: Final = 30  # "AnythingAgent isolated on Ray" and a space
+LABEL: Final = 34  # "AnythingAgent shared, --workers 2" and a space
 
 
 def figure(payload: dict[str, Any], server: str, mode: str, field: str) -> float | None:
@@ -187,7 +189,8 @@ def table(payload: dict[str, Any]) -> str:
         f"turns back to back, {settings['duration']:g} s. Capacity: {settings['sessions']} idle "
         f"sessions, {settings['concurrency']} handshakes in flight.",
         "Each cell: the figure, then ×its ratio to bare websockets in this run "
-        "(latency and KiB/session: lower is better). Client on CPU 0, servers on CPU 1.",
+        "(latency and KiB/session: lower is better). Client on CPU 0, servers on CPU 1 (a "
+        "server's processes too; RSS and write calls are its whole process tree's).",
         f"Measured {payload.get('created', '?')} at revision {payload.get('revision') or '?'}.",
         "",
     ]
@@ -280,7 +283,7 @@ def _nodes_legend(payload: dict[str, Any]) -> list[str]:
 def comparisons(payload: dict[str, Any]) -> str:
     """The server before resumable sessions against today's, driven by clients that offer
     ``resumable`` and by clients that don't: each cell ×its ratio to the before server."""
-    servers = [k for k in (BEFORE, "shared", MEMORY, REDIS) if k in payload["servers"]]
+    servers = [k for k in (BEFORE, SHARED, MEMORY, REDIS) if k in payload["servers"]]
     if BEFORE not in servers or len(servers) < 2:
         return ""
     settings = payload["settings"]
@@ -293,6 +296,31 @@ def comparisons(payload: dict[str, Any]) -> str:
     label = payload["servers"][BEFORE].get("label", BEFORE)
     lines = [f"Against {label}, the server before resumable sessions (×ratio to it, same run):"]
     return "\n".join([*lines, *_grid(payload, COLUMNS, groups, servers, reference=BEFORE)])
+
+
+def workers(payload: dict[str, Any]) -> str:
+    """The ``--workers 2`` row against the shared row, the same server in one process: each
+    cell ×its ratio to the shared row's. Both run on CPU 1 alone, so this is what the second
+    process costs on one core (the supervisor, the kernel spreading connections, two event
+    loops taking turns), not what a second core would give."""
+    servers = [k for k in (SHARED, WORKERS) if k in payload["servers"]]
+    if servers != [SHARED, WORKERS] or any("error" in payload["servers"][k] for k in servers):
+        return ""
+    settings = payload["settings"]
+    groups = {
+        "throughput": f"throughput ({settings['connections']} conn)",
+        "latency_1": "first chunk, 1 connection",
+        "latency_crowd": f"first chunk, {settings['crowd']} connections",
+        "capacity": f"{settings['sessions']} idle sessions",
+    }
+    label = payload["servers"][WORKERS].get("label", WORKERS)
+    lines = [
+        f"{label} against one process (×ratio to it, same run; both on CPU 1 alone: the "
+        "cost of a second process on one core, not the gain of a second core; its RSS is "
+        "the supervisor's and both processes'):"
+    ]
+    grid = _grid(payload, COLUMNS, groups, servers, reference=SHARED)
+    return "\n".join([*lines, *grid]) if grid else ""
 
 
 # The Ray row against the local isolated row: (name in ray_compare, mode, field).
@@ -726,7 +754,7 @@ def chart(path: Path, payload: dict[str, Any]) -> None:
         "#444444"
         if k == REFERENCE
         else "#d95f02"
-        if k in ("shared", MEMORY, REDIS, ISOLATED, RAY)
+        if k in (SHARED, WORKERS, MEMORY, REDIS, ISOLATED, RAY)
         else "#e6ab02"
         if k == BEFORE
         else "#7fa7c9"

@@ -6,7 +6,9 @@ figure a ratio to a reference measured in the same run.
     .venv/bin/python bench/run.py [--servers KEYS] [--modes MODES] [--json PATH] ...
 
 Every server (bench/lineup.py) is started on CPU 1 while the load generator
-(bench/loadgen.py, picows) runs here on CPU 0. Capacity is measured first, on each fresh
+(bench/loadgen.py, picows) runs here on CPU 0; a server's processes (an isolated worker, the
+``--workers 2`` row's supervisor and its two server processes) inherit that CPU, and their
+RSS, CPU time and write calls count together. Capacity is measured first, on each fresh
 server (so RSS growth is the sessions' own), and the detached sessions' memory on a fresh
 server of its own per resumable row (started with ``--replay-buffer-bytes``); then
 ``--rounds`` rounds in which each server in turn takes the throughput load, then latency
@@ -24,10 +26,11 @@ WebSocket chat, its ``POST /v1/chat/completions`` with ``stream: true`` (a kept-
 HTTP/1.1 connection, bench/sse_client.py) and the Starlette server (``--sse-turns`` samples
 each, pooled over the rounds), then streams turns of ``--sse-chunks`` chunks through each
 with 1 and with ``--sse-connections`` connections. Prints one table, the comparisons with
-the server before resumable sessions, the Ray placement against the local isolated worker,
-the SSE comparison, and the targets; writes the raw figures as JSON and a PNG chart
-(default bench/results/bench-<time>.json and .png beside it; the chart leaves the sse mode
-out).
+the server before resumable sessions and of ``--workers 2`` with one process, the Ray
+placement against the local isolated worker, the SSE comparison, and the targets; writes the
+raw figures as JSON and a PNG chart (default bench/results/bench-<time>.json and .png beside
+it; the chart leaves the sse mode out). bench/README.md says how to read them, how to
+profile, and where the server's hot path is.
 
     .venv/bin/python bench/run.py --modes sse     # the SSE mode alone: its servers only
 """
@@ -231,8 +234,14 @@ def start_all(entries: list[Entry], scratch: Path) -> None:
                     entry.ray.start()
                 entry.result["ray_address"] = entry.ray.address
             entry.server = procs.start(
-                spec.command, scratch / "logs" / f"{spec.key}.log", env=entry.env, cwd=spec.cwd
+                spec.command,
+                scratch / "logs" / f"{spec.key}.log",
+                env=entry.env,
+                cwd=spec.cwd,
+                listeners=spec.processes,
             )
+            if spec.processes > 1:
+                entry.result["processes"] = spec.processes
             if entry.spec.builds_model:
                 wait_ready(entry.server.port, "bench")
         except Exception as exc:
@@ -281,6 +290,9 @@ async def measure_all(
                     entry.spec.offers,
                     partial(procs.redis_used_kib, entry.redis.socket_path) if entry.redis else None,
                 )
+                # The RSS is the whole tree's: the server, an isolated worker, a --workers
+                # supervisor and its server processes.
+                entry.result["capacity"]["processes"] = len(entry.server.pids)
             except Exception as exc:
                 entry.fail(exc)
     if "detached" in args.modes:
@@ -311,7 +323,9 @@ async def measure_all(
         for entry in [e for e in entries if e.ok and e.spec.redis]:
             try:  # a second node on the same Redis, for resumes through another node
                 log = scratch / "logs" / f"{entry.spec.key}-peer.log"
-                entry.peer = procs.start(entry.spec.command, log, env=entry.env)
+                entry.peer = procs.start(
+                    entry.spec.command, log, env=entry.env, listeners=entry.spec.processes
+                )
             except Exception as exc:
                 entry.fail(exc)
 
@@ -561,7 +575,7 @@ async def detached(entry: Entry, args: argparse.Namespace, scratch: Path) -> dic
         *("--replay-buffer-bytes", str(args.replay_buffer_bytes), "--resume-window", "3600"),
     )
     log = scratch / "logs" / f"{spec.key}-detached.log"
-    server = procs.start(command, log, env=entry.env, cwd=spec.cwd)
+    server = procs.start(command, log, env=entry.env, cwd=spec.cwd, listeners=spec.processes)
     try:
         await server.settle()
         figures = await loadgen.detached(
@@ -584,7 +598,9 @@ async def detached(entry: Entry, args: argparse.Namespace, scratch: Path) -> dic
 
 async def profile(entry: Entry, args: argparse.Namespace) -> None:
     """Run each selected mode once more under py-spy (latency with one connection); write
-    the raw stacks and a summary per mode into ``--profile``."""
+    the raw stacks and a summary per mode into ``--profile``. py-spy follows the server's
+    subprocesses: an isolated worker, and a ``--workers`` supervisor's server processes
+    (their samples pooled in one file)."""
     server = entry.server
     assert server is not None
     url = entry.url
@@ -714,6 +730,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = (
         report.table(payload),
         report.comparisons(payload),
+        report.workers(payload),
         report.ray(payload),
         report.sse(payload),
         report.cluster(payload),

@@ -21,6 +21,7 @@ SERVERS = {
     "starlette",
     "before",
     "shared",
+    "workers2",
     "resumable",
     "redis",
     "isolated",
@@ -99,6 +100,12 @@ def test_bench_runs_every_server_and_mode_and_writes_json_and_chart(
         assert 0 < resume["ready_p50_us"] <= resume["ready_p99_us"] <= resume["ready_max_us"]
         assert not any(figures[mode]["errors"] for mode in MODES - {"capacity"}), key
     assert "detached" not in servers["shared"], "only clients offering resumable detach"
+    # --workers 2: a supervisor and two server processes, all of them in the RSS.
+    workers = servers["workers2"]
+    assert workers["command"][-2:] == ["--workers", "2"] and workers["processes"] == 2, workers
+    assert workers["capacity"]["processes"] == 3, workers["capacity"]
+    assert servers["shared"]["capacity"]["processes"] == 1, servers["shared"]["capacity"]
+    assert "detached" not in workers, "only clients offering resumable detach"
     for key in ("resumable", "redis"):
         resume = servers[key]["resume"]
         assert resume["resumes"] == RESUME_SAMPLES and resume["replayed"] == 0, resume
@@ -139,6 +146,7 @@ def test_bench_runs_every_server_and_mode_and_writes_json_and_chart(
     assert "across p50" in table and "3 nodes" in table
     assert "AnythingAgent isolated on Ray" in table and "Ray placement vs local isolated" in table
     assert "AnythingAgent SSE − WebSocket" in table
+    assert "AnythingAgent shared, --workers 2 against one process" in table
     assert "could not be measured" not in table
 
 
