@@ -40,6 +40,19 @@ def test_trimming_after_a_kept_system_message_drops_rather_than_resends() -> Non
     assert apply(held, *change) == now
 
 
+def test_trimming_a_history_of_equal_messages_still_sends_only_the_new_ones() -> None:
+    """The same question again and again: messages equal by value, told apart by identity."""
+    history = History(max_messages=6, max_bytes=1 << 20)
+    for _ in range(3):
+        history.append(message("user", "same"))
+        history.append(message("assistant", "same"))
+    held = history.messages()
+    history.append(message("user", "same"))
+    history.append(message("assistant", "same"))
+    now = history.messages()
+    assert delta(held, now) == HistoryDelta(0, 2, now[-2:])
+
+
 def test_without_a_copy_everything_is_sent() -> None:
     now = [message("user", "hi")]
     assert delta(None, now) == HistoryDelta(0, 0, now)

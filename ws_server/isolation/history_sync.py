@@ -37,18 +37,17 @@ def delta(held: list[Message] | None, now: list[Message]) -> HistoryDelta:
     while head < size and head < len(now) and held[head] is now[head]:
         head += 1
     if head < len(now):
-        try:
-            start = held.index(now[head], head)  # compares by == only where not identical
-        except ValueError:
-            start = -1
-        rest = size - start
-        if (
-            start > head
-            and held[start] is now[head]
-            and len(now) - head >= rest
-            and all(map(operator.is_, held[start:], now[head : head + rest]))
-        ):
-            return HistoryDelta(head, start - head, now[head + rest :])
+        # Trimmed: where does the copy go on? By identity (equal messages are common: the
+        # same question twice), from just past ``head``, where trimming leaves it.
+        target = now[head]
+        for start in range(head + 1, size):
+            if held[start] is target:
+                rest = size - start
+                if len(now) - head >= rest and all(
+                    map(operator.is_, held[start:], now[head : head + rest])
+                ):
+                    return HistoryDelta(head, start - head, now[head + rest :])
+                break
     return HistoryDelta(0, size, now)
 
 
