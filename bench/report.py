@@ -171,18 +171,23 @@ def _grid(
     return lines
 
 
+def _groups(settings: dict[str, Any]) -> dict[str, str]:
+    """The headings of the per-server tables' column groups, by mode."""
+    return {
+        "throughput": f"throughput ({settings['connections']} conn)",
+        "latency_1": "first chunk, 1 connection",
+        "latency_crowd": f"first chunk, {settings['crowd']} connections",
+        "capacity": f"{settings['sessions']} idle sessions",
+    }
+
+
 def table(payload: dict[str, Any]) -> str:
     """The whole run as tables: each cell a figure and its ratio to bare websockets (the
     resume and detached figures: to the server's own, see ``RESUME_COLUMNS``)."""
     if not payload["servers"]:  # only modes with servers of their own were run
         return ""
     settings = payload["settings"]
-    groups = {
-        "throughput": f"throughput ({settings['connections']} conn)",
-        "latency_1": "first chunk, 1 connection",
-        "latency_crowd": f"first chunk, {settings['crowd']} connections",
-        "capacity": f"{settings['sessions']} idle sessions",
-    }
+    groups = _groups(settings)
     lines = [
         f"Throughput: {settings['connections']} connections, turns of {settings['chunks']} "
         f"chunks of {settings['size']} B, {settings['duration']:g} s. First chunk: one-chunk "
@@ -287,12 +292,7 @@ def comparisons(payload: dict[str, Any]) -> str:
     if BEFORE not in servers or len(servers) < 2:
         return ""
     settings = payload["settings"]
-    groups = {
-        "throughput": f"throughput ({settings['connections']} conn)",
-        "latency_1": "first chunk, 1 connection",
-        "latency_crowd": f"first chunk, {settings['crowd']} connections",
-        "capacity": f"{settings['sessions']} idle sessions",
-    }
+    groups = _groups(settings)
     label = payload["servers"][BEFORE].get("label", BEFORE)
     lines = [f"Against {label}, the server before resumable sessions (×ratio to it, same run):"]
     return "\n".join([*lines, *_grid(payload, COLUMNS, groups, servers, reference=BEFORE)])
@@ -307,12 +307,7 @@ def workers(payload: dict[str, Any]) -> str:
     if servers != [SHARED, WORKERS] or any("error" in payload["servers"][k] for k in servers):
         return ""
     settings = payload["settings"]
-    groups = {
-        "throughput": f"throughput ({settings['connections']} conn)",
-        "latency_1": "first chunk, 1 connection",
-        "latency_crowd": f"first chunk, {settings['crowd']} connections",
-        "capacity": f"{settings['sessions']} idle sessions",
-    }
+    groups = _groups(settings)
     label = payload["servers"][WORKERS].get("label", WORKERS)
     lines = [
         f"{label} against one process (×ratio to it, same run; both on CPU 1 alone: the "

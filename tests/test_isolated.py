@@ -31,6 +31,7 @@ from websockets.exceptions import ConnectionClosed
 
 from ws_server.isolation import environments
 from ws_server.isolation.environments import find_python, interpreters
+from ws_server.session.history import History
 
 ISOLATED_MODELS = Path(__file__).resolve().parent / "isolated_models"
 
@@ -528,3 +529,28 @@ async def test_closing_right_after_a_memory_breach_logs_no_error(start_isolated:
     async with chat(live, "probe") as ws:
         assert (await run_turn(ws, "hi")).text == "ok"
     assert "on_chat_end raised" not in live.log and "Traceback" not in live.log
+
+
+async def test_the_model_sees_the_servers_history_as_it_is_trimmed(
+    tmp_path: Path, start_server: Any, env_cache: Path
+) -> None:
+    """The worker keeps each session's history and gets only what changed: through a kept
+    system message, equal messages and trimming past the limit, the model sees exactly the
+    history the server holds."""
+    models = copy_models(tmp_path / "models", "recorder")
+    config = models / "recorder" / "config.yaml"
+    config.write_text(config.read_text() + "\nisolation: true\n")
+    server = start_server(models, "--max-history-messages", "5", "--env-cache-dir", str(env_cache))
+    wait_until_built(server)
+    expected = History(max_messages=5, max_bytes=1 << 22)
+    first = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "same"}]
+    expected.replace(first)
+    async with chat(server, "recorder") as ws:
+        await ws.send(json.dumps({"type": "messages", "messages": first}))
+        expected.append({"role": "assistant", "content": (await read_turn(ws)).text})
+        for _ in range(4):  # the same question again and again, trimmed after the system one
+            expected.append({"role": "user", "content": "same"})
+            expected.append({"role": "assistant", "content": (await run_turn(ws, "same")).text})
+        expected.append({"role": "user", "content": "state"})
+        seen = json.loads((await run_turn(ws, "state")).text)["messages"]
+    assert seen == expected.messages() and seen[0]["content"] == "be brief" and len(seen) == 5

@@ -131,8 +131,6 @@ class ModelActor:
         self.lines: collections.deque[tuple[str, str]] = collections.deque(maxlen=10_000)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.wake = asyncio.Event()
-        self.latest: dict[str, int] = {}  # each session's latest turn that began here
-        self.early_cancels: set[tuple[str, int]] = set()  # turns cancelled before they began
 
     def printed(self, lines: list[tuple[str, str]]) -> None:
         """Lines the model printed (from any of its threads), for ``follow``."""
@@ -169,31 +167,21 @@ class ModelActor:
         answer = asyncio.get_running_loop().create_future()
         self.outlet.answers[(_ANSWERS[type(request)], request.sid)] = answer
         self.worker.dispatch(request)
-        if isinstance(request, End):
-            self.latest.pop(request.sid, None)
-            self.early_cancels = {key for key in self.early_cancels if key[0] != request.sid}
         return to_list(await answer)
 
     def cancel(self, message: list[Any]) -> None:
         """Cancel a turn, even one whose call has not started here yet (Ray does not
-        promise an async actor's calls start in the order they were sent)."""
+        promise an async actor's calls start in the order they were sent: the worker
+        cancels such a turn on its arrival)."""
         request = from_list(message)
         assert self.worker is not None and isinstance(request, Cancel)
-        if request.turn_id > self.latest.get(request.sid, 0):
-            self.early_cancels.add((request.sid, request.turn_id))
-        else:
-            self.worker.dispatch(request)
+        self.worker.dispatch(request)
 
     async def turn(self, message: list[Any]) -> AsyncIterator[bytes]:
         """Run one turn; yield its framed messages in batches until (and with) its end."""
         turn = from_list(message)
         assert self.worker is not None and isinstance(turn, Turn)
         key = (turn.sid, turn.turn_id)
-        self.latest[turn.sid] = max(turn.turn_id, self.latest.get(turn.sid, 0))
-        if key in self.early_cancels:  # cancelled before it began: the model never runs
-            self.early_cancels.discard(key)
-            yield ipc.encode(TurnEnd(turn.sid, turn.turn_id, "cancelled", None, None))
-            return
         queue = self.outlet.turns[key] = _TurnQueue()
         self.worker.dispatch(turn)
         try:

@@ -38,8 +38,8 @@ class RayCluster:
         self._connected = False
         self.actor_class: Any = None
 
-    async def actors(self, model: str) -> RayActors:
-        """Links for ``model``'s workers on this cluster (connecting first, if need be)."""
+    async def actors(self) -> RayActors:
+        """Links for workers on this cluster (connecting first, if need be)."""
         await self.connect()
         return RayActors(self)
 

@@ -158,8 +158,8 @@ class RayActorLink:
         except ray.exceptions.RayError as exc:
             self.deliver(LoadFailed(f"Ray: loading the model failed: {first_line(exc)}", str(exc)))
             return
-        self.label = f"Ray actor {self._actor._actor_id.hex()[:12]} (pid {pid})"
-        self._receive([wire])
+        self.label = f"{self.label} (pid {pid})"
+        self._receive(wire)
 
     async def _follow(self) -> None:
         """The actor's printed lines into the server log, until it dies."""
@@ -245,7 +245,7 @@ class RayActorLink:
             return
         if isinstance(message, End):
             self._flow.pop(message.sid, None)
-        self._receive([wire])
+        self._receive(wire)
 
     async def _stream(self, items: Any, flow: asyncio.Event) -> None:
         """Deliver one turn's streamed messages; while its session is paused, stop pulling
@@ -272,15 +272,15 @@ class RayActorLink:
             log.exception("model %s: a turn failed in its Ray actor", self.spec.name)
             self.kill()
 
-    def _receive(self, wires: list[Any]) -> None:
-        for wire in wires:
-            try:
-                message = from_list(wire)
-            except MessageError as exc:
-                log.error("model %s: its actor answered garbage (%s)", self.spec.name, exc)
-                self.kill()
-                return
-            self.deliver(cast(WorkerMessage, message))
+    def _receive(self, wire: Any) -> None:
+        """An answer the actor returned, as the message it stands for."""
+        try:
+            message = from_list(wire)
+        except MessageError as exc:
+            log.error("model %s: its actor answered garbage (%s)", self.spec.name, exc)
+            self.kill()
+            return
+        self.deliver(cast(WorkerMessage, message))
 
 
 def upload(runtime_env: dict[str, Any]) -> dict[str, Any]:

@@ -156,6 +156,8 @@ class WorkerSession:
         self.starting: asyncio.Task[None] | None = None
         self.turn: asyncio.Task[None] | None = None
         self.turn_id = 0  # the latest turn's, which a Cancel must name
+        # A turn cancelled before it arrived (a carrier that may reorder calls: Ray's).
+        self.cancelled_ahead = 0
         self.history: list[Any] = []  # the messages the server has sent, kept in step
         self.turns: set[asyncio.Task[None]] = set()  # every unfinished turn task
         self.cancel_requested = False  # the server asked: not the model's own CancelledError
@@ -215,6 +217,10 @@ class Worker:
                 session.history = history_sync.apply(
                     session.history, message.head, message.drop, message.appended
                 )
+                if session.cancelled_ahead == message.turn_id:  # its model never runs
+                    context = session.model.snapshot() if message.snapshot else None
+                    self.outlet.send(TurnEnd(sid, message.turn_id, "cancelled", None, context))
+                    return
                 earlier = set(session.turns)
                 session.turn = self.spawn(self.run_turn(sid, session, message, earlier))
                 session.turns.add(session.turn)
@@ -222,9 +228,11 @@ class Worker:
         elif isinstance(message, Ping):
             self.outlet.send(Pong(sid))
         elif isinstance(message, Cancel):
-            if session is not None and session.turn is not None:
-                if session.turn_id != message.turn_id:
-                    return  # a turn that is over (or, by mistake, one never sent)
+            if session is None:
+                return
+            if message.turn_id > session.turn_id:  # it overtook its turn: cancel on arrival
+                session.cancelled_ahead = message.turn_id
+            elif message.turn_id == session.turn_id and session.turn is not None:
                 session.cancel_requested = True
                 session.turn.cancel()
         elif isinstance(message, Pause):

@@ -89,7 +89,7 @@ class Placements:
         links: LinkFactory
         if kind == "ray":
             assert self.ray is not None
-            links = await self.ray.actors(model.name)
+            links = await self.ray.actors()
         else:
             python = await self.environments.python_for(
                 model.name, model.directory, model.config.isolation
