@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -289,9 +290,11 @@ async def latency(
     duration: float,
     warmup: float,
     offers: Sequence[str] = (),
+    cpu_ticks: Callable[[], int] | None = None,
 ) -> dict[str, Any]:
     """First-chunk latency of one-chunk turns, ``connections`` sessions at once; the window
-    lasts until every session has given at least one sample."""
+    lasts until every session has given at least one sample. Given the server's
+    ``cpu_ticks`` counter, also its CPU time per turn (``cpu_us_per_turn``)."""
     sessions = await open_sessions(url, connections, offers=offers)
     try:
         for session in sessions:
@@ -301,13 +304,19 @@ async def latency(
         for session in sessions:
             assert session.latencies is not None
             session.latencies.clear()
+        turns0 = sum(s.turns for s in sessions)
+        ticks0 = cpu_ticks() if cpu_ticks else 0
         elapsed = await _window(duration, lambda: all(s.latencies for s in sessions))
+        ticks = cpu_ticks() - ticks0 if cpu_ticks else None
+        turns = sum(s.turns for s in sessions) - turns0
         samples = sorted(ns / 1000 for s in sessions for ns in s.latencies or ())
     finally:
         await close_sessions(sessions)
     figures: dict[str, Any] = {"connections": connections, "chunk_size": size, "seconds": elapsed}
     figures["samples"] = len(samples)
     figures["turns_per_s"] = len(samples) / elapsed
+    if ticks is not None and turns:
+        figures["cpu_us_per_turn"] = ticks / os.sysconf("SC_CLK_TCK") / turns * 1e6
     if samples:
         figures["p50_us"] = percentile(samples, 0.50)
         figures["p99_us"] = percentile(samples, 0.99)

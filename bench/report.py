@@ -57,6 +57,7 @@ COLUMNS: Final = (
     Column("latency_crowd", "p50_us", "p50 µs", lower_is_better=True),
     Column("latency_crowd", "p99_us", "p99 µs", lower_is_better=True),
     Column("latency_crowd", "max_us", "max µs", lower_is_better=True),
+    Column("latency_crowd", "cpu_us_per_turn", "CPU µs/turn", lower_is_better=True),
     Column("capacity", "handshakes_per_s", "opens/s"),
     Column("capacity", "rss_per_session_kib", "KiB/sess", lower_is_better=True),
 )
@@ -691,6 +692,45 @@ def targets(payload: dict[str, Any]) -> list[dict[str, Any]]:
         300.0,
         False,
         " µs",
+    )
+    # Issue 17, performance second round.
+    check(
+        "isolated chunks/s ≥ 0.7× shared",
+        over(get("isolated", *tp), get("shared", *tp)),
+        0.7,
+        True,
+        "×",
+    )
+    check(
+        "isolated first-chunk p50 ≤ shared + 500 µs",
+        minus(get("isolated", *p50), get("shared", *p50)),
+        500.0,
+        False,
+        " µs",
+    )
+    crowd = f"{settings['crowd']} connections"
+    for field, limit in (("p50_us", 1.3), ("p99_us", 1.5), ("cpu_us_per_turn", 1.3)):
+        what = "server CPU per turn" if field.startswith("cpu") else f"first-chunk {field[:3]}"
+        check(
+            f"shared {what} ≤ {limit:g}× bare ({crowd})",
+            over(get("shared", "latency_crowd", field), get(REFERENCE, "latency_crowd", field)),
+            limit,
+            False,
+            "×",
+        )
+    check(
+        "shared chunks/s ≥ 5× bare websockets",
+        over(get("shared", *tp), get(REFERENCE, *tp)),
+        5.0,
+        True,
+        "×",
+    )
+    check(
+        f"shared RSS per idle session ≤ 1.1× bare ({settings['sessions']} sessions)",
+        over(get("shared", *rss), get(REFERENCE, *rss)),
+        1.1,
+        False,
+        "×",
     )
     held = get("resumable", "detached", "rss_per_session_kib")
     check(

@@ -313,10 +313,12 @@ async def measure_all(
         )
     if "latency" in args.modes:
         loads["latency_1"] = lambda entry: loadgen.latency(
-            entry.url, 1, args.size, args.duration, args.warmup, entry.spec.offers
+            *(entry.url, 1, args.size, args.duration, args.warmup, entry.spec.offers),
+            cpu_ticks=entry.server.cpu_ticks if entry.server else None,
         )
         loads["latency_crowd"] = lambda entry: loadgen.latency(
-            entry.url, args.crowd, args.size, args.duration, args.warmup, entry.spec.offers
+            *(entry.url, args.crowd, args.size, args.duration, args.warmup, entry.spec.offers),
+            cpu_ticks=entry.server.cpu_ticks if entry.server else None,
         )
     if "resume" in args.modes:
         per_round = math.ceil(args.resume_samples / args.rounds)
@@ -597,7 +599,8 @@ async def detached(entry: Entry, args: argparse.Namespace, scratch: Path) -> dic
 
 
 async def profile(entry: Entry, args: argparse.Namespace) -> None:
-    """Run each selected mode once more under py-spy (latency with one connection); write
+    """Run each selected mode once more under py-spy (latency with one connection, and
+    with ``--crowd``: ``latency_crowd``); write
     the raw stacks and a summary per mode into ``--profile``. py-spy follows the server's
     subprocesses: an isolated worker, and a ``--workers`` supervisor's server processes
     (their samples pooled in one file)."""
@@ -619,6 +622,9 @@ async def profile(entry: Entry, args: argparse.Namespace) -> None:
     if "latency" in args.modes:
         runs["latency"] = lambda: loadgen.latency(
             url, 1, args.size, args.duration, args.warmup, offers
+        )
+        runs["latency_crowd"] = lambda: loadgen.latency(
+            url, args.crowd, args.size, args.duration, args.warmup, offers
         )
     if "capacity" in args.modes:
         runs["capacity"] = lambda: loadgen.capacity(

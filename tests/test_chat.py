@@ -490,3 +490,20 @@ async def test_a_plain_generators_steps_nest_across_its_yields(server: ServerPro
         assert opened["outer"]["parent_id"] is None
         assert opened["inner"]["parent_id"] == opened["outer"]["id"]
         assert turn.text == "xy"
+
+
+@pytest.mark.parametrize("compression", [None, "deflate"])
+async def test_chunks_of_every_frame_length_arrive_whole(
+    server: ServerProcess, compression: str | None
+) -> None:
+    # Chunk frames under 126 bytes, up to 64 KiB and beyond have headers of their own
+    # length. A client offering permessage-deflate is declined: frames stay plain (the
+    # server frames chunks itself, and compressed streams would slip past backpressure).
+    words = ["a" * 60, "b" * 200, "c" * 70_000, "é" * 40_000]
+    async with chat(server, "echo", compression=compression, max_size=None) as ws:
+        assert ws.protocol.extensions == []
+        turn = await run_turn(ws, " ".join(words))
+        again = await run_turn(ws, "still here")
+    assert turn.chunks == [words[0], *(" " + word for word in words[1:])]
+    assert turn.done["reason"] == "stop"
+    assert again.chunks == ["still", " here"]

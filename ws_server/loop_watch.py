@@ -16,7 +16,6 @@ import logging
 import sys
 import threading
 import time
-import weakref
 from typing import Any, Final
 
 log = logging.getLogger("anything_agent.loop_watch")
@@ -24,13 +23,15 @@ log = logging.getLogger("anything_agent.loop_watch")
 BLOCKED_AFTER: Final = 0.5  # seconds the loop may be stuck before it is reported
 BEAT: Final = 0.1  # seconds between heartbeats, and between the watchdog's checks
 
-# Who runs in a task: "model=M@V session=S". Weak keys: a finished task just drops out.
-_owners: weakref.WeakKeyDictionary[asyncio.Task[Any], str] = weakref.WeakKeyDictionary()
+# Who runs in a task: its name, "model=M@V session=S" (a name costs nothing per turn,
+# where a weak mapping from tasks to owners cost a weak reference and its callback).
+OWNER_PREFIX: Final = "model="
 
 
 def attribute(task: asyncio.Task[Any], owner: str) -> None:
-    """Name who runs in ``task``, for the warning if it ever blocks the loop."""
-    _owners[task] = owner
+    """Name who runs in ``task`` (``owner`` starts with ``OWNER_PREFIX``), for the warning
+    if it ever blocks the loop."""
+    task.set_name(owner)
 
 
 class LoopWatch:
@@ -95,9 +96,11 @@ class LoopWatch:
 
     def _describe(self, task: asyncio.Task[Any] | None) -> str:
         """Who is running (the task's owner, or the task) and where its code is."""
-        owner = _owners.get(task) if task is not None else None
-        if owner is None:
-            owner = f"task {task.get_name()}" if task is not None else "a callback"
+        if task is None:
+            owner = "a callback"
+        else:
+            name = task.get_name()
+            owner = name if name.startswith(OWNER_PREFIX) else f"task {name}"
         frame = sys._current_frames().get(self._loop_thread)
         if frame is None:
             return owner

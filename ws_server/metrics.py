@@ -8,7 +8,9 @@ its end.
 
 from __future__ import annotations
 
+import math
 import os
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from typing import Final
 
@@ -20,7 +22,13 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS: Final = (
     0.0001,
@@ -51,22 +59,6 @@ PROCESS_INFO = Gauge(
 )
 CONNECTIONS = Gauge("anything_agent_connections", "Open WebSocket connections")
 SESSIONS = Gauge("anything_agent_sessions", "Open chat sessions", ["model"])
-# Turns by the surface they came through: api="ws" (the chat endpoint) or "openai"
-# (POST /v1/chat/completions).
-TURNS = Counter("anything_agent_turns", "Turns ended", ["model", "reason", "api"])
-CHUNKS = Counter("anything_agent_chunks", "Chunks sent", ["model", "api"])
-CHUNK_BYTES = Counter(
-    "anything_agent_chunk_bytes", "Size of the chunks sent (bytes as written)", ["model", "api"]
-)
-FIRST_CHUNK = Histogram(
-    "anything_agent_first_chunk_seconds",
-    "From a turn's start to its first chunk being written",
-    ["model", "api"],
-    buckets=LATENCY_BUCKETS,
-)
-TURN_DURATION = Histogram(
-    "anything_agent_turn_seconds", "Turn duration", ["model", "api"], buckets=DURATION_BUCKETS
-)
 ERRORS = Counter("anything_agent_errors", "Error frames sent", ["code"])
 SESSIONS_DETACHED = Gauge(
     "anything_agent_sessions_detached", "Sessions waiting for their client to resume"
@@ -101,32 +93,57 @@ ENV_BUILDS = Histogram(
 )
 
 
+class Buckets:
+    """A histogram's counts, kept as plain numbers: ``counts[i]`` is how many values fell
+    at or below ``bounds[i]`` and above the bound before (the last: above them all)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """Prometheus' buckets: (``le``, values at or below it), ``+Inf`` last."""
+        found: list[tuple[str, float]] = []
+        total = 0
+        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
+            total += count
+            found.append((floatToGoString(bound), total))  # type: ignore[no-untyped-call]
+        return found
+
+
 class ModelMetrics:
-    """One model's labelled series, looked up once (a label lookup per turn showed up in
-    profiles of short turns)."""
+    """One model's turn figures through one api (``ws``: the chat endpoint; ``openai``:
+    POST /v1/chat/completions). Added up once per turn as plain numbers, without the
+    client library's locks (the event loop's thread is the only one that writes them: a
+    lock and a label lookup per figure were a tenth of a short turn's time), and read by
+    ``_TurnFigures`` when scraped."""
+
+    __slots__ = ("api", "chunk_bytes", "chunks", "first_chunk", "model", "turn_duration", "turns")
 
     def __init__(self, model: str, api: str) -> None:
         self.model = model
         self.api = api
-        self.chunks = CHUNKS.labels(model=model, api=api)
-        self.chunk_bytes = CHUNK_BYTES.labels(model=model, api=api)
-        self.first_chunk = FIRST_CHUNK.labels(model=model, api=api)
-        self.turn_duration = TURN_DURATION.labels(model=model, api=api)
-        self._turns: dict[str, Counter] = {}
+        self.turns: dict[str, int] = {}  # by done reason
+        self.chunks = 0
+        self.chunk_bytes = 0
+        self.first_chunk = Buckets(LATENCY_BUCKETS)
+        self.turn_duration = Buckets(DURATION_BUCKETS)
 
     def turn_ended(
         self, reason: str, chunks: int, sent: int, first_chunk: float | None, duration: float
     ) -> None:
-        turns = self._turns.get(reason)
-        if turns is None:
-            turns = self._turns[reason] = TURNS.labels(
-                model=self.model, reason=reason, api=self.api
-            )
-        turns.inc()
+        turns = self.turns
+        turns[reason] = turns.get(reason, 0) + 1
         self.turn_duration.observe(duration)
-        if chunks:
-            self.chunks.inc(chunks)
-            self.chunk_bytes.inc(sent)
+        self.chunks += chunks
+        self.chunk_bytes += sent
         if first_chunk is not None:
             self.first_chunk.observe(first_chunk)
 
@@ -135,11 +152,51 @@ _models: dict[tuple[str, str], ModelMetrics] = {}
 
 
 def for_model(model: str, api: str = "ws") -> ModelMetrics:
-    """The labelled series of ``model``'s turns through ``api`` (made once per pair)."""
+    """The turn figures of ``model`` through ``api`` (made once per pair)."""
     found = _models.get((model, api))
     if found is None:
         found = _models[model, api] = ModelMetrics(model, api)
     return found
+
+
+class _TurnFigures:
+    """``anything_agent_turns_total``, ``_chunks_total``, ``_chunk_bytes_total``,
+    ``_first_chunk_seconds`` and ``_turn_seconds``, from every ``ModelMetrics``."""
+
+    def collect(self) -> Iterator[Metric]:
+        turns = CounterMetricFamily(
+            "anything_agent_turns", "Turns ended", labels=["model", "reason", "api"]
+        )
+        chunks = CounterMetricFamily("anything_agent_chunks", "Chunks sent", labels=MODEL_API)
+        chunk_bytes = CounterMetricFamily(
+            "anything_agent_chunk_bytes",
+            "Size of the chunks sent (bytes as written)",
+            labels=MODEL_API,
+        )
+        first_chunk = HistogramMetricFamily(
+            "anything_agent_first_chunk_seconds",
+            "From a turn's start to its first chunk being written",
+            labels=MODEL_API,
+        )
+        duration = HistogramMetricFamily(
+            "anything_agent_turn_seconds", "Turn duration", labels=MODEL_API
+        )
+        for found in list(_models.values()):
+            labels = [found.model, found.api]
+            for reason, count in list(found.turns.items()):
+                turns.add_metric([found.model, reason, found.api], count)
+            chunks.add_metric(labels, found.chunks)
+            chunk_bytes.add_metric(labels, found.chunk_bytes)
+            for family, buckets in (
+                (first_chunk, found.first_chunk),
+                (duration, found.turn_duration),
+            ):
+                family.add_metric(labels, buckets.cumulative(), buckets.sum)
+        yield from (turns, chunks, chunk_bytes, first_chunk, duration)
+
+
+MODEL_API: Final = ["model", "api"]
+REGISTRY.register(_TurnFigures())
 
 
 TurnCounts = Callable[[], Iterable[tuple[str, int, int]]]  # model, running, queued

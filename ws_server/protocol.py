@@ -8,7 +8,9 @@ agree by construction. See design.md ("The wire protocol, v1") for the contract.
 from __future__ import annotations
 
 import json
+import json.encoder
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -288,6 +290,8 @@ def _json_type(value: Any) -> str:
 # --------------------------------------------------------------------- server → client
 # Made once: json.dumps with options builds a new encoder per call (per chunk, in a profile).
 _dumps: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+# What ``_dumps`` does with a str, without its dispatch: a JSON string literal (C code).
+_string: Final[Callable[[str], str]] = json.encoder.encode_basestring
 
 
 def encode_ready(
@@ -336,7 +340,7 @@ def encode_resumed(
 
 def encode_chunk(seq: int, turn: int, content: str) -> str:
     """One piece the model yielded; the hot path, so a template rather than a dict."""
-    return f'{{"type":"chunk","seq":{seq:d},"turn":{turn:d},"content":{_dumps(content)}}}'
+    return f'{{"type":"chunk","seq":{seq:d},"turn":{turn:d},"content":{_string(content)}}}'
 
 
 def encode_event(seq: int, turn: int, name: str, data: dict[str, Any]) -> str:

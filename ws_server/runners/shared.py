@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import functools
 import inspect
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -57,8 +58,21 @@ class SharedRunner:
 class SharedSession:
     """One model instance driven in-process."""
 
+    __slots__ = ("_events", "_sink", "model")
+
     def __init__(self, model: AnythingBaseModel) -> None:
         self.model = model
+        self._events: EventSink | None = None  # the last turn's events, and their sink
+        self._sink: EventSink = _dropped
+
+    def _event_sink(self, events: EventSink | None) -> EventSink:
+        """``events`` as the model's turn calls them (``_on_loop``), made once per session:
+        a conversation passes the same callback every turn."""
+        if events is None:
+            return _dropped
+        if events != self._events:
+            self._events, self._sink = events, _on_loop(events)
+        return self._sink
 
     async def start(self, context: dict[str, Any] | None = None) -> None:
         await call_hook(self.model.on_chat_start)
@@ -80,15 +94,16 @@ class SharedSession:
     ) -> AsyncIterator[str]:
         model = self.model
         model.params = params if params is not None else {}  # this turn's, never the last's
-        model._begin_turn(_on_loop(events) if events is not None else _dropped)
+        model._begin_turn(self._event_sink(events))
         chunks: Any = None  # the model's chunks: an async generator, however written
         try:
             method: Callable[..., Any] = model.on_chat_messages
-            if inspect.isasyncgenfunction(method):
+            kind = kind_of(method)
+            if kind is ASYNC_GENERATOR:
                 chunks = method(messages)
-            elif inspect.isgeneratorfunction(method):
+            elif kind is GENERATOR:
                 chunks = _iterate_in_thread(method(messages))
-            elif inspect.iscoroutinefunction(method):
+            elif kind is COROUTINE:
                 chunks = _whole_reply(await method(messages))
             else:
                 result = await asyncio.get_running_loop().run_in_executor(
@@ -108,6 +123,32 @@ class SharedSession:
                     await chunks.aclose()
             finally:
                 model._end_turn()  # steps left open end as error, before done
+
+
+ASYNC_GENERATOR: Final = "async generator"
+GENERATOR: Final = "generator"
+COROUTINE: Final = "coroutine"
+FUNCTION: Final = "function"
+
+
+def kind_of(method: Callable[..., Any]) -> str:
+    """How ``on_chat_messages`` is written: looked up once per function, not per turn."""
+    function = getattr(method, "__func__", method)
+    try:
+        return _kind(function)
+    except TypeError:  # an unhashable callable object
+        return _kind.__wrapped__(function)
+
+
+@functools.lru_cache(maxsize=1024)
+def _kind(function: Callable[..., Any]) -> str:
+    if inspect.isasyncgenfunction(function):
+        return ASYNC_GENERATOR
+    if inspect.isgeneratorfunction(function):
+        return GENERATOR
+    if inspect.iscoroutinefunction(function):
+        return COROUTINE
+    return FUNCTION
 
 
 def _on_loop(events: EventSink) -> EventSink:

@@ -162,6 +162,7 @@ class Conversation:
         if gone is not None:
             waiting.add(gone)
         await asyncio.wait(waiting, timeout=self.version.timeout, return_when="FIRST_COMPLETED")
+        self._starting = None  # an idle session need not keep the task (it is ended below)
         if not starting.done():
             starting.cancel()
             await asyncio.wait({starting})
@@ -338,13 +339,14 @@ class Conversation:
         reason = "stop"
         outbox = self.outbox
         journal = self.journal
+        limit = self.limits.bytes
         stream = self._model.stream(messages, journal is not None, params, self._emitted)
         try:
             try:
                 async for piece in stream:
-                    chunk = protocol.clean_text(piece)
+                    chunk = piece if piece.isascii() else protocol.clean_text(piece)
                     chunks += 1
-                    if kept < self.limits.bytes:
+                    if kept < limit:
                         parts.append(chunk)
                         kept += len(chunk)
                     sent += await outbox.chunk(turn, chunk)
@@ -382,14 +384,15 @@ class Conversation:
         self.version.slots.finished(duration)
         done_reason = "error" if reason == INTERRUPTED else reason
         self._metrics.turn_ended(done_reason, chunks, sent, first_chunk, duration)
-        self.log(
-            logging.DEBUG,  # per turn: /metrics has the figures; --log-level debug shows each
-            "turn=%d done reason=%s chunks=%d in %.1f ms",
-            turn,
-            reason,
-            chunks,
-            duration * 1000,
-        )
+        if log.isEnabledFor(logging.DEBUG):  # per turn: /metrics has the figures
+            self.log(
+                logging.DEBUG,
+                "turn=%d done reason=%s chunks=%d in %.1f ms",
+                turn,
+                reason,
+                chunks,
+                duration * 1000,
+            )
         if reason == DISCONNECTED:
             return
         await self._finish(turn, reason)
@@ -486,5 +489,6 @@ class Conversation:
         """A shared model's code runs in ``task`` on the event loop: should it block the
         loop, the loop watch names this model and session."""
         if task is not None and self.version.mode == "shared":
-            owner = f"model={self.version.name}@{self.version.version} session={self.id}"
+            version = self.version
+            owner = f"{loop_watch.OWNER_PREFIX}{version.name}@{version.version} session={self.id}"
             loop_watch.attribute(task, owner)
