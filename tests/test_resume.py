@@ -341,7 +341,10 @@ async def test_missed_frames_beyond_the_buffer_fail_the_resume_whole(
     """4 KiB holds about 40 frames; a client that missed 500 gets resume_expired, never
     a replay with a hole in it."""
     ws = await open_resumable(short_window)
-    await ws.send("count 500 0.0005")
+    # 2 ms a chunk: the ~40 frames the buffer holds take 80 ms to stream, time enough for
+    # the server to see the drop before frames the client never read are evicted (at
+    # 0.5 ms, a loaded machine sometimes took longer and the resume rightly failed).
+    await ws.send("count 500 0.002")
     await recv_frame(ws)
     await drop(ws)
     await asyncio.sleep(0.3)  # detached: the model pauses once the buffer is full

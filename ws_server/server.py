@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Coroutine
+from functools import partial
 from typing import Any, Final, cast
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -37,6 +38,7 @@ from ws_server.registry.watcher import ModelsWatcher
 from ws_server.session.connection import ChatConnection, ConnectionLimits
 from ws_server.session.conversation import Conversation, HistoryLimits
 from ws_server.session.handover import Handover
+from ws_server.session.idleness import IdleWatch
 from ws_server.session.live import LiveSession, digest, new_token
 from ws_server.session.outbox import WIRE, Encoding, Outbox
 from ws_server.settings import ServerSettings
@@ -69,6 +71,8 @@ class AnythingAgentServer:
             settings.max_connections_per_address if limited else None,
         )
         self.connection_limits = ConnectionLimits.from_settings(settings)
+        idle_timeout = self.connection_limits.idle_timeout
+        self.idle_watch = IdleWatch(idle_timeout) if idle_timeout is not None else None
         self.history_limits = HistoryLimits(
             settings.max_history_messages, settings.max_history_bytes
         )
@@ -360,7 +364,9 @@ class AnythingAgentServer:
         peer = _peer_address(connection)
         self.connections.opened(peer)
         metrics.CONNECTIONS.inc()
-        adapter = ChatConnection(connection, self.connection_limits, lambda: self._release(peer))
+        adapter = ChatConnection(
+            connection, self.connection_limits, partial(self._release, peer), self.idle_watch
+        )
         try:
             if offer.resume is not None:
                 session, problem = await self._resumable(name, key, offer.resume)

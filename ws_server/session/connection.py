@@ -25,6 +25,7 @@ from ws_server import metrics, protocol
 from ws_server.exceptions import AnythingAgentError, RateLimited
 from ws_server.http.limits import FrameRate
 from ws_server.session.conversation import DISCONNECTED, Conversation
+from ws_server.session.idleness import IdleWatch
 from ws_server.session.live import LiveSession
 from ws_server.session.writer import FrameWriter
 from ws_server.settings import ServerSettings
@@ -55,7 +56,7 @@ class ChatConnection:
     """Feeds one socket's frames to a session and the session's frames to the socket."""
 
     __slots__ = (
-        "_idle_timer",
+        "_idle",
         "_last_activity",
         "_on_gone",
         "_rate",
@@ -69,6 +70,7 @@ class ChatConnection:
         connection: ServerConnection,
         limits: ConnectionLimits,
         on_gone: Callable[[], None] | None = None,
+        idle: IdleWatch | None = None,
     ) -> None:
         self.connection = connection
         # Called once the socket is gone, before the session has wound up (on_chat_end
@@ -77,7 +79,7 @@ class ChatConnection:
         self.limits = limits
         self.writer = FrameWriter(connection)
         self._rate = FrameRate(limits.frames_per_minute)
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle = idle  # closes the connection once idle for its limit (None: never)
         self._last_activity = time.monotonic()
 
     # ------------------------------------------------------------------ opening
@@ -191,15 +193,17 @@ class ChatConnection:
     # ------------------------------------------------------------------ serving
     async def serve(self, session: LiveSession) -> None:
         """Feed the socket's frames to ``session`` until the socket goes, then tell it."""
-        self._arm_idle_timer(session)
+        idle = self._idle
+        if idle is not None and not session.conversation.closing:
+            idle.watch(self, session)
         try:
             async for data in self.connection:
                 await self.handle(session, data)
         except ConnectionClosed:
             pass
         finally:
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
+            if idle is not None:
+                idle.forget(self)
             self.gone()
         normal = self.connection.close_code == CloseCode.NORMAL_CLOSURE
         session.close_code = self.connection.close_code
@@ -221,33 +225,14 @@ class ChatConnection:
         await handle_frame(session.conversation, self._rate, data)
 
     # ------------------------------------------------------------------ idleness
-    def _arm_idle_timer(self, session: LiveSession) -> None:
-        """Check for idleness when ``idle_timeout`` may next have passed. A timer rather than
-        a task per session: idle sessions are the many, and a timer costs a fraction."""
-        limit = self.limits.idle_timeout
-        if limit is None or session.conversation.closing:
-            return
-        remaining = self._idle_since(session) + limit - time.monotonic()
-        loop = asyncio.get_running_loop()
-        self._idle_timer = loop.call_later(max(remaining, 0.0), self._idle_check, session)
-
-    def _idle_since(self, session: LiveSession) -> float:
+    def idle_since(self, session: LiveSession) -> float:
         """The last frame from the client, or the end of the last turn: a long reply
         being read is not idleness."""
         return max(self._last_activity, session.conversation.last_activity)
 
-    def _idle_check(self, session: LiveSession) -> None:
-        limit = self.limits.idle_timeout
-        assert limit is not None
-        running = session.conversation.turn_running
-        if running or time.monotonic() - self._idle_since(session) < limit:
-            if running:  # a running turn is not idleness: look again later
-                self._last_activity = max(self._last_activity, time.monotonic() - limit + 1.0)
-            self._arm_idle_timer(session)
-            return
-        self._idle_timer = None
-        task = asyncio.get_running_loop().create_task(self._close_idle(session, limit))
-        _keep(task)
+    def close_idle(self, session: LiveSession, limit: float) -> None:
+        """The ``IdleWatch`` found this connection idle for ``limit`` seconds."""
+        _keep(asyncio.get_running_loop().create_task(self._close_idle(session, limit)))
 
     async def _close_idle(self, session: LiveSession, limit: float) -> None:
         session.conversation.log(logging.INFO, "idle for %g s; closing", limit)

@@ -170,7 +170,8 @@ class Outbox:
             self._sink.post(frame)
 
     async def done(self, turn: int, reason: protocol.DoneReason) -> None:
-        await self._room_first()
+        if self._sink is None and self._limit:
+            await self._room_first()
         self.seq += 1
         await self._final(self._encoding.done(self.seq, turn, reason))
 
@@ -193,6 +194,7 @@ class Outbox:
             await self._wait_for_room()
 
     async def _final(self, data: bytes) -> None:
+        """A frame that ends a run: kept, mirrored, then written at once with the batch."""
         if self._limit:
             self._keep(data)
             if self.mirror is not None:

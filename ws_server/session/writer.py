@@ -87,7 +87,9 @@ class FrameWriter:
             return
         self.enqueue(data)
         self.flush()
-        await self._drain()
+        connection = self.connection
+        if connection.paused or connection.transport.is_closing():
+            await self._drain()
 
     def post(self, data: bytes) -> None:
         """Send one frame without waiting (a model's event): with the next batch, on the
