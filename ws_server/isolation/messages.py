@@ -200,7 +200,10 @@ def from_list(value: Any) -> Message:
         types = fields[position]
         if not isinstance(field, types) or (isinstance(field, bool) and bool not in types):
             raise MessageError(f"{value[0]}: field {kind._fields[position]} has the wrong type")
-    if kind is Chunks and not all(type(text) is str for text in value[3]):
-        raise MessageError("chunks: field texts holds something other than text")
+    if kind is Chunks:
+        try:  # every item a str: join checks that in C (a check per item was 4 % of a stream)
+            "".join(value[3])
+        except TypeError:
+            raise MessageError("chunks: field texts holds something other than text") from None
     message: Message = kind(*value[1:])
     return message

@@ -1,15 +1,15 @@
 """Writes a session's frames to its connection with as few socket writes as the model
 allows (the outbox's ``Sink``).
 
-Every piece the model yields is still its own ``chunk`` frame, as the protocol promises.
-Frames are framed into a batch of this writer's, and the batch is written in one
-``transport.write``: on the loop's next turn (so a model that awaits between chunks has
-each one sent as it is yielded: the write happens while it waits), as soon as
-``MAX_BATCH`` bytes or ``MAX_FRAMES`` frames are waiting, and at once for a frame that ends
-a run (``done``, an error). A one-chunk turn is so one write, its chunk and its ``done``
-together. One write for many frames is where most of a fast stream's time went (a system
-call per frame). Backpressure holds: after each batch the writer waits while the socket's
-buffer is over websockets' write limit, so the model is paused there.
+Every piece the model yields is still its own ``chunk`` frame, as the protocol promises,
+and the first one of a run goes out at once. After that, frames that pile up while the
+model runs ahead without waiting join a batch of this writer's, written in one
+``transport.write``: on the next turn of the event loop (so a model that pauses between
+chunks still has each one sent as it is yielded), as soon as ``MAX_BATCH`` bytes or
+``MAX_FRAMES`` frames are waiting, or with a frame that ends a run (``done``, an error).
+One write for many frames is where most of a fast stream's time went (a system call per
+frame). Backpressure holds: after each batch the writer waits while the socket's buffer
+is over websockets' write limit, so the model is paused there.
 
 Frames are the outbox's bytes, sent as text frames as they are (encoded once): a frame is
 ``websocket_frames.text_frame_header`` and the bytes, framed here rather than through
@@ -64,21 +64,28 @@ class FrameWriter:
         self._loop = asyncio.get_running_loop()
 
     async def write(self, data: bytes) -> None:
-        """Send one frame with the batch: on the loop's next turn, or now if the batch is
-        full. Never raises: a connection that is closing takes no more (the outbox keeps
-        the frame for a resume), and its adapter notices the close on its own."""
+        """Send one frame: at once if nothing is waiting, else with the batch. Never
+        raises: a connection that is closing takes no more (the outbox keeps the frame
+        for a resume), and its adapter notices the close on its own."""
         if self._protocol.state is not State.OPEN:
             await self._until_closed()
             return
         self.enqueue(data)
-        if self._pending >= MAX_BATCH or self._frames >= MAX_FRAMES:
+        if self._frames == 1 and not self._scheduled:
+            # Nothing was waiting: this frame goes now (the first chunk is never delayed),
+            # and whatever the model yields before the loop comes round joins the next write.
+            self.flush()
+            self._scheduled = True
+            self._loop.call_soon(self._flush_soon)
+        elif self._pending >= MAX_BATCH or self._frames >= MAX_FRAMES:
             self.flush()
             if not self.connection.paused:  # let other sessions run between batches
                 await asyncio.sleep(0)
+        else:
+            return
+        connection = self.connection
+        if connection.paused or connection.transport.is_closing():
             await self._drain()
-        elif not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self._flush_soon)
 
     async def write_now(self, data: bytes) -> None:
         """Send one frame that ends a run (done, error) with whatever is batched, now."""
