@@ -45,6 +45,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -675,8 +676,15 @@ def revision() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
+def _interrupted(signum: int, frame: Any) -> None:
+    """SIGTERM ends a run as Ctrl-C does: the servers it started are stopped on the way
+    out (they run in sessions of their own, so nothing else would stop them)."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupted)
     procs.pin(procs.CLIENT_CPU)
     # Both ends hold one descriptor per session; servers inherit this limit.
     limit = procs.raise_open_files(args.sessions + 1024)
