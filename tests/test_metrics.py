@@ -99,3 +99,15 @@ def test_metrics_need_the_api_key_when_keys_are_on(start_server: Any, tmp_path: 
     assert "anything_agent_reloads_total{}" in scrape(
         server, {"Authorization": "Bearer metrics-k1"}
     )
+
+
+def test_turn_histograms_put_a_value_in_the_first_bucket_at_or_above_it() -> None:
+    # Prometheus' ``le``: a value equal to a bound counts in that bound's bucket; the
+    # buckets the exposition shows are cumulative, +Inf holding every value.
+    from ws_server.metrics import Buckets
+
+    buckets = Buckets((0.1, 1.0))
+    for value in (0.05, 0.1, 0.5, 1.0, 7.0):
+        buckets.observe(value)
+    assert buckets.cumulative() == [("0.1", 2), ("1.0", 4), ("+Inf", 5)]
+    assert buckets.sum == 8.65

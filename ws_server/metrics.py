@@ -159,6 +159,9 @@ def for_model(model: str, api: str = "ws") -> ModelMetrics:
     return found
 
 
+MODEL_API: Final = ["model", "api"]
+
+
 class _TurnFigures:
     """``anything_agent_turns_total``, ``_chunks_total``, ``_chunk_bytes_total``,
     ``_first_chunk_seconds`` and ``_turn_seconds``, from every ``ModelMetrics``."""
@@ -195,7 +198,6 @@ class _TurnFigures:
         yield from (turns, chunks, chunk_bytes, first_chunk, duration)
 
 
-MODEL_API: Final = ["model", "api"]
 REGISTRY.register(_TurnFigures())
 
 

@@ -3,8 +3,8 @@
 The hot path of a stream is one small text frame per chunk. websockets builds each through
 a ``Frame`` object, its checks and ``serialize`` (about a third of a chunk's cost in the
 profile); a server's frame is never masked, so a text frame is just a 2-, 4- or 10-byte
-header in front of the UTF-8 payload. Only for connections with no extension negotiated
-(permessage-deflate rewrites the payload: those go through websockets' protocol).
+header in front of the UTF-8 payload. That holds while no extension is negotiated
+(permessage-deflate would rewrite the payload); the server offers none.
 """
 
 from __future__ import annotations

@@ -66,6 +66,14 @@ QUEUE_HARD_LIMIT: Final = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
+class _Run:
+    """A run of chunks the worker sent together, each still yielded as its own."""
+
+    texts: list[str]
+    size: int  # characters of them all, counted for flow control
+
+
+@dataclass(frozen=True)
 class _Event:
     """Something the model emitted, in its place among the turn's chunks."""
 
@@ -82,7 +90,7 @@ class _Crash:
     memory: bool = False  # the kernel killed it for going past its memory limit
 
 
-_Item = list[str] | _Event | TurnEnd | _Crash  # what a running turn's queue holds
+_Item = _Run | _Event | TurnEnd | _Crash  # what a running turn's queue holds
 _ANSWERS: Final = (Started, Ended, Pong)  # replies a session waits for, by their type
 
 
@@ -345,8 +353,9 @@ class IsolatedSession:
         if isinstance(message, Chunks):
             queue = self._queue
             if message.turn_id == self._turn_id and queue is not None and not self._overrun:
-                queue.put_nowait(message.texts)
-                self._queued(sum(map(len, message.texts)))
+                run = _Run(message.texts, sum(map(len, message.texts)))
+                queue.put_nowait(run)
+                self._queued(run.size)
         elif isinstance(message, Emitted):
             if message.turn_id != self._turn_id:
                 return  # from a turn already given up on (it was wedged, then replaced)
@@ -450,14 +459,14 @@ class IsolatedSession:
         try:
             while True:
                 item = await queue.get()
-                if isinstance(item, list):  # a run of chunks, each yielded as it is
+                if isinstance(item, _Run):
                     # Counted off as a whole (a run is at most the worker's 256 KiB batch):
                     # bookkeeping per chunk was a twentieth of an isolated stream's time.
-                    self._queued_bytes -= sum(map(len, item))
+                    self._queued_bytes -= item.size
                     if self._paused and self._queued_bytes < QUEUE_LOW:
                         self._paused = False
                         self.runner.send(Resume(self.sid))
-                    for text in item:
+                    for text in item.texts:
                         yield text
                     continue
                 if isinstance(item, _Event):

@@ -344,7 +344,7 @@ class Conversation:
         try:
             try:
                 async for piece in stream:
-                    chunk = piece if piece.isascii() else protocol.clean_text(piece)
+                    chunk = protocol.clean_text(piece)
                     chunks += 1
                     if kept < limit:
                         parts.append(chunk)

@@ -170,8 +170,7 @@ class Outbox:
             self._sink.post(frame)
 
     async def done(self, turn: int, reason: protocol.DoneReason) -> None:
-        if self._sink is None and self._limit:
-            await self._room_first()
+        await self._room_first()
         self.seq += 1
         await self._final(self._encoding.done(self.seq, turn, reason))
 

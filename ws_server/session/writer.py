@@ -83,9 +83,7 @@ class FrameWriter:
                 await asyncio.sleep(0)
         else:
             return
-        connection = self.connection
-        if connection.paused or connection.transport.is_closing():
-            await self._drain()
+        await self._drain()
 
     async def write_now(self, data: bytes) -> None:
         """Send one frame that ends a run (done, error) with whatever is batched, now."""
@@ -94,9 +92,7 @@ class FrameWriter:
             return
         self.enqueue(data)
         self.flush()
-        connection = self.connection
-        if connection.paused or connection.transport.is_closing():
-            await self._drain()
+        await self._drain()
 
     def post(self, data: bytes) -> None:
         """Send one frame without waiting (a model's event): with the next batch, on the
